@@ -1,0 +1,1 @@
+"""llmuxctl: the operator CLI that talks to llmuxd over its control socket."""

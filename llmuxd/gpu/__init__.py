@@ -1,0 +1,1 @@
+"""llmuxd.gpu package."""

@@ -1,0 +1,1 @@
+"""llmuxd.sim package."""
