@@ -1,0 +1,434 @@
+"""The llmux configuration: one typed tree, loaded from TOML or the seed's JSON.
+
+Why a hand-written checker instead of a schema library: every error must name its
+key path (``models.qwen-14b.sleep_level: must be 1, 2 or 3``), unknown keys are
+errors (a typo must not silently fall back to a default), and all errors are
+reported at once so an operator fixes the file in one pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SLEEP_LEVELS = (1, 2, 3)
+POLICY_TYPES = ("fifo",)
+GPU_PROBES = ("auto", "nvml", "sim", "none")
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+
+
+class ConfigError(Exception):
+    """The config is unusable; ``errors`` holds one ``key.path: message`` per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(errors))
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """How llmuxd itself runs: socket, logs, probe and the timeouts of every wait."""
+
+    socket: str = "/run/llmux/llmuxd.sock"
+    socket_mode: int = 0o660
+    socket_group: str = ""
+    log_dir: str = "/var/log/llmux"
+    gpu_probe: str = "auto"
+    sim_gpu_state: str = ""
+    startup_timeout_secs: float = 1800.0
+    sleep_timeout_secs: float = 120.0
+    wake_timeout_secs: float = 600.0
+    drain_timeout_secs: float = 60.0
+    stop_timeout_secs: float = 15.0
+    sleep_residue_mib: int = 2048
+    max_queue_per_model: int = 512
+    max_start_failures: int = 3
+    restart_backoff_secs: float = 2.0
+    warmup: bool = True
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The OpenAI front end (gunicorn + Falcon) that llmuxd starts and supervises."""
+
+    host: str = "0.0.0.0"
+    port: int = 3000
+    workers: int = 2
+    threads: int = 64
+    max_body_bytes: int = 16 * 1024 * 1024
+    api_keys: tuple[str, ...] = ()
+    upstream_timeout_secs: float = 600.0
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The seed's policy block (semantics kept), plus min_active_secs against thrash."""
+
+    policy_type: str = "fifo"
+    request_timeout_secs: float = 60.0
+    drain_before_switch: bool = True
+    sleep_level: int = 3
+    min_active_secs: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model: how to start its vLLM child and how it sleeps."""
+
+    name: str
+    model_path: str
+    port: int
+    sleep_level: int = 3
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    extra_args: tuple[str, ...] = ()
+    gpus: tuple[int, ...] = ()
+    enable_sleep_mode: bool = True
+    env: dict[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    startup_timeout_secs: float = 0.0
+
+    @property
+    def gpu_indices(self) -> tuple[int, ...]:
+        """The GPUs this model runs on: explicit ``gpus`` or the first TP-many."""
+        return self.gpus or tuple(range(self.tensor_parallel_size))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved config; ``source`` is the file it came from."""
+
+    models: dict[str, ModelConfig]
+    port: int = 3000
+    metrics_port: int = 9090
+    vllm_command: str = "vllm"
+    vllm_logging: bool = False
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    source: str = ""
+
+    def resolve_model(self, name: str) -> ModelConfig | None:
+        """The model a request names, by its own name or one of its aliases."""
+        model = self.models.get(name)
+        if model is not None:
+            return model
+        for candidate in self.models.values():
+            if name in candidate.aliases:
+                return candidate
+        return None
+
+    def startup_timeout(self, model: ModelConfig) -> float:
+        return model.startup_timeout_secs or self.daemon.startup_timeout_secs
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (for --check-config and the control API)."""
+        data = asdict(self)
+        data["daemon"]["socket_mode"] = oct(self.daemon.socket_mode)
+        data["models"] = {name: _model_dict(m) for name, m in self.models.items()}
+        return data
+
+
+def _model_dict(model: ModelConfig) -> dict[str, Any]:
+    data = asdict(model)
+    data.pop("name")
+    return data
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and check a config file; raise ConfigError listing every problem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    raw = parse_text(text, p)
+    return build_config(raw, source=str(p))
+
+
+def parse_text(text: str, path: Path) -> dict[str, Any]:
+    """TOML, or JSON for a ``.json`` file or one that starts with ``{`` (the seed's format)."""
+    is_json = path.suffix == ".json" or text.lstrip().startswith("{")
+    try:
+        data = json.loads(text) if is_json else tomllib.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a table/object"])
+    return data
+
+
+class _Checker:
+    """Collects errors while reading typed values out of raw tables."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def fail(self, key: str, message: str) -> None:
+        self.errors.append(f"{key}: {message}")
+
+    def table(self, raw: dict[str, Any], key: str, name: str) -> dict[str, Any]:
+        value = raw.get(name, {})
+        if not isinstance(value, dict):
+            self.fail(_join(key, name), "must be a table")
+            return {}
+        return value
+
+    def unknown(self, raw: dict[str, Any], key: str, allowed: set[str]) -> None:
+        for name in sorted(set(raw) - allowed):
+            self.fail(_join(key, name), "unknown key")
+
+    def get(self, raw: dict[str, Any], key: str, name: str, kind: str, default: Any) -> Any:
+        if name not in raw:
+            return default
+        value = raw[name]
+        path = _join(key, name)
+        checked = _coerce(value, kind)
+        if checked is _BAD:
+            self.fail(path, f"must be {_KIND_WORDS[kind]} (got {json.dumps(value)})")
+            return default
+        return checked
+
+
+_BAD = object()
+_KIND_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "strlist": "a list of strings",
+    "intlist": "a list of integers",
+    "strmap": "a table of strings",
+}
+
+
+def _coerce(value: Any, kind: str) -> Any:
+    if kind == "int":
+        return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
+    if kind == "float":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return float(value) if ok else _BAD
+    if kind == "bool":
+        return value if isinstance(value, bool) else _BAD
+    if kind == "str":
+        return value if isinstance(value, str) else _BAD
+    if kind == "strlist":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return tuple(value) if ok else _BAD
+    if kind == "intlist":
+        ok = isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+        return tuple(value) if ok else _BAD
+    if kind == "strmap":
+        ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        return dict(value) if ok else _BAD
+    raise ValueError(kind)
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _port_ok(c: _Checker, key: str, port: int, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        c.fail(key, f"must be a port number {low}-65535")
+
+
+def _positive(c: _Checker, key: str, value: float) -> None:
+    if value <= 0:
+        c.fail(key, "must be greater than 0")
+
+
+def build_config(raw: dict[str, Any], source: str = "") -> Config:
+    """Turn parsed data into a Config, or raise ConfigError with every problem found."""
+    c = _Checker()
+    top_keys = {"models", "port", "metrics_port", "vllm_command", "vllm_logging",
+                "daemon", "proxy", "policy"}
+    c.unknown(raw, "", top_keys)
+    port = c.get(raw, "", "port", "int", 3000)
+    _port_ok(c, "port", port)
+    metrics_port = c.get(raw, "", "metrics_port", "int", 9090)
+    _port_ok(c, "metrics_port", metrics_port, allow_zero=True)
+    vllm_command = c.get(raw, "", "vllm_command", "str", "vllm")
+    if not vllm_command.strip():
+        c.fail("vllm_command", "must not be empty")
+    vllm_logging = c.get(raw, "", "vllm_logging", "bool", False)
+
+    daemon = _build_daemon(c, c.table(raw, "", "daemon"))
+    proxy = _build_proxy(c, c.table(raw, "", "proxy"), port, "port" in raw)
+    policy = _build_policy(c, c.table(raw, "", "policy"))
+    models = _build_models(c, c.table(raw, "", "models"), policy)
+
+    used = {port: "port", metrics_port: "metrics_port"} if metrics_port else {port: "port"}
+    if proxy.port != port:
+        used[proxy.port] = "proxy.port"
+    for name, model in models.items():
+        other = used.get(model.port)
+        if other is not None:
+            c.fail(f"models.{name}.port", f"{model.port} is already used by {other}")
+        used[model.port] = f"models.{name}.port"
+    names: dict[str, str] = {}
+    for name, model in models.items():
+        for alias in model.aliases:
+            if alias in models or alias in names:
+                c.fail(f"models.{name}.aliases", f"'{alias}' is already a model name or alias")
+            names[alias] = name
+
+    if c.errors:
+        raise ConfigError(c.errors)
+    return Config(models=models, port=port, metrics_port=metrics_port,
+                  vllm_command=vllm_command, vllm_logging=vllm_logging, daemon=daemon,
+                  proxy=proxy, policy=policy, source=source)
+
+
+def _build_daemon(c: _Checker, raw: dict[str, Any]) -> DaemonConfig:
+    d = DaemonConfig()
+    key = "daemon"
+    c.unknown(raw, key, set(DaemonConfig.__dataclass_fields__))
+    mode_raw = c.get(raw, key, "socket_mode", "str", oct(d.socket_mode))
+    try:
+        mode = int(mode_raw, 8)
+        if not 0 <= mode <= 0o777:
+            raise ValueError
+    except ValueError:
+        c.fail(f"{key}.socket_mode", f"must be an octal mode like \"0660\" (got {mode_raw!r})")
+        mode = d.socket_mode
+    probe = c.get(raw, key, "gpu_probe", "str", d.gpu_probe)
+    if probe not in GPU_PROBES:
+        c.fail(f"{key}.gpu_probe", f"must be one of {', '.join(GPU_PROBES)}")
+    values: dict[str, Any] = {"socket_mode": mode, "gpu_probe": probe}
+    for name in ("socket", "socket_group", "log_dir", "sim_gpu_state"):
+        values[name] = c.get(raw, key, name, "str", getattr(d, name))
+    if not values["socket"]:
+        c.fail(f"{key}.socket", "must not be empty")
+    for name in ("startup_timeout_secs", "sleep_timeout_secs", "wake_timeout_secs",
+                 "drain_timeout_secs", "stop_timeout_secs", "restart_backoff_secs"):
+        values[name] = c.get(raw, key, name, "float", getattr(d, name))
+        _positive(c, f"{key}.{name}", values[name])
+    for name in ("sleep_residue_mib", "max_queue_per_model", "max_start_failures"):
+        values[name] = c.get(raw, key, name, "int", getattr(d, name))
+        _positive(c, f"{key}.{name}", values[name])
+    values["warmup"] = c.get(raw, key, "warmup", "bool", d.warmup)
+    return DaemonConfig(**values)
+
+
+def _build_proxy(c: _Checker, raw: dict[str, Any], top_port: int, top_given: bool
+                 ) -> ProxyConfig:
+    d = ProxyConfig()
+    key = "proxy"
+    c.unknown(raw, key, set(ProxyConfig.__dataclass_fields__))
+    port = c.get(raw, key, "port", "int", top_port)
+    _port_ok(c, f"{key}.port", port)
+    if "port" in raw and top_given and port != top_port:
+        c.fail(f"{key}.port", f"conflicts with the top-level port {top_port}; set only one")
+    values: dict[str, Any] = {"port": port}
+    values["host"] = c.get(raw, key, "host", "str", d.host)
+    for name in ("workers", "threads", "max_body_bytes"):
+        values[name] = c.get(raw, key, name, "int", getattr(d, name))
+        _positive(c, f"{key}.{name}", values[name])
+    values["upstream_timeout_secs"] = c.get(raw, key, "upstream_timeout_secs", "float",
+                                            d.upstream_timeout_secs)
+    _positive(c, f"{key}.upstream_timeout_secs", values["upstream_timeout_secs"])
+    keys = c.get(raw, key, "api_keys", "strlist", d.api_keys)
+    if any(not k for k in keys):
+        c.fail(f"{key}.api_keys", "must not contain an empty key")
+    values["api_keys"] = keys
+    return ProxyConfig(**values)
+
+
+def _build_policy(c: _Checker, raw: dict[str, Any]) -> PolicyConfig:
+    d = PolicyConfig()
+    key = "policy"
+    c.unknown(raw, key, set(PolicyConfig.__dataclass_fields__))
+    policy_type = c.get(raw, key, "policy_type", "str", d.policy_type)
+    if policy_type not in POLICY_TYPES:
+        c.fail(f"{key}.policy_type", f"must be one of {', '.join(POLICY_TYPES)}")
+    timeout = c.get(raw, key, "request_timeout_secs", "float", d.request_timeout_secs)
+    _positive(c, f"{key}.request_timeout_secs", timeout)
+    level = c.get(raw, key, "sleep_level", "int", d.sleep_level)
+    if level not in SLEEP_LEVELS:
+        c.fail(f"{key}.sleep_level", "must be 1, 2 or 3")
+    min_active = c.get(raw, key, "min_active_secs", "float", d.min_active_secs)
+    if min_active < 0:
+        c.fail(f"{key}.min_active_secs", "must not be negative")
+    drain = c.get(raw, key, "drain_before_switch", "bool", d.drain_before_switch)
+    return PolicyConfig(policy_type=policy_type, request_timeout_secs=timeout,
+                        drain_before_switch=drain, sleep_level=level,
+                        min_active_secs=min_active)
+
+
+_MODEL_KEYS = set(ModelConfig.__dataclass_fields__) - {"name"}
+
+
+def _build_models(c: _Checker, raw: dict[str, Any], policy: PolicyConfig
+                  ) -> dict[str, ModelConfig]:
+    if not raw:
+        c.fail("models", "at least one model is required")
+    models: dict[str, ModelConfig] = {}
+    for name, table in raw.items():
+        key = f"models.{name}"
+        if not name or "/" in name or name.strip() != name:
+            c.fail(key, "a model name must be non-empty, without '/' or surrounding spaces")
+        if not isinstance(table, dict):
+            c.fail(key, "must be a table")
+            continue
+        model = _build_model(c, key, name, table, policy)
+        if model is not None:
+            models[name] = model
+    return models
+
+
+def _build_model(c: _Checker, key: str, name: str, raw: dict[str, Any],
+                 policy: PolicyConfig) -> ModelConfig | None:
+    c.unknown(raw, key, _MODEL_KEYS)
+    missing = [k for k in ("model_path", "port") if k not in raw]
+    for k in missing:
+        c.fail(f"{key}.{k}", "is required")
+    model_path = c.get(raw, key, "model_path", "str", "")
+    if "model_path" in raw and not model_path:
+        c.fail(f"{key}.model_path", "must not be empty")
+    port = c.get(raw, key, "port", "int", 0)
+    if "port" in raw:
+        _port_ok(c, f"{key}.port", port)
+    level = c.get(raw, key, "sleep_level", "int", policy.sleep_level)
+    if level not in SLEEP_LEVELS:
+        c.fail(f"{key}.sleep_level", "must be 1, 2 or 3")
+    util = c.get(raw, key, "gpu_memory_utilization", "float", 0.9)
+    if not 0 < util <= 1:
+        c.fail(f"{key}.gpu_memory_utilization", "must be in (0, 1]")
+    tp = c.get(raw, key, "tensor_parallel_size", "int", 1)
+    _positive(c, f"{key}.tensor_parallel_size", tp)
+    dtype = c.get(raw, key, "dtype", "str", "auto")
+    if dtype not in DTYPES:
+        c.fail(f"{key}.dtype", f"must be one of {', '.join(DTYPES)}")
+    gpus = c.get(raw, key, "gpus", "intlist", ())
+    if gpus and (len(set(gpus)) != len(gpus) or min(gpus) < 0):
+        c.fail(f"{key}.gpus", "must be distinct GPU indices >= 0")
+    if gpus and tp > 0 and len(gpus) != tp:
+        c.fail(f"{key}.gpus", f"lists {len(gpus)} GPUs but tensor_parallel_size is {tp}")
+    startup = c.get(raw, key, "startup_timeout_secs", "float", 0.0)
+    if startup < 0:
+        c.fail(f"{key}.startup_timeout_secs", "must not be negative")
+    if missing:
+        return None
+    return ModelConfig(
+        name=name, model_path=model_path, port=port, sleep_level=level,
+        gpu_memory_utilization=util, tensor_parallel_size=tp, dtype=dtype,
+        extra_args=c.get(raw, key, "extra_args", "strlist", ()), gpus=gpus,
+        enable_sleep_mode=c.get(raw, key, "enable_sleep_mode", "bool", True),
+        env=c.get(raw, key, "env", "strmap", {}),
+        aliases=c.get(raw, key, "aliases", "strlist", ()), startup_timeout_secs=startup,
+    )
