@@ -134,7 +134,8 @@ class ChildProcess:
         except OSError as exc:
             raise SpawnError(f"cannot open log file {log_path}: {exc.strerror or exc}") from exc
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
-        log.write(f"=== llmux {stamp} start: {shlex.join(command)}\n".encode())
+        shown = shlex.join(command).replace("\r", "\\r").replace("\n", "\\n")  # one line
+        log.write(f"=== llmux {stamp} start: {shown}\n".encode())
         try:
             proc = subprocess.Popen(
                 command, env=dict(env), stdin=subprocess.DEVNULL,
