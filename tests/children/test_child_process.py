@@ -131,7 +131,7 @@ def test_stop_kills_a_grandchild_left_in_the_group_after_the_leader_exits(
     pids_file = tmp_path / "pids"
     child = spawn_py(reaper, python, tmp_path, GRANDPARENT, str(pids_file), "exit")
     wait_until(pids_file.exists, what="the pids file")
-    leader, grandchild = read_pids(pids_file)
+    _, grandchild = read_pids(pids_file)
     reaper.pids.add(grandchild)
     wait_until(lambda: child.poll() is not None, what="the leader's exit")
     assert child.poll() == 0
@@ -180,10 +180,14 @@ def test_spawn_from_a_thread_that_then_exits_keeps_the_child_alive(
 
 def test_log_file_gets_a_header_per_start_and_both_streams(
         reaper: Reaper, python: str, tmp_path: Path) -> None:
+    log = tmp_path / "qwen.log"
+
+    def printed(times: int) -> bool:
+        return log.read_text().count("to stderr") == times
+
     for run in (1, 2):
         child = spawn_py(reaper, python, tmp_path, CHATTY, name="qwen")
-        wait_until(lambda c=child, n=run: c.tail(100).count("to stderr") == n,
-                   what="the child's output")
+        wait_until(lambda: printed(run), what="the child's output")  # noqa: B023
         child.stop(grace=30)
     assert child.log_path == tmp_path / "qwen.log"
     lines = child.log_path.read_text().splitlines()
