@@ -183,7 +183,7 @@ def test_log_file_gets_a_header_per_start_and_both_streams(
     log = tmp_path / "qwen.log"
 
     def printed(times: int) -> bool:
-        return log.read_text().count("to stderr") == times
+        return log.read_text().splitlines().count("to stderr") == times
 
     for run in (1, 2):
         child = spawn_py(reaper, python, tmp_path, CHATTY, name="qwen")
