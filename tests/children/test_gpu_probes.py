@@ -81,7 +81,7 @@ def test_explicit_none_is_none() -> None:
 
 
 def test_sim_without_a_state_dir_is_an_error_naming_both_settings() -> None:
-    with pytest.raises(ProbeUnavailable, match="daemon.sim_gpu_state or env LLMUX_SIM_GPU_STATE"):
+    with pytest.raises(ProbeUnavailable, match=r"daemon\.sim_gpu_state or env LLMUX_SIM_GPU_STATE"):
         make_probe(config(gpu_probe="sim"), env={})
 
 
