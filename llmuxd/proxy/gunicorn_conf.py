@@ -1,0 +1,39 @@
+"""gunicorn settings for the front end, read from the llmux config (env LLMUX_CONFIG).
+
+gthread, not sync: a sync worker's heartbeat kills a long stream, and one thread
+per open request is what a streaming proxy needs. Workers and threads come from
+``[proxy]``; ``threads`` bounds the open requests per worker, streams included.
+The access log is off: the app writes one structured line per request itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+from llmuxd.config import load_config
+from llmuxd.proxy import logs
+
+_config = load_config(os.environ.get("LLMUX_CONFIG", "/etc/llmux.toml"))
+_proxy = _config.proxy
+
+_host = _proxy.host
+bind = [f"[{_host}]:{_proxy.port}" if ":" in _host else f"{_host}:{_proxy.port}"]
+worker_class = "gthread"
+workers = _proxy.workers
+threads = _proxy.threads
+# Each thread serves one connection at a time; kept-alive idle ones wait in the poller.
+worker_connections = max(1000, _proxy.threads * 4)
+# Clients (SDKs, routers) keep connections open between requests.
+keepalive = 75
+# The worker heartbeat; streams run in threads, so this is not a request limit.
+timeout = 60
+# On SIGTERM, in-flight streams get this long before workers are killed.
+graceful_timeout = 30
+backlog = 2048
+proc_name = "llmux-proxy"
+accesslog = None
+errorlog = "-"
+loglevel = "info"
+logconfig_dict = logs.gunicorn_logconfig()
+# Client request headers can be long (tokens, traces); the body is bounded by the app.
+limit_request_field_size = 16384

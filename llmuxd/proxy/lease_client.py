@@ -1,0 +1,170 @@
+"""The front end's client for llmuxd's control API on its Unix socket.
+
+Every proxied request costs two calls here (lease, release), so the client is
+built for cost: stdlib ``http.client`` over AF_UNIX (an order of magnitude less
+CPU than ``requests``), one persistent keep-alive connection per thread (no
+locking, no connect per call), and a reconnect when a kept-alive connection turns
+out to be dead. Leases belong to the peer pid (SO_PEERCRED), so a worker that dies
+loses its leases in the daemon without any help from here.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+
+class DaemonUnavailable(Exception):
+    """The socket could not be reached or the daemon broke the connection."""
+
+
+class DaemonError(Exception):
+    """The daemon answered with an error in the control API's shape."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A granted lease: where to send the request and under which model name."""
+
+    lease_id: str
+    model: str
+    upstream: str
+    served_model_name: str
+    waited_ms: float
+    switched: bool
+    host: str
+    port: int
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """``http.client`` over a Unix socket (the Host header is cosmetic)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("llmuxd", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+_RETRYABLE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+              http.client.CannotSendRequest, http.client.BadStatusLine)
+
+
+class LeaseClient:
+    """Thread-safe by being per-thread: each thread owns one kept-alive connection."""
+
+    def __init__(self, socket_path: str, lease_timeout: float, call_timeout: float = 10.0
+                 ) -> None:
+        self.socket_path = socket_path
+        # A lease may legitimately block for the whole request timeout (a switch).
+        self.lease_timeout = lease_timeout
+        self.call_timeout = call_timeout
+        self._local = threading.local()
+
+    # -- the routes the front end uses -------------------------------------
+
+    def acquire(self, model: str) -> Lease:
+        """Block until llmuxd grants a lease on ``model`` (or refuses it)."""
+        data = self._call("POST", "/v1/leases", {"model": model}, self.lease_timeout)
+        upstream = data["upstream"]
+        host, port = _host_port(upstream)
+        return Lease(lease_id=data["lease_id"], model=data.get("model", model),
+                     upstream=upstream,
+                     served_model_name=data.get("served_model_name") or data.get("model")
+                     or model,
+                     waited_ms=float(data.get("waited_ms") or 0.0),
+                     switched=bool(data.get("switched")), host=host, port=port)
+
+    def release(self, lease_id: str, outcome: dict[str, Any]) -> None:
+        """Hand a lease back with the request's outcome (for metrics and drain)."""
+        self._call("POST", f"/v1/leases/{lease_id}/release", outcome, self.call_timeout)
+
+    def status(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/status", None, self.call_timeout)
+
+    def health(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/health", None, self.call_timeout)
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- transport ----------------------------------------------------------
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None,
+              timeout: float) -> Any:
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        for attempt in (0, 1):
+            conn, reused = self._conn()
+            if conn.sock is not None and conn.timeout != timeout:
+                conn.sock.settimeout(timeout)
+            conn.timeout = timeout
+            try:
+                conn.request(method, path, payload, headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+            except _RETRYABLE as exc:
+                # A kept-alive connection the daemon closed while idle: retry once fresh.
+                self.close()
+                if reused and attempt == 0:
+                    continue
+                raise DaemonUnavailable(f"{type(exc).__name__}: {exc}") from None
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise DaemonUnavailable(f"{type(exc).__name__}: {exc}") from None
+            if resp.will_close:
+                self.close()
+            return _decode(resp.status, raw)
+        raise AssertionError("unreachable")
+
+    def _conn(self) -> tuple[UnixHTTPConnection, bool]:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn, True
+        conn = UnixHTTPConnection(self.socket_path, self.call_timeout)
+        self._local.conn = conn
+        return conn, False
+
+
+def _decode(status: int, raw: bytes) -> Any:
+    try:
+        data = json.loads(raw) if raw else {}
+    except ValueError:
+        data = None
+    if status >= 400:
+        err = data.get("error") if isinstance(data, dict) else None
+        if isinstance(err, dict):
+            raise DaemonError(status, str(err.get("code") or "internal"),
+                              str(err.get("message") or f"daemon answered {status}"))
+        raise DaemonError(status, "internal", f"daemon answered {status}")
+    if data is None:
+        raise DaemonUnavailable("daemon answered with invalid JSON")
+    return data
+
+
+def _host_port(upstream: str) -> tuple[str, int]:
+    """``http://127.0.0.1:8001`` → ("127.0.0.1", 8001)."""
+    rest = upstream.split("://", 1)[-1].rstrip("/")
+    host, _, port = rest.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)

@@ -1,0 +1,55 @@
+"""Logging of the front end: structlog JSON lines on stdout, gunicorn's too.
+
+The front end runs as gunicorn processes under llmuxd (or its own systemd unit),
+so its stdout goes to the journal: one JSON object per line, ISO UTC timestamps,
+and gunicorn's own stdlib logging routed through the same renderer so nothing
+arrives as unparseable free text.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_SHARED: list[Any] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
+
+
+def configure() -> None:
+    """Configure structlog for a gunicorn master or worker process."""
+    structlog.configure(
+        processors=[*_SHARED, structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer()],
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        cache_logger_on_first_use=True,
+    )
+
+
+def gunicorn_logconfig() -> dict[str, Any]:
+    """A ``logconfig_dict`` routing gunicorn's loggers through structlog's JSON."""
+    formatter = {
+        "()": structlog.stdlib.ProcessorFormatter,
+        "processors": [structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                       structlog.processors.JSONRenderer()],
+        "foreign_pre_chain": [*_SHARED, structlog.stdlib.add_logger_name,
+                              structlog.processors.format_exc_info],
+    }
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": formatter},
+        "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json",
+                                "stream": "ext://sys.stdout"}},
+        "root": {"level": "INFO", "handlers": ["stdout"]},
+        "loggers": {
+            "gunicorn.error": {"level": "INFO", "handlers": ["stdout"], "propagate": False},
+            "gunicorn.access": {"level": "WARNING", "handlers": [], "propagate": False},
+        },
+    }

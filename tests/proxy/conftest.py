@@ -1,0 +1,81 @@
+"""Fixtures: a fake daemon on a real Unix socket, fake children on real ports."""
+
+from __future__ import annotations
+
+import socket
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llmuxd.config import Config, load_config
+
+from .standins import FakeChild, FakeDaemon, FakeModel
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(path: Path, port: int, models: dict[str, int], extra_proxy: str = "",
+                 aliases: dict[str, list[str]] | None = None) -> Path:
+    aliases = aliases or {}
+    lines = [f"port = {port}", "metrics_port = 0", "[daemon]",
+             f'socket = "{path.parent / "llmuxd.sock"}"', "[proxy]", 'host = "127.0.0.1"',
+             "workers = 1", "threads = 8", textwrap.dedent(extra_proxy),
+             "[policy]", "request_timeout_secs = 20"]
+    for name, mport in models.items():
+        lines += [f'[models."{name}"]', f'model_path = "org/{name}"', f"port = {mport}",
+                  f"aliases = {aliases.get(name, [])!r}".replace("'", '"')]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Stack:
+    """A fake daemon with two models served by two fake children, and a config."""
+
+    def __init__(self, tmp: Path, extra_proxy: str = "") -> None:
+        self.child_a = FakeChild("model-a")
+        self.child_b = FakeChild("model-b")
+        self.socket_path = str(tmp / "llmuxd.sock")
+        self.port = free_port()
+        self.config_path = write_config(
+            tmp / "llmux.toml", self.port,
+            {"model-a": self.child_a.port, "model-b": self.child_b.port,
+             "model-full": free_port(), "model-failed": free_port(),
+             "model-slow": free_port(), "model-gone": free_port()},
+            extra_proxy, aliases={"model-a": ["alias-a"]})
+        self.config: Config = load_config(self.config_path)
+        cfg = self.config.models
+        self.daemon = FakeDaemon(self.socket_path, [
+            FakeModel("model-a", self.child_a.port, aliases=["alias-a"]),
+            FakeModel("model-b", self.child_b.port),
+            FakeModel("model-full", cfg["model-full"].port,
+                      refuse=(429, "queue_full", "queue of model-full is full (512)")),
+            FakeModel("model-failed", cfg["model-failed"].port,
+                      refuse=(503, "model_failed", "model-failed failed to start: exit 1")),
+            FakeModel("model-slow", cfg["model-slow"].port,
+                      refuse=(504, "timeout", "waited 20s for model-slow")),
+            # No server listens on this port: the child is unreachable.
+            FakeModel("model-gone", cfg["model-gone"].port),
+        ])
+
+    def __enter__(self) -> Stack:
+        self.child_a.__enter__()
+        self.child_b.__enter__()
+        self.daemon.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.daemon.__exit__()
+        self.child_b.__exit__()
+        self.child_a.__exit__()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    with Stack(tmp_path) as s:
+        yield s

@@ -1,0 +1,244 @@
+"""Small real servers the front end talks to in unit tests.
+
+``FakeDaemon`` implements the lease routes of docs/interfaces.md §5 on a real Unix
+socket (HTTP/1.1 keep-alive, the daemon's error shape). ``FakeChild`` is a tiny
+OpenAI-ish HTTP server on 127.0.0.1 that echoes what it received, streams SSE,
+and counts the requests it is running, so tests can see a client's disconnect
+reach the child. Both run in threads of the test process.
+"""
+
+from __future__ import annotations
+
+import json
+import socketserver
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class _Quiet(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def address_string(self) -> str:
+        return "unix"
+
+    def _json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        return json.loads(raw) if raw else None
+
+
+@dataclass
+class FakeModel:
+    name: str
+    port: int
+    aliases: list[str] = field(default_factory=list)
+    refuse: tuple[int, str, str] | None = None   # (HTTP status, code, message)
+    state: str = "active"
+
+
+class _UnixServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+
+class FakeDaemon:
+    """The lease routes of llmuxd on a Unix socket, with a record of every call."""
+
+    def __init__(self, socket_path: str, models: list[FakeModel]) -> None:
+        self.socket_path = socket_path
+        self.models = {m.name: m for m in models}
+        self.leases: dict[str, str] = {}
+        self.releases: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.healthy = True
+        daemon = self
+
+        class Handler(_Quiet):
+            def do_GET(self) -> None:
+                daemon.get(self)
+
+            def do_POST(self) -> None:
+                daemon.post(self)
+
+        self.server = _UnixServer(socket_path, Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self) -> FakeDaemon:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def resolve(self, name: str) -> FakeModel | None:
+        for m in self.models.values():
+            if name == m.name or name in m.aliases:
+                return m
+        return None
+
+    def in_flight(self, name: str) -> int:
+        with self.lock:
+            return sum(1 for model in self.leases.values() if model == name)
+
+    def get(self, h: _Quiet) -> None:
+        if not self.healthy:
+            h._json(503, {"error": {"code": "shutting_down", "message": "stopping"}})
+        elif h.path == "/v1/health":
+            h._json(200, {"status": "ok", "version": "test", "pid": 1})
+        elif h.path == "/v1/status":
+            models = {m.name: {"name": m.name, "state": m.state, "sleep_level": None,
+                               "aliases": m.aliases, "in_flight": self.in_flight(m.name),
+                               "queued": 0, "state_since": 1700000000.0,
+                               "upstream": f"http://127.0.0.1:{m.port}"}
+                      for m in self.models.values()}
+            h._json(200, {"daemon": {}, "gpus": [], "models": models})
+        else:
+            h._json(404, {"error": {"code": "not_found", "message": "no route"}})
+
+    def post(self, h: _Quiet) -> None:
+        body = h._body()
+        if h.path == "/v1/leases":
+            model = self.resolve(body["model"])
+            if model is None:
+                h._json(404, {"error": {"code": "model_not_found",
+                                        "message": f"unknown model '{body['model']}'",
+                                        "model": body["model"]}})
+                return
+            if model.refuse is not None:
+                status, code, message = model.refuse
+                h._json(status, {"error": {"code": code, "message": message,
+                                           "model": model.name}})
+                return
+            lease_id = uuid.uuid4().hex
+            with self.lock:
+                self.leases[lease_id] = model.name
+            h._json(200, {"lease_id": lease_id, "model": model.name,
+                          "upstream": f"http://127.0.0.1:{model.port}",
+                          "served_model_name": model.name, "waited_ms": 0.5,
+                          "switched": False})
+        elif h.path.startswith("/v1/leases/") and h.path.endswith("/release"):
+            lease_id = h.path.split("/")[3]
+            with self.lock:
+                model_name = self.leases.pop(lease_id, None)
+                if model_name is None:
+                    h._json(404, {"error": {"code": "not_found", "message": "no lease"}})
+                    return
+                self.releases.append({"lease_id": lease_id, "model": model_name, **body})
+            h._json(200, {"released": True})
+        else:
+            h._json(404, {"error": {"code": "not_found", "message": "no route"}})
+
+
+class FakeChild:
+    """An OpenAI-ish server on 127.0.0.1:<free port> standing in for one vLLM child."""
+
+    def __init__(self, served_name: str) -> None:
+        self.served_name = served_name
+        self.running = 0
+        self.finished = 0
+        self.aborted = 0
+        self.paths: list[str] = []
+        self.lock = threading.Lock()
+        child = self
+
+        class Handler(_Quiet):
+            disable_nagle_algorithm = True
+
+            def do_POST(self) -> None:
+                child.handle(self)
+
+            def do_GET(self) -> None:
+                child.paths.append(self.path)
+                self._json(200, {"ok": True})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self) -> FakeChild:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def handle(self, h: _Quiet) -> None:
+        body = h._body()
+        with self.lock:
+            self.paths.append(h.path)
+            self.running += 1
+        try:
+            if body.get("model") != self.served_name:
+                h._json(404, {"error": {"message": f"model {body.get('model')} not served",
+                                        "type": "NotFoundError", "param": None,
+                                        "code": 404}})
+                return
+            if h.path.startswith("/v1/die"):
+                h.connection.close()  # dies before answering
+                return
+            if body.get("stream"):
+                self._stream(h, body)
+                return
+            echo = {"id": "x", "object": "echo", "model": body["model"], "path": h.path,
+                    "peer_port": h.client_address[1],
+                    "headers": {k.lower(): v for k, v in h.headers.items()},
+                    "choices": [{"index": 0, "message": {"role": "assistant",
+                                                         "content": "hello"},
+                                 "text": "hello", "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                              "total_tokens": 2}}
+            h._json(200, echo, {"X-Child": "yes", "Keep-Alive": "timeout=5"})
+        finally:
+            with self.lock:
+                self.running -= 1
+
+    def _stream(self, h: _Quiet, body: dict[str, Any]) -> None:
+        count = int(body.get("chunks", 3))
+        delay = float(body.get("delay", 0.0))
+        die_after = body.get("die_after")
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        try:
+            for i in range(count):
+                if die_after is not None and i == die_after:
+                    h.close_connection = True
+                    h.connection.shutdown(2)
+                    return
+                event = {"id": "s", "object": "chat.completion.chunk", "model": body["model"],
+                         "choices": [{"index": 0, "delta": {"content": f"t{i} "},
+                                      "text": f"t{i} ", "finish_reason": None}]}
+                data = b"data: " + json.dumps(event).encode() + b"\n\n"
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                h.wfile.flush()
+                if delay:
+                    time.sleep(delay)
+            done = b"data: [DONE]\n\n"
+            h.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+            h.wfile.flush()
+            with self.lock:
+                self.finished += 1
+        except OSError:
+            with self.lock:
+                self.aborted += 1
+            h.close_connection = True
