@@ -31,6 +31,9 @@ timeout = 60
 graceful_timeout = 30
 backlog = 2048
 proc_name = "llmux-proxy"
+# gunicorn's own control socket (gunicornc) would land in $HOME, shared by every
+# instance; llmuxd supervises the front end, so it stays off.
+control_socket_disable = True
 accesslog = None
 errorlog = "-"
 loglevel = "info"

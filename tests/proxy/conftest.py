@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import http.client
 import socket
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from llmuxd.config import Config, load_config
+from llmuxd.frontend import FrontEnd
 
 from .standins import FakeChild, FakeDaemon, FakeModel
 
@@ -79,3 +82,35 @@ class Stack:
 def stack(tmp_path: Path) -> Iterator[Stack]:
     with Stack(tmp_path) as s:
         yield s
+
+
+def wait_http(port: int, path: str = "/health", timeout: float = 60.0,
+              proc: FrontEnd | None = None) -> None:
+    """Poll until 127.0.0.1:port answers ``path`` (any status); fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"front end exited with {proc.poll()}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", path)
+            conn.getresponse().read()
+            conn.close()
+            return
+        except OSError as exc:
+            last = exc
+            time.sleep(0.1)
+    raise AssertionError(f"nothing answered on :{port}{path} in {timeout}s: {last}")
+
+
+@pytest.fixture
+def gunicorn_stack(stack: Stack) -> Iterator[tuple[Stack, FrontEnd]]:
+    """The fake daemon and children behind a real gunicorn front end."""
+    fe = FrontEnd(stack.config, str(stack.config_path), stack.socket_path)
+    fe.start()
+    try:
+        wait_http(stack.port, proc=fe)
+        yield stack, fe
+    finally:
+        fe.stop(timeout=10)

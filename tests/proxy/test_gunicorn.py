@@ -1,0 +1,151 @@
+"""The front end under real gunicorn (FrontEnd), against the fake daemon and children.
+
+These pin what only a real server shows: chunked streaming as it is produced, a
+client that goes away mid-stream, a child that dies mid-stream, a killed worker.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import time
+
+import psutil
+
+from llmuxd.frontend import FrontEnd
+
+from .conftest import Stack
+
+
+def post(port: int, path: str, body: dict[str, object], headers: dict[str, str] | None = None
+         ) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", path, json.dumps(body).encode(),
+                     {"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_request_through_gunicorn(gunicorn_stack: tuple[Stack, FrontEnd]) -> None:
+    stack, _ = gunicorn_stack
+    status, headers, body = post(stack.port, "/v1/chat/completions", {"model": "alias-a"},
+                                 {"X-Request-Id": "abc"})
+    assert status == 200, body
+    assert json.loads(body)["model"] == "model-a"
+    assert headers["x-request-id"] == "abc"
+    assert headers["server"] != "BaseHTTP"  # the child's Server header is not leaked
+
+
+def test_stream_chunks_arrive_as_produced(gunicorn_stack: tuple[Stack, FrontEnd]) -> None:
+    stack, _ = gunicorn_stack
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions",
+                 json.dumps({"model": "model-a", "stream": True, "chunks": 5, "delay": 0.3}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.getheader("transfer-encoding") == "chunked"
+    arrivals = []
+    while True:
+        chunk = resp.read1(65536)
+        if not chunk:
+            break
+        arrivals.append(time.monotonic())
+    conn.close()
+    # Five events 0.3 s apart: unbuffered means they arrive spread out, not at once.
+    assert len(arrivals) >= 5
+    assert arrivals[-1] - arrivals[0] >= 0.9
+
+
+def test_client_disconnect_mid_stream_ends_upstream_and_releases(
+        gunicorn_stack: tuple[Stack, FrontEnd]) -> None:
+    stack, _ = gunicorn_stack
+    sock = socket.create_connection(("127.0.0.1", stack.port), timeout=30)
+    body = json.dumps({"model": "model-a", "stream": True, "chunks": 2000, "delay": 0.01})
+    sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                  f"{body}").encode())
+    assert b"200 OK" in sock.recv(4096)
+    wait_for(lambda: stack.child_a.running == 1, what="the child to run the stream")
+    sock.close()
+    wait_for(lambda: stack.child_a.running == 0, what="the child to see the request end")
+    assert stack.child_a.aborted == 1
+    assert stack.child_a.finished == 0
+    wait_for(lambda: len(stack.daemon.releases) == 1, what="the lease release")
+    assert stack.daemon.releases[0]["error"] == "client disconnected"
+    assert stack.daemon.in_flight("model-a") == 0
+
+
+def test_child_dying_mid_stream_is_reported_and_cut(
+        gunicorn_stack: tuple[Stack, FrontEnd]) -> None:
+    stack, _ = gunicorn_stack
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions",
+                 json.dumps({"model": "model-a", "stream": True, "chunks": 10, "die_after": 3}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = b""
+    try:
+        while chunk := resp.read1(65536):
+            data += chunk
+        ended_cleanly = True
+    except http.client.IncompleteRead:
+        ended_cleanly = False
+    conn.close()
+    assert not ended_cleanly, "a broken stream must not look complete"
+    assert b'"code": "upstream_error"' in data
+    assert b"[DONE]" not in data
+    wait_for(lambda: len(stack.daemon.releases) == 1, what="the lease release")
+    assert "mid-response" in stack.daemon.releases[0]["error"]
+
+
+def test_upstream_unreachable_is_502_through_gunicorn(
+        gunicorn_stack: tuple[Stack, FrontEnd]) -> None:
+    stack, _ = gunicorn_stack
+    status, _, body = post(stack.port, "/v1/chat/completions", {"model": "model-gone"})
+    assert status == 502
+    assert json.loads(body)["error"]["code"] == "upstream_error"
+
+
+def test_killed_worker_is_replaced_and_serving_goes_on(
+        gunicorn_stack: tuple[Stack, FrontEnd]) -> None:
+    stack, fe = gunicorn_stack
+    assert fe.pid is not None
+    master = psutil.Process(fe.pid)
+    workers = master.children()
+    assert len(workers) == 1
+    os.kill(workers[0].pid, signal.SIGKILL)
+    wait_for(lambda: [w.pid for w in master.children()] not in ([], [workers[0].pid]),
+             what="gunicorn to start a new worker")
+
+    def serves() -> bool:
+        try:
+            return post(stack.port, "/v1/completions", {"model": "model-b"})[0] == 200
+        except OSError:
+            return False
+
+    wait_for(serves, what="the front end to serve again")
+
+
+def test_stop_takes_down_master_and_workers(gunicorn_stack: tuple[Stack, FrontEnd]) -> None:
+    _, fe = gunicorn_stack
+    assert fe.pid is not None
+    pids = [fe.pid] + [p.pid for p in psutil.Process(fe.pid).children()]
+    assert fe.stop(timeout=10) is not None
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
