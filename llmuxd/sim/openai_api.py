@@ -1,0 +1,395 @@
+"""The OpenAI routes of the simulator: models, completions, chat, embeddings.
+
+Bodies, SSE framing and validation errors follow vLLM 0.32 as measured (see
+docs/simulator.md); the words are fake but deterministic (textgen.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from llmuxd.sim import textgen
+from llmuxd.sim.errors import (
+    NOT_FOUND,
+    SimHttpError,
+    bad_request,
+    not_found_model,
+    validation_error,
+)
+from llmuxd.sim.httpio import Request, Responder, dumps
+
+if TYPE_CHECKING:
+    from llmuxd.sim.engine import Engine, Handle
+    from llmuxd.sim.server import SimServer
+
+FINGERPRINT = "vllm-0.32.0-sim"
+
+
+def parse_body(req: Request) -> dict[str, object]:
+    """The JSON object body, or vLLM's validation error."""
+    try:
+        body = req.json()
+    except (ValueError, UnicodeDecodeError) as e:
+        err = str(e).split(":")[0] if str(e) else "Expecting value"
+        raise validation_error("json_invalid", "body.0", "JSON decode error",
+                               "<dict of 0 items>", {"error": err}) from None
+    if not isinstance(body, dict):
+        raise validation_error(
+            "model_attributes_type", "body",
+            "Input should be a valid dictionary or object to extract fields from", body)
+    return body
+
+
+def _check_model(srv: SimServer, body: dict[str, object]) -> str:
+    model = body.get("model")
+    names = srv.opts.served_model_names
+    if model is None:
+        return names[0]
+    if not isinstance(model, str) or model not in names:
+        raise not_found_model(model, names)
+    return model
+
+
+def _int_field(body: dict[str, object], key: str) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or int(v) != v:
+        raise validation_error("int_type", f"body.{key}", "Input should be a valid integer", v)
+    return int(v)
+
+
+def _max_tokens(srv: SimServer, body: dict[str, object], prompt_tokens: int) -> int:
+    mt = _int_field(body, "max_completion_tokens")
+    if mt is None:
+        mt = _int_field(body, "max_tokens")
+    limit = srv.opts.max_model_len
+    if prompt_tokens >= limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, your request "
+            f"has {prompt_tokens} input tokens. Please reduce the length of the input "
+            f"messages. (parameter=input_tokens, value={prompt_tokens})",
+            "input_tokens",
+        )
+    if mt is not None:
+        if mt < 1:
+            raise bad_request(
+                f"max_tokens must be at least 1, got {mt}. (parameter=max_tokens, value={mt})",
+                "max_tokens",
+            )
+        if mt > limit:
+            raise bad_request(
+                f"max_tokens={mt} cannot be greater than max_model_len={limit}. Please "
+                f"request fewer output tokens. (parameter=max_tokens, value={mt})",
+                "max_tokens",
+            )
+    room = limit - prompt_tokens
+    return room if mt is None else min(mt, room)
+
+
+def _sampling(body: dict[str, object]) -> tuple[float, int | None]:
+    t = body.get("temperature")
+    if t is None:
+        temperature = 1.0
+    elif isinstance(t, int | float) and not isinstance(t, bool):
+        temperature = float(t)
+    else:
+        raise validation_error("float_type", "body.temperature",
+                               "Input should be a valid number", t)
+    return temperature, _int_field(body, "seed")
+
+
+def _stream_opts(body: dict[str, object]) -> tuple[bool, bool]:
+    stream = bool(body.get("stream"))
+    so = body.get("stream_options")
+    include_usage = isinstance(so, dict) and bool(so.get("include_usage"))
+    if so is not None and not stream:
+        raise bad_request("Stream options can only be defined when `stream=True`.",
+                          "stream_options")
+    return stream, include_usage
+
+
+def usage_obj(prompt: int, completion: int, *, full: bool = True) -> dict[str, object]:
+    u: dict[str, object] = {
+        "prompt_tokens": prompt,
+        "total_tokens": prompt + completion,
+        "completion_tokens": completion,
+    }
+    if full:
+        u["prompt_tokens_details"] = None
+        u["completion_tokens_details"] = None
+    return u
+
+
+async def models(srv: SimServer, req: Request, resp: Responder) -> None:
+    now = int(time.time())
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": now,
+            "owned_by": "vllm",
+            "root": srv.opts.model,
+            "parent": None,
+            "max_model_len": srv.opts.max_model_len,
+            "permission": [{
+                "id": f"modelperm-{secrets.token_hex(8)}",
+                "object": "model_permission",
+                "created": now,
+                "allow_create_engine": False,
+                "allow_sampling": True,
+                "allow_logprobs": True,
+                "allow_search_indices": False,
+                "allow_view": True,
+                "allow_fine_tuning": False,
+                "organization": "*",
+                "group": None,
+                "is_blocking": False,
+            }],
+        }
+        for name in srv.opts.served_model_names
+    ]
+    await resp.send_json(200, {"object": "list", "data": data})
+
+
+def _prompt_of(body: dict[str, object]) -> tuple[str, int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return prompt, max(1, textgen.count_tokens(prompt))
+    if isinstance(prompt, list) and prompt and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    ):
+        return " ".join(map(str, prompt)), len(prompt)
+    if prompt is None or prompt == "" or prompt == []:
+        raise bad_request(
+            "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)",
+            "prompt",
+        )
+    raise validation_error("string_type", "body.prompt", "Input should be a valid string", prompt)
+
+
+async def completions(srv: SimServer, req: Request, resp: Responder) -> None:
+    if srv.opts.embedding:
+        raise NOT_FOUND
+    body = parse_body(req)
+    model = _check_model(srv, body)
+    prompt, ptoks = _prompt_of(body)
+    await _generate(srv, req, resp, body, model, prompt, ptoks, chat=False)
+
+
+async def chat(srv: SimServer, req: Request, resp: Responder) -> None:
+    if srv.opts.embedding:
+        raise NOT_FOUND
+    body = parse_body(req)
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        if messages is None:
+            raise validation_error("missing", "body.messages", "Field required", body)
+        raise validation_error("list_type", "body.messages", "Input should be a valid list",
+                               messages)
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise validation_error("missing", f"body.messages.{i}.role", "Field required", m)
+    model = _check_model(srv, body)
+    prompt = textgen.chat_prompt_text(messages)
+    ptoks = textgen.chat_prompt_tokens(messages)
+    await _generate(srv, req, resp, body, model, prompt, ptoks, chat=True)
+
+
+async def _generate(srv: SimServer, req: Request, resp: Responder, body: dict[str, object],
+                    model: str, prompt: str, ptoks: int, *, chat: bool) -> None:
+    max_tokens = _max_tokens(srv, body, ptoks)
+    temperature, seed = _sampling(body)
+    stream, include_usage = _stream_opts(body)
+    engine = srv.engine
+    t_arrival = time.perf_counter()
+    handle = await engine.admit(resp.client_gone)
+    if handle is None:
+        resp.close_after = True
+        return
+    try:
+        gen = textgen.plan(model, prompt, max_tokens=max_tokens, temperature=temperature,
+                           seed=seed, chat=chat, garbage=not engine.weights_valid)
+        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(8)
+        created = int(time.time())
+        if stream:
+            sent, finish = await _stream(srv, resp, engine, handle, gen, rid, created, model,
+                                         ptoks, include_usage, chat=chat)
+        else:
+            sent, finish = await _collect(engine, handle, gen)
+            text = "".join(gen.tokens[:sent])
+            if chat:
+                obj = {
+                    "id": rid, "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text, "refusal": None,
+                                    "annotations": None, "audio": None,
+                                    "function_call": None, "tool_calls": [],
+                                    "reasoning": None},
+                        "logprobs": None, "finish_reason": finish, "stop_reason": None,
+                        "token_ids": None,
+                    }],
+                    "service_tier": None, "system_fingerprint": FINGERPRINT,
+                    "usage": usage_obj(ptoks, sent), "prompt_logprobs": None,
+                    "prompt_token_ids": None, "kv_transfer_params": None,
+                }
+            else:
+                obj = {
+                    "id": rid, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{
+                        "index": 0, "text": text, "logprobs": None, "finish_reason": finish,
+                        "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
+                        "prompt_token_ids": None,
+                    }],
+                    "service_tier": None, "system_fingerprint": FINGERPRINT,
+                    "usage": usage_obj(ptoks, sent), "kv_transfer_params": None,
+                }
+            await resp.send_json(200, obj)
+        m = srv.metrics
+        m.prompt_tokens += ptoks
+        m.generation_tokens += sent
+        m.success[finish] = m.success.get(finish, 0) + 1
+        m.e2e.observe(time.perf_counter() - t_arrival)
+    finally:
+        engine.release(handle)
+    srv.request_done()
+
+
+async def _collect(engine: Engine, handle: Handle, gen: textgen.Generation) -> tuple[int, str]:
+    """Non-streaming: wait as long as generating would take, honouring aborts."""
+    loop = asyncio.get_running_loop()
+    timing = engine.timing
+    deadline = loop.time() + timing.first_token_s()
+    interval = timing.token_interval_s()
+    n = len(gen.tokens)
+    # Sleep in slices so an abort (sleep with mode=abort) ends the request promptly.
+    slice_tokens = max(1, int(0.05 / interval)) if interval > 0 else n
+    sent = 0
+    while sent < n:
+        step = min(slice_tokens, n - sent)
+        if not await engine.pace(handle, deadline + (step - 1) * interval):
+            return sent, "abort"
+        sent += step
+        deadline += step * interval
+    return sent, gen.finish_reason
+
+
+async def _stream(srv: SimServer, resp: Responder, engine: Engine, handle: Handle,
+                  gen: textgen.Generation,
+                  rid: str, created: int, model: str, ptoks: int, include_usage: bool,
+                  *, chat: bool) -> tuple[int, str]:
+    loop = asyncio.get_running_loop()
+    head = dumps({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                  "created": created, "model": model})[:-1]
+    if chat:
+        pre = b"data: " + head + b',"choices":[{"index":0,"delta":{"content":'
+        mid = b'},"logprobs":null,"finish_reason":'
+        post = b',"token_ids":null}]}\n\n'
+    else:
+        pre = b"data: " + head + b',"choices":[{"index":0,"text":'
+        mid = b',"logprobs":null,"finish_reason":'
+        post = b',"stop_reason":null,"prompt_token_ids":null,"token_ids":null}]}\n\n'
+    die_after = srv.opts.faults.value("die_mid_stream")
+    await resp.start_stream()
+    chunks = 0
+    if chat:
+        await resp.chunk(b"data: " + head + b',"choices":[{"index":0,"delta":{"role":"assistant",'
+                         b'"content":""},"logprobs":null,"finish_reason":null}]}\n\n')
+        chunks += 1
+    timing = engine.timing
+    deadline = loop.time() + timing.first_token_s()
+    interval = timing.token_interval_s()
+    n = len(gen.tokens)
+    finish = gen.finish_reason
+    sent = 0
+    first = True
+    while sent < n:
+        if die_after is not None and chunks >= int(die_after):
+            await srv.die(f"fault die_mid_stream: dying after {chunks} chunks")
+        ok = await engine.pace(handle, deadline)
+        if resp.client_gone():
+            handle.aborted = True
+            return sent, "abort"
+        if not ok:
+            finish = "abort"
+            break
+        if first:
+            srv.metrics.ttft.observe(timing.first_token_s())
+            first = False
+        tok = json.dumps(gen.tokens[sent])
+        sent += 1
+        last = sent == n
+        fr = b'"%s"' % finish.encode() if last else b"null"
+        extra = b',"stop_reason":null' if (last and chat) else b""
+        await resp.chunk(pre + tok.encode() + mid + fr + extra + post)
+        chunks += 1
+        deadline += interval
+    if finish == "abort" or n == 0:
+        # vLLM ends an aborted (or empty) stream with one chunk carrying the reason.
+        fr = b'"%s"' % finish.encode()
+        extra = b',"stop_reason":null' if chat else b""
+        await resp.chunk(pre + b'""' + mid + fr + extra + post)
+    if include_usage:
+        await resp.chunk(b"data: " + head + b',"choices":[],"usage":'
+                         + dumps(usage_obj(ptoks, sent, full=False))
+                         + b',"system_fingerprint":"' + FINGERPRINT.encode() + b'"}\n\n')
+    await resp.chunk(b"data: [DONE]\n\n")
+    await resp.end_stream()
+    return sent, finish
+
+
+async def embeddings(srv: SimServer, req: Request, resp: Responder) -> None:
+    if not srv.opts.embedding:
+        raise NOT_FOUND
+    body = parse_body(req)
+    model = _check_model(srv, body)
+    inp = body.get("input")
+    texts: list[str]
+    if isinstance(inp, str):
+        texts = [inp]
+    elif isinstance(inp, list) and inp and all(isinstance(t, str) for t in inp):
+        texts = [str(t) for t in inp]
+    else:
+        raise SimHttpError(400, {"error": {"message": "input must be a string or a list of "
+                                           "strings", "type": "BadRequestError",
+                                           "param": "input", "code": 400}})
+    handle = await srv.engine.admit(resp.client_gone)
+    if handle is None:
+        resp.close_after = True
+        return
+    try:
+        await srv.engine.pace(handle, asyncio.get_running_loop().time()
+                              + srv.engine.timing.first_token_s())
+        ptoks = sum(max(1, textgen.count_tokens(t)) for t in texts)
+        data = [{"index": i, "object": "embedding",
+                 "embedding": textgen.embedding(model, t, srv.opts.embedding_dims)}
+                for i, t in enumerate(texts)]
+        await resp.send_json(200, {
+            "id": f"embd-{secrets.token_hex(8)}", "object": "list",
+            "created": int(time.time()), "model": model, "data": data,
+            "usage": {"prompt_tokens": ptoks, "total_tokens": ptoks, "completion_tokens": 0,
+                      "prompt_tokens_details": None},
+        })
+        srv.metrics.prompt_tokens += ptoks
+    finally:
+        srv.engine.release(handle)
+    srv.request_done()
+
+
+async def tokenize(srv: SimServer, req: Request, resp: Responder) -> None:
+    body = parse_body(req)
+    _check_model(srv, body)
+    if "messages" in body and isinstance(body["messages"], list):
+        text = textgen.chat_prompt_text(body["messages"])
+    else:
+        text = str(body.get("prompt", ""))
+    n = textgen.count_tokens(text)
+    await resp.send_json(200, {"count": n, "max_model_len": srv.opts.max_model_len,
+                               "tokens": list(range(n)), "token_strs": None})
