@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from llmuxd.child import ChildProcess, pids_in_group
+from llmuxd.config import Config
+from llmuxd.vllm_client import VllmClient
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 30.0,
@@ -78,3 +80,21 @@ def reaper() -> Iterator[Reaper]:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+SimStarter = Callable[..., tuple[ChildProcess, VllmClient, Config]]
+
+
+@pytest.fixture
+def sim(reaper: Reaper, tmp_path: Path) -> SimStarter:
+    """Start a simulated vLLM child: ``sim(faults=(...), **daemon_overrides)``."""
+    from .simfix import sim_config, start_sim
+
+    def start(faults: tuple[str, ...] = (), **kw: object
+              ) -> tuple[ChildProcess, VllmClient, Config]:
+        config = sim_config(tmp_path, faults=faults, **kw)  # type: ignore[arg-type]
+        child, client = start_sim(config, next(iter(config.models.values())))
+        reaper.track(child)
+        return child, client, config
+
+    return start
