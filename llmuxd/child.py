@@ -103,6 +103,7 @@ class ChildProcess:
         self._guardian = guardian
         self._registered = guardian is not None
         self._lock = threading.Lock()
+        self._kill_now = threading.Event()
         self._reader: threading.Thread | None = None
 
     # -- start ---------------------------------------------------------------
@@ -201,14 +202,18 @@ class ChildProcess:
                 return self._finish()
             self._signal(signal.SIGTERM)
             deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not self._kill_now.is_set():
                 if self._group_gone():
                     return self._finish()
                 time.sleep(_POLL)
             return self._kill_locked()
 
     def kill(self) -> int:
-        """SIGKILL the whole group now, reap the leader, wait for the group to go."""
+        """SIGKILL the whole group now, reap the leader, wait for the group to go.
+
+        Also cuts short a stop() running in another thread (its grace ends at once).
+        """
+        self._kill_now.set()
         with self._lock:
             return self._kill_locked()
 

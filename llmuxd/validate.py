@@ -88,6 +88,21 @@ class ValidateReport:
                 "passed": self.passed, "error": self.error or None,
                 "baseline": self.baseline, "left_awake": self.left_awake, "rows": rows}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ValidateReport:
+        """Rebuild a report from :meth:`to_dict` (llmuxctl prints the daemon's answer)."""
+        rows = []
+        for raw in data.get("rows", []):
+            row = dict(raw)
+            by_gpu = row.pop("gpu_after_by_gpu", None)
+            known = {k: v for k, v in row.items() if k in ValidateRow.__dataclass_fields__}
+            rows.append(ValidateRow(**known, gpu_after_by_gpu=None if by_gpu is None else
+                                    {int(k): int(v) for k, v in by_gpu.items()}))
+        return cls(model=str(data.get("model", "")), probe=str(data.get("probe", "")),
+                   levels=[int(x) for x in data.get("levels", [])], rows=rows,
+                   baseline=data.get("baseline"), error=data.get("error") or "",
+                   left_awake=bool(data.get("left_awake", False)))
+
 
 # ---------------------------------------------------------------------------
 # The table (the seed's layout, column for column)

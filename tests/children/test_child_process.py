@@ -247,3 +247,17 @@ def test_spawn_uses_build_command_and_build_env(
     assert argv == build_command(cfg, cfg.models["m"])[2:]
     assert (dev, gpus) == ("1", "0")
     assert child.model_name == "m" and child.started_at > 0
+
+
+def test_kill_cuts_short_a_stop_waiting_out_its_grace_in_another_thread(
+        reaper: Reaper, python: str, tmp_path: Path) -> None:
+    child = spawn_py(reaper, python, tmp_path, STUBBORN)
+    wait_until(lambda: "ignoring SIGTERM" in child.tail(5), what="the handler installed")
+    results: list[int] = []
+    stopper = threading.Thread(target=lambda: results.append(child.stop(grace=3600)))
+    stopper.start()
+    wait_until(child._lock.locked, what="the stop to be under way")
+    assert child.kill() == -signal.SIGKILL
+    stopper.join(60)
+    assert results == [-signal.SIGKILL]
+

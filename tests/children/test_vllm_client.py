@@ -14,6 +14,7 @@ import pytest
 from llmuxd.child import ChildProcess
 from llmuxd.config import Config
 from llmuxd.gpu.memory import child_usage
+from llmuxd.gpu.select import make_probe
 from llmuxd.sim.gpustate import GpuState
 from llmuxd.vllm_client import (
     ChildExited,
@@ -129,12 +130,8 @@ def test_metrics_report_the_sleep_operation_time(sim: SimStarter) -> None:
 
 def test_a_child_that_sleeps_frees_memory_attributed_to_its_group(sim: SimStarter) -> None:
     child, client, config = sim()
-    from llmuxd.gpu.select import make_probe
-
-    try:
-        probe = make_probe(config)
-    except Exception as exc:  # the simulator's probe lands separately
-        pytest.skip(f"sim probe not available yet: {exc}")
+    probe = make_probe(config)
+    assert probe.name == "sim"
     client.sleep(1, timeout=30)
     assert child_usage(probe, child.group_pids(), (0,)) == {0: 1341}
 
