@@ -23,18 +23,21 @@ CHAT_TEMPLATE = (
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
+WORDS_TEXT = (
+    "the a an of to in is it that for on with as was at by be this from or have not "
+    "are but what all were when we there can your which their said if do will each "
+    "about how up out them then she many some so these would other into has more her "
+    "two like him see time could no make than first been its who now people my made "
+    "over did down only way find use may water long little very after words called "
+    "just where most know get through back much go good new write our me man too any "
+    "day same right look think also around another came come work three word must "
+    "hello world model sleep wake token stream server engine memory llama vllm say"
+)
+
+
 def corpus() -> list[str]:
     """A small deterministic English-ish corpus: enough for a few hundred BPE merges."""
-    words = (
-        "the a an of to in is it that for on with as was at by be this from or have not "
-        "are but what all were when we there can your which their said if do will each "
-        "about how up out them then she many some so these would other into has more her "
-        "two like him see time could no make than first been its who now people my made "
-        "over did down only way find use may water long little very after words called "
-        "just where most know get through back much go good new write our me man too any "
-        "day same right look think also around another came come work three word must "
-        "hello world model sleep wake token stream server engine memory llama vllm say"
-    ).split()
+    words = WORDS_TEXT.split()
     lines = []
     for i in range(2000):
         lines.append(" ".join(words[(i * 7 + j * 13) % len(words)] for j in range(12)))
