@@ -27,7 +27,7 @@ class ModelState(StrEnum):
 S = ModelState
 
 TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
-    S.STOPPED: frozenset({S.STARTING, S.FAILED}),
+    S.STOPPED: frozenset({S.STARTING, S.BACKOFF, S.FAILED}),
     S.STARTING: frozenset({S.ACTIVE, S.STOPPING, S.BACKOFF, S.FAILED, S.STOPPED}),
     S.ACTIVE: frozenset({S.DRAINING, S.STOPPING, S.STOPPED, S.SLEEPING}),
     S.DRAINING: frozenset({S.ACTIVE, S.SLEEPING, S.STOPPING, S.STOPPED}),

@@ -1,0 +1,5 @@
+"""``python -m llmuxd`` = the ``llmuxd`` command."""
+
+from llmuxd.cli import main
+
+raise SystemExit(main())

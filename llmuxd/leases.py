@@ -1,0 +1,308 @@
+"""Leases: who may send requests to which model right now, and who is waiting.
+
+Why a lock here when ARCHITECTURE.md says one thread owns the state: the lease
+round trip is on every proxied request, and handing each acquire/release to the
+supervisor thread and back costs two thread switches (~100 µs of CPU on a busy
+box). So this table is the one piece of shared state, guarded by one short lock,
+with a split of duties that keeps the supervisor the only decision maker:
+
+* control-API threads may only *take* a lease through an open gate, queue a
+  waiter, cancel their own waiter, and release a lease;
+* only the supervisor thread opens or closes a gate, grants or refuses waiters,
+  revokes leases of a dead child and reclaims those of a dead client.
+
+The gate is the original tool's draining flag done under a lock: the check "gate
+open" and the in-flight increment happen in one critical section, and closing
+the gate reads the in-flight count in another, so a lease can never slip in
+after a drain has seen zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmuxd.control.errors import ApiError, model_not_found, shutting_down
+
+_TOMBSTONES = 4096
+
+
+@dataclass
+class Lease:
+    """One granted permission to send one request upstream."""
+
+    lease_id: str
+    model: str
+    pid: int
+    granted_at: float          # time.monotonic()
+    waited_s: float
+    switched: bool
+
+
+@dataclass(eq=False)
+class Waiter:
+    """One blocked acquire; the supervisor grants or refuses it, or it times out."""
+
+    model: str
+    pid: int
+    enqueued_at: float
+    event: threading.Event = field(default_factory=threading.Event)
+    lease: Lease | None = None
+    error: ApiError | None = None
+
+
+@dataclass
+class Gate:
+    """Per-model lease state: open when the model is ACTIVE and not draining."""
+
+    model: str
+    upstream: str = ""
+    served_model_name: str = ""
+    open: bool = False
+    in_flight: int = 0
+    queue: deque[Waiter] = field(default_factory=deque)
+    watch_idle: bool = False    # supervisor wants a kick when in_flight reaches 0
+    hold: ApiError | None = None  # refuse at once (model FAILED)
+
+
+@dataclass(frozen=True)
+class GateView:
+    """A consistent copy of one gate for the supervisor's decisions and status."""
+
+    open: bool
+    in_flight: int
+    queued: int
+    oldest_wait: float | None
+
+
+class LeaseTable:
+    """Lease bookkeeping shared by the control threads and the supervisor."""
+
+    def __init__(self, max_queue: int, kick: Callable[[], None]) -> None:
+        self._lock = threading.Lock()
+        self._gates: dict[str, Gate] = {}
+        self._leases: dict[str, Lease] = {}
+        self._tombstones: OrderedDict[str, str] = OrderedDict()
+        self._ids = itertools.count(1)
+        self._prefix = f"{os.getpid():x}-"
+        self._kick = kick
+        self.max_queue = max_queue
+        self.closed = False
+
+    # -- control-API side ---------------------------------------------------
+
+    def acquire(self, model: str, pid: int, timeout: float,
+                cancelled: Callable[[], bool] | None = None,
+                poll_interval: float = 0.25) -> Lease:
+        """A lease on ``model``: at once through an open gate, else wait in FIFO order."""
+        start = time.monotonic()
+        with self._lock:
+            if self.closed:
+                raise shutting_down()
+            gate = self._gates.get(model)
+            if gate is None:
+                raise model_not_found(model)
+            if gate.open and not gate.queue:
+                return self._grant(gate, pid, start, switched=False)
+            if gate.hold is not None:
+                raise gate.hold
+            if len(gate.queue) >= self.max_queue:
+                raise ApiError("queue_full", f"the queue for '{model}' is full "
+                               f"({self.max_queue} waiting)", model=model)
+            waiter = Waiter(model=model, pid=pid, enqueued_at=start)
+            gate.queue.append(waiter)
+        self._kick()
+        deadline = start + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if waiter.event.wait(min(poll_interval, max(0.0, remaining))):
+                break
+            gone = cancelled is not None and cancelled()
+            if gone or time.monotonic() >= deadline:
+                with self._lock:
+                    if waiter.lease is None and waiter.error is None:
+                        self._remove_waiter(waiter)
+                        if gone:
+                            waiter.error = ApiError("bad_request", "client went away",
+                                                    model=model)
+                        else:
+                            waiter.error = ApiError(
+                                "timeout", f"no lease on '{model}' within {timeout:g}s",
+                                model=model)
+                break
+        if waiter.lease is not None:
+            return waiter.lease
+        assert waiter.error is not None
+        raise waiter.error
+
+    def release(self, lease_id: str) -> Lease | None:
+        """End a lease; None when it was already revoked/reclaimed (idempotent)."""
+        kick = False
+        with self._lock:
+            lease = self._leases.pop(lease_id, None)
+            if lease is None:
+                if lease_id in self._tombstones:
+                    return None
+                raise ApiError("not_found", f"unknown lease '{lease_id}'")
+            gate = self._gates.get(lease.model)
+            if gate is not None:
+                gate.in_flight -= 1
+                kick = gate.in_flight == 0 and gate.watch_idle
+        if kick:
+            self._kick()
+        return lease
+
+    # -- supervisor side ----------------------------------------------------
+
+    def add_model(self, model: str, upstream: str, served_model_name: str) -> None:
+        with self._lock:
+            gate = self._gates.setdefault(model, Gate(model))
+            gate.upstream = upstream
+            gate.served_model_name = served_model_name
+
+    def remove_model(self, model: str, error: ApiError) -> list[Lease]:
+        """Forget a model (reload removed it): refuse its waiters, drop its leases."""
+        revoked = self.revoke(model, "model removed")
+        self.refuse(model, error)
+        with self._lock:
+            self._gates.pop(model, None)
+        return revoked
+
+    def open_gate(self, model: str) -> int:
+        """Let leases through and grant every waiter in arrival order; returns how many."""
+        now = time.monotonic()
+        with self._lock:
+            gate = self._gates[model]
+            gate.open = True
+            gate.watch_idle = False
+            granted = 0
+            if self.closed:
+                return 0
+            while gate.queue:
+                waiter = gate.queue.popleft()
+                waiter.lease = self._grant(gate, waiter.pid, waiter.enqueued_at,
+                                           switched=True, now=now)
+                waiter.event.set()
+                granted += 1
+            return granted
+
+    def set_hold(self, model: str, error: ApiError | None) -> None:
+        """Refuse new acquires for ``model`` at once with ``error`` (None lifts it)."""
+        with self._lock:
+            gate = self._gates.get(model)
+            if gate is not None:
+                gate.hold = error
+
+    def close_gate(self, model: str) -> int:
+        """Stop new leases (drain); returns in-flight now. A kick comes when it hits 0."""
+        with self._lock:
+            gate = self._gates[model]
+            gate.open = False
+            gate.watch_idle = True
+            return gate.in_flight
+
+    def refuse(self, model: str, error: ApiError) -> int:
+        """Wake every waiter of ``model`` with ``error``; returns how many."""
+        with self._lock:
+            gate = self._gates.get(model)
+            if gate is None:
+                return 0
+            count = len(gate.queue)
+            while gate.queue:
+                waiter = gate.queue.popleft()
+                waiter.error = error
+                waiter.event.set()
+            return count
+
+    def revoke(self, model: str, reason: str) -> list[Lease]:
+        """Drop every lease on ``model`` (its child died or was stopped)."""
+        with self._lock:
+            gate = self._gates.get(model)
+            gone = [lease for lease in self._leases.values() if lease.model == model]
+            for lease in gone:
+                del self._leases[lease.lease_id]
+                self._tomb(lease.lease_id, reason)
+            if gate is not None:
+                gate.in_flight = 0
+            return gone
+
+    def pids_with_leases(self) -> set[int]:
+        with self._lock:
+            return {lease.pid for lease in self._leases.values()}
+
+    def reclaim_pid(self, pid: int) -> list[Lease]:
+        """Drop the leases of a client process that died."""
+        kicks = False
+        with self._lock:
+            gone = [lease for lease in self._leases.values() if lease.pid == pid]
+            for lease in gone:
+                del self._leases[lease.lease_id]
+                self._tomb(lease.lease_id, f"client pid {pid} died")
+                gate = self._gates.get(lease.model)
+                if gate is not None:
+                    gate.in_flight -= 1
+                    kicks = kicks or (gate.in_flight == 0 and gate.watch_idle)
+        if kicks:
+            self._kick()
+        return gone
+
+    def shut(self) -> int:
+        """Refuse every waiter and every future acquire (daemon stopping)."""
+        with self._lock:
+            self.closed = True
+            models = list(self._gates)
+        return sum(self.refuse(m, shutting_down()) for m in models)
+
+    def view(self) -> dict[str, GateView]:
+        with self._lock:
+            return {
+                name: GateView(open=g.open, in_flight=g.in_flight, queued=len(g.queue),
+                               oldest_wait=g.queue[0].enqueued_at if g.queue else None)
+                for name, g in self._gates.items()
+            }
+
+    def total_in_flight(self) -> int:
+        with self._lock:
+            return sum(g.in_flight for g in self._gates.values())
+
+    def leases(self) -> list[Lease]:
+        with self._lock:
+            return list(self._leases.values())
+
+    def describe(self) -> dict[str, Any]:
+        """Upstream and served name for each model (for building lease answers)."""
+        with self._lock:
+            return {n: (g.upstream, g.served_model_name) for n, g in self._gates.items()}
+
+    def upstream(self, model: str) -> tuple[str, str]:
+        gate = self._gates[model]
+        return gate.upstream, gate.served_model_name
+
+    # -- internals (lock held) ----------------------------------------------
+
+    def _grant(self, gate: Gate, pid: int, since: float, switched: bool,
+               now: float | None = None) -> Lease:
+        now = time.monotonic() if now is None else now
+        lease = Lease(lease_id=f"{self._prefix}{next(self._ids)}", model=gate.model,
+                      pid=pid, granted_at=now, waited_s=now - since, switched=switched)
+        self._leases[lease.lease_id] = lease
+        gate.in_flight += 1
+        return lease
+
+    def _remove_waiter(self, waiter: Waiter) -> None:
+        gate = self._gates.get(waiter.model)
+        if gate is not None:
+            with contextlib.suppress(ValueError):
+                gate.queue.remove(waiter)
+
+    def _tomb(self, lease_id: str, reason: str) -> None:
+        self._tombstones[lease_id] = reason
+        while len(self._tombstones) > _TOMBSTONES:
+            self._tombstones.popitem(last=False)

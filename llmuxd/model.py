@@ -1,0 +1,115 @@
+"""One model's runtime record, owned by the supervisor thread.
+
+Every state change goes through ``enter(new, reason)``, which checks the
+transition table and logs from/to/why, so an impossible edge is a loud bug and
+the log alone tells the story of a model.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from llmuxd.config import ModelConfig
+from llmuxd.states import ModelState, check_transition
+
+log = structlog.get_logger("llmuxd.model")
+
+
+@dataclass
+class SwitchRecord:
+    """One switch: who left, who came, how long each phase took."""
+
+    to: str | None
+    from_: list[str]
+    started_at: float                       # wall clock
+    started_mono: float
+    phases_ms: dict[str, float] = field(default_factory=dict)
+    result: str = "pending"
+    total_ms: float | None = None
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.phases_ms[phase] = round(self.phases_ms.get(phase, 0.0) + seconds * 1000, 3)
+
+    def finish(self, result: str) -> None:
+        self.result = result
+        self.total_ms = round((time.monotonic() - self.started_mono) * 1000, 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "from": ",".join(self.from_) if self.from_ else None,
+            "to": self.to, "result": self.result, "started_at": self.started_at,
+            "phases_ms": dict(self.phases_ms), "total_ms": self.total_ms,
+        }
+
+
+@dataclass
+class OpContext:
+    """What a worker thread and the supervisor share about one running operation."""
+
+    op_id: int
+    kind: str
+    child: Any = None             # set by the worker as soon as it spawns
+    cancelled: bool = False
+
+
+class ModelRuntime:
+    """Mutable per-model state. Only the supervisor thread touches it."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.state = ModelState.STOPPED
+        self.state_since = time.time()
+        self.state_since_mono = time.monotonic()
+        self.child: Any = None            # llmuxd.child.ChildProcess while a process exists
+        self.client: Any = None           # llmuxd.vllm_client.VllmClient for that child
+        self.sleep_level: int | None = None
+        self.op: OpContext | None = None
+        self.failures = 0
+        self.backoff_until = 0.0
+        self.last_error: str | None = None
+        self.last_switch: SwitchRecord | None = None
+        self.switch: SwitchRecord | None = None          # the switch in progress, if any
+        self.restarts = 0
+        self.starts = 0
+        self.active_since: float | None = None
+        self.demands: list[Future[Any]] = []              # waiting for ACTIVE
+        self.demand_since: float | None = None
+        self.sleepers: list[Future[Any]] = []             # waiting for asleep/stopped
+        self.drain_deadline: float | None = None
+        self.drain_started: float | None = None
+        self.drain_level: int = 3
+        self.pending_config: ModelConfig | None = None    # reload changed it: apply when stopped
+        self.removed = False
+        self.pinned = False                               # validate runs: do not evict
+        self.gpu_memory_mib: dict[int, int] = {}
+
+    @property
+    def level(self) -> int:
+        return self.config.sleep_level
+
+    def enter(self, new: ModelState, reason: str) -> None:
+        """Move to ``new`` (checked against the table) and log why."""
+        old = self.state
+        check_transition(old, new)
+        self.state = new
+        self.state_since = time.time()
+        self.state_since_mono = time.monotonic()
+        if new is ModelState.ACTIVE:
+            self.active_since = self.state_since_mono
+            self.sleep_level = None
+        elif new is not ModelState.DRAINING:
+            self.active_since = None
+        if new in (ModelState.STOPPED, ModelState.BACKOFF, ModelState.FAILED):
+            self.sleep_level = None
+        log.info("transition", model=self.name, from_state=str(old), to_state=str(new),
+                 reason=reason)
+
+    @property
+    def busy(self) -> bool:
+        return self.op is not None

@@ -1,0 +1,1208 @@
+"""The supervisor: one loop thread that owns every model's state.
+
+Why one thread (the gunicorn-arbiter lesson): signal handlers, control-API
+threads and worker threads never change model state themselves. They put a
+callable on ``events`` and, when they need an answer, wait on a Future with a
+timeout. The loop runs those callables, reaps children, progresses drains,
+asks the policy what to do and launches operations. Everything that blocks
+(spawn + /health, sleep, wake, stop, GPU reads) runs in a worker thread and
+reports back with another callable, so the loop itself never waits on a child.
+
+The one exception is the lease table (see leases.py): a lock-protected fast
+path, so a request for an ACTIVE model never waits for this loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import structlog
+
+from llmuxd import __version__ as VERSION
+from llmuxd.config import Config, ModelConfig, load_config
+from llmuxd.control.errors import ApiError, model_not_found, shutting_down
+from llmuxd.leases import LeaseTable
+from llmuxd.metrics import Metrics
+from llmuxd.model import ModelRuntime, OpContext, SwitchRecord
+from llmuxd.policy import make_policy
+from llmuxd.policy.base import Activate, Deactivate, ModelView, PolicyInput
+from llmuxd.sdnotify import SdNotify
+from llmuxd.states import HAS_PROCESS, ModelState
+
+log = structlog.get_logger("llmuxd.supervisor")
+S = ModelState
+
+TICK = 0.2                 # reap / drain / schedule at least this often
+PID_SWEEP = 1.0            # check lease-holding client pids this often
+GPU_SAMPLE = 2.0           # GPU memory per model for status and metrics
+VERIFY_WINDOW = 3.0        # a sleeping child's memory may take a moment to drop
+TAIL_LINES = 20
+FRONTEND_BACKOFF_MAX = 30.0
+COST_ALPHA = 0.3
+
+
+class OpFailed(Exception):
+    """An operation on a child failed; the message is what clients and logs see."""
+
+
+@dataclass
+class ShutdownState:
+    reason: str
+    drain_deadline: float
+    hard_deadline: float
+    stage: str = "drain"      # drain -> stopping -> done
+    stopper: threading.Thread | None = None
+
+
+@dataclass
+class FrontEndState:
+    handle: Any = None
+    next_start: float = 0.0
+    backoff: float = 1.0
+    ready: bool = False
+    failures: int = 0
+    started_mono: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class Supervisor:
+    """Owns the models, the lease table's gates, the front end and the shutdown."""
+
+    def __init__(self, config: Config, config_path: str, *, frontend: bool = True,
+                 probe: Any = None, notifier: SdNotify | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.leases = LeaseTable(config.daemon.max_queue_per_model, self.kick)
+        self.models: dict[str, ModelRuntime] = {}
+        for mc in config.models.values():
+            self._add_model(mc)
+        self.policy = make_policy(config.policy.policy_type)
+        self.probe = probe
+        self.notifier = notifier or SdNotify()
+        self.metrics = metrics or Metrics()
+        self.guardian: Any = None
+        self.server: Any = None
+        self.want_frontend = frontend
+        self.fe = FrontEndState()
+        self.shutdown: ShutdownState | None = None
+        self.done = False
+        self.exit_code = 0
+        self.costs: dict[tuple[str | None, str], float] = {}
+        self.started_at = time.time()
+        self.recheck_at: float | None = None
+        self._op_ids = itertools.count(1)
+        self._workers: set[threading.Thread] = set()
+        self._next_sweep = 0.0
+        self._next_sample = 0.0
+        self._sampling = False
+        self._next_watchdog = 0.0
+        self._watchdog_every = self.notifier.watchdog_interval()
+        self._status_line = ""
+        self._gpus: list[dict[str, Any]] = []
+        self.ready = False
+        self.loop_thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------
+    # Cross-thread entry points
+
+    def kick(self) -> None:
+        """Wake the loop (something changed: a waiter queued, a drain hit 0)."""
+        self.events.put(None)
+
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop thread (from workers; no answer expected)."""
+        self.events.put(fn)
+
+    def call(self, fn: Callable[[Future[Any]], None], timeout: float) -> Any:
+        """Run ``fn(future)`` on the loop thread; wait for the future up to ``timeout``.
+
+        ``fn`` may resolve the future at once or keep it until an operation ends.
+        """
+        fut: Future[Any] = Future()
+        if self.done:
+            raise shutting_down()
+        self.events.put((fn, fut))
+        try:
+            return fut.result(timeout)
+        except FutureTimeout:
+            raise ApiError("timeout", f"no answer within {timeout:g}s") from None
+
+    def query(self, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+        """Run a read-only ``fn()`` on the loop thread and return its value."""
+        def run(fut: Future[Any]) -> None:
+            fut.set_result(fn())
+        return self.call(run, timeout)
+
+    def signal(self, signum: int) -> None:
+        """Signal handler body: only queue it (SimpleQueue.put is reentrant)."""
+        self.events.put(("signal", signum))
+
+    # ------------------------------------------------------------------
+    # The loop
+
+    def install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda s, _f: self.signal(s))
+
+    def run(self) -> int:
+        """Run until shut down; returns the exit code."""
+        self.loop_thread = threading.current_thread()
+        self._boot()
+        while not self.done:
+            timeout = TICK
+            try:
+                ev = self.events.get(timeout=timeout)
+            except queue.Empty:
+                ev = None
+            while True:
+                self._handle(ev)
+                try:
+                    ev = self.events.get_nowait()
+                except queue.Empty:
+                    break
+            try:
+                self._tick()
+            except Exception:
+                log.exception("tick_failed")
+        self._finish()
+        return self.exit_code
+
+    def _handle(self, ev: Any) -> None:
+        if ev is None:
+            return
+        try:
+            if isinstance(ev, tuple) and len(ev) == 2 and ev[0] == "signal":
+                self._on_signal(ev[1])
+            elif isinstance(ev, tuple):
+                fn, fut = ev
+                if fut.done():
+                    return
+                try:
+                    fn(fut)
+                except ApiError as exc:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                except Exception as exc:
+                    log.exception("command_failed")
+                    if not fut.done():
+                        fut.set_exception(exc)
+            else:
+                ev()
+        except Exception:
+            log.exception("event_failed")
+
+    def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            log.info("signal", signal="SIGHUP", action="reload")
+            try:
+                new = load_config(self.config_path)
+            except Exception as exc:
+                errors = getattr(exc, "errors", [str(exc)])
+                log.error("reload_rejected", errors=errors)
+                return
+            self.reload(new)
+        else:
+            name = signal.Signals(signum).name
+            self.begin_shutdown(f"{name} received")
+
+    def _boot(self) -> None:
+        from llmuxd.control.server import ControlServer
+        from llmuxd.guardian import Guardian
+
+        if self.probe is None:
+            from llmuxd.gpu.select import make_probe_explained
+            self.probe, why = make_probe_explained(self.config)
+            log.info("gpu_probe", probe=self.probe.name, why=why)
+        self.guardian = Guardian.start_new(grace=self.config.daemon.stop_timeout_secs)
+        self.server = ControlServer(self, self.config.daemon)
+        self.server.start()
+        self.metrics.serve(self.config.metrics_port, self.probe)
+        log.info("listening", socket=self.config.daemon.socket, pid=os.getpid(),
+                 version=VERSION, models=sorted(self.models),
+                 metrics_port=self.config.metrics_port)
+        if self.want_frontend:
+            self._start_frontend()
+        else:
+            self._mark_ready()
+
+    def _mark_ready(self) -> None:
+        if not self.ready:
+            self.ready = True
+            self.notifier.ready(self._active_status())
+            log.info("ready")
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self._reap()
+        self._progress_drains(now)
+        if self.shutdown is not None:
+            self._progress_shutdown(now)
+        else:
+            self._refuse_failed()
+            self._schedule(now)
+            self._check_frontend(now)
+        if now >= self._next_sweep:
+            self._next_sweep = now + PID_SWEEP
+            self._sweep_pids()
+            self._update_gauges()
+        if now >= self._next_sample and not self._sampling:
+            self._next_sample = now + GPU_SAMPLE
+            self._sample_gpus()
+        if self._watchdog_every and now >= self._next_watchdog:
+            self._next_watchdog = now + self._watchdog_every
+            self.notifier.watchdog()
+        status = self._active_status()
+        if status != self._status_line:
+            self._status_line = status
+            self.notifier.status(status)
+
+    def _active_status(self) -> str:
+        if self.shutdown is not None:
+            return "stopping"
+        active = [m.name for m in self.models.values() if m.state is S.ACTIVE]
+        return "active: " + (", ".join(sorted(active)) if active else "none")
+
+    # ------------------------------------------------------------------
+    # Models: add, views, policy
+
+    def _add_model(self, mc: ModelConfig) -> ModelRuntime:
+        m = ModelRuntime(mc)
+        self.models[mc.name] = m
+        self.leases.add_model(mc.name, f"http://127.0.0.1:{mc.port}", mc.name)
+        return m
+
+    def resolve(self, name: str) -> str:
+        """The model's own name for ``name`` (a name or alias), or model_not_found."""
+        mc = self.config.resolve_model(name)
+        if mc is None:
+            raise model_not_found(name)
+        return mc.name
+
+    def _views(self, now: float) -> dict[str, ModelView]:
+        gates = self.leases.view()
+        views: dict[str, ModelView] = {}
+        for name, m in self.models.items():
+            if m.removed:
+                continue
+            gate = gates.get(name)
+            queued = (gate.queued if gate else 0) + len(m.demands)
+            waits = [t for t in (gate.oldest_wait if gate else None, m.demand_since)
+                     if t is not None]
+            views[name] = ModelView(
+                name=name, state=m.state, busy=m.busy,
+                in_flight=gate.in_flight if gate else 0, queued=queued,
+                oldest_wait=min(waits) if waits else None, active_since=m.active_since,
+                gpus=m.config.gpu_indices, fraction=m.config.gpu_memory_utilization,
+                sleep_level=m.config.sleep_level, ready_at=m.backoff_until,
+                pinned=m.pinned)
+        return views
+
+    def _schedule(self, now: float) -> None:
+        views = self._views(now)
+        if not any(v.queued for v in views.values()):
+            return
+        inp = PolicyInput(models=views, now=now,
+                          drain_before_switch=self.config.policy.drain_before_switch,
+                          min_active_secs=self.config.policy.min_active_secs,
+                          costs=dict(self.costs))
+        decisions = self.policy.decide(inp)
+        self.recheck_at = decisions.recheck_at
+        for d in decisions.actions:
+            m = self.models.get(d.model)
+            if m is None or m.busy:
+                continue
+            if isinstance(d, Deactivate):
+                if m.state is S.ACTIVE:
+                    target = self.models.get(d.for_model or "")
+                    if target is not None and target.switch is None:
+                        target.switch = self._new_switch(target.name)
+                    if target is not None and target.switch is not None \
+                            and m.name not in target.switch.from_:
+                        target.switch.from_.append(m.name)
+                    m.switch = target.switch if target is not None else None
+                    self._deactivate(m, d.level, d.drain, d.reason)
+            elif isinstance(d, Activate):
+                self._activate(m, d.reason)
+
+    def _refuse_failed(self) -> None:
+        for m in self.models.values():
+            if m.state is S.FAILED:
+                err = self._failed_error(m)
+                self.leases.refuse(m.name, err)
+                self._resolve(m.demands, err)
+                m.demand_since = None
+
+    def _failed_error(self, m: ModelRuntime) -> ApiError:
+        return ApiError("model_failed", f"model '{m.name}' is held failed after "
+                        f"{m.failures} failed starts (clear with start or reload): "
+                        f"{m.last_error}", model=m.name)
+
+    def _new_switch(self, to: str | None, from_: list[str] | None = None) -> SwitchRecord:
+        return SwitchRecord(to=to, from_=list(from_ or []), started_at=time.time(),
+                            started_mono=time.monotonic())
+
+    # ------------------------------------------------------------------
+    # Operations (each runs in a worker thread and reports back)
+
+    def _launch(self, m: ModelRuntime, kind: str, work: Callable[[OpContext], Any],
+                done: Callable[[ModelRuntime, OpContext, Any, BaseException | None], None]
+                ) -> OpContext:
+        ctx = OpContext(op_id=next(self._op_ids), kind=kind)
+        m.op = ctx
+
+        def body() -> None:
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = work(ctx)
+            except BaseException as exc:  # reported to the loop, which decides
+                error = exc
+
+            def report() -> None:
+                if m.op is ctx:
+                    m.op = None
+                    done(m, ctx, result, error)
+                else:
+                    log.debug("op_result_ignored", model=m.name, op=kind)
+            self.post(report)
+            self._workers.discard(threading.current_thread())
+
+        t = threading.Thread(target=body, name=f"op-{kind}-{m.name}", daemon=True)
+        self._workers.add(t)
+        t.start()
+        return ctx
+
+    def _activate(self, m: ModelRuntime, reason: str) -> None:
+        """Start or wake ``m``: first check that its memory is free (in a worker)."""
+        if m.state not in (S.STOPPED, S.BACKOFF, S.SLEEPING):
+            return
+        if m.switch is None:
+            m.switch = self._new_switch(m.name)
+        probe = self.probe
+        gpus = m.config.gpu_indices
+        util = m.config.gpu_memory_utilization
+
+        def check(_ctx: OpContext) -> tuple[bool, str]:
+            from llmuxd.gpu.memory import fits
+            return fits(probe, gpus, util)
+
+        self._launch(m, "preflight", check, self._preflight_done)
+
+    def _preflight_done(self, m: ModelRuntime, _ctx: OpContext, result: Any,
+                        error: BaseException | None) -> None:
+        if self.shutdown is not None or m.removed:
+            return
+        ok, why = (True, "") if error is not None else result
+        if error is not None:
+            log.warning("gpu_check_failed", model=m.name, error=str(error))
+        if not ok:
+            if self._make_room(m, why):
+                return
+            self._start_failed(m, f"not enough free GPU memory for '{m.name}': {why}")
+            return
+        if m.state is S.SLEEPING:
+            self._wake(m)
+        elif m.state in (S.STOPPED, S.BACKOFF):
+            self._start(m)
+
+    def _make_room(self, m: ModelRuntime, why: str) -> bool:
+        """Free memory on m's GPUs beyond what placement foresaw; True if waiting is useful."""
+        gpus = set(m.config.gpu_indices)
+        waiting = False
+        for other in self.models.values():
+            if other is m or not gpus & set(other.config.gpu_indices):
+                continue
+            if other.busy or other.state in (S.DRAINING, S.STOPPING, S.STARTING, S.WAKING):
+                waiting = True
+            elif other.state is S.ACTIVE and not other.pinned:
+                log.info("making_room", model=m.name, evict=other.name, why=why)
+                other.switch = m.switch
+                if m.switch is not None:
+                    m.switch.from_.append(other.name)
+                self._deactivate(other, other.config.sleep_level,
+                                 self.config.policy.drain_before_switch,
+                                 f"making room for {m.name}: {why}")
+                waiting = True
+            elif other.state is S.SLEEPING:
+                log.info("making_room", model=m.name, stop=other.name, why=why)
+                self._stop(other, f"stopping a sleeper to make room for {m.name}: {why}")
+                waiting = True
+        return waiting
+
+    def _start(self, m: ModelRuntime) -> None:
+        cfg = self.config
+        mc = m.config
+        timeout = cfg.startup_timeout(mc)
+        grace = cfg.daemon.stop_timeout_secs
+        warm = cfg.daemon.warmup
+        warm_timeout = max(30.0, cfg.policy.request_timeout_secs)
+        guardian = self.guardian
+        log_dir = Path(cfg.daemon.log_dir)
+        on_line = self._child_logger(mc.name) if cfg.vllm_logging else None
+        m.backoff_until = 0.0
+        m.enter(S.STARTING, "requests waiting" if not m.demands else "start requested")
+
+        def work(ctx: OpContext) -> tuple[Any, Any, dict[str, float]]:
+            from llmuxd.child import ChildProcess
+            from llmuxd.vllm_client import ChildExited, OpTimeout, VllmClient, VllmError
+
+            t0 = time.monotonic()
+            try:
+                child = ChildProcess.spawn(cfg, mc, log_dir, on_line=on_line,
+                                           guardian=guardian)
+            except OSError as exc:
+                raise OpFailed(f"start failed: {exc}") from None
+            ctx.child = child
+            if ctx.cancelled:
+                child.stop(grace)
+                raise OpFailed("start cancelled")
+            client = VllmClient(mc.port, mc.name)
+            phases: dict[str, float] = {}
+            try:
+                client.wait_healthy(t0 + timeout,
+                                    lambda: child.poll() is None and not ctx.cancelled)
+                phases["start"] = time.monotonic() - t0
+                if warm:
+                    t1 = time.monotonic()
+                    client.warmup(timeout=warm_timeout)
+                    phases["warmup"] = time.monotonic() - t1
+            except (VllmError, OSError) as exc:
+                rc = child.poll()
+                if ctx.cancelled:
+                    why = "start cancelled"
+                elif isinstance(exc, ChildExited) or rc is not None:
+                    why = f"the child exited with code {rc} during startup"
+                elif isinstance(exc, OpTimeout) and "start" not in phases:
+                    why = f"not healthy within {timeout:g}s"
+                else:
+                    why = str(exc)
+                child.stop(grace)
+                tail = child.tail(TAIL_LINES)
+                msg = f"start of '{mc.name}' failed: {why}"
+                if tail:
+                    msg += "; last log lines:\n" + "\n".join(tail)
+                raise OpFailed(msg) from None
+            return child, client, phases
+
+        self._launch(m, "start", work, self._start_done)
+
+    def _child_logger(self, model: str) -> Callable[[str], None]:
+        child_log = structlog.get_logger("vllm")
+
+        def on_line(line: str) -> None:
+            child_log.info("child_output", model=model, line=line.rstrip("\n"))
+        return on_line
+
+    def _start_done(self, m: ModelRuntime, ctx: OpContext, result: Any,
+                    error: BaseException | None) -> None:
+        if error is not None:
+            if self.shutdown is not None:
+                if m.state is S.STARTING:
+                    m.enter(S.STOPPED, "start cancelled by shutdown")
+                return
+            msg = str(error) if isinstance(error, OpFailed) else f"start failed: {error!r}"
+            if not isinstance(error, OpFailed):
+                log.error("start_crashed", model=m.name, exc_info=error)
+            self._start_failed(m, msg)
+            return
+        child, client, phases = result
+        m.child, m.client = child, client
+        m.starts += 1
+        if m.starts > 1:
+            m.restarts += 1
+        m.failures = 0
+        m.last_error = None
+        if m.switch is not None:
+            for phase, secs in phases.items():
+                m.switch.add(phase, secs)
+        m.enter(S.ACTIVE, f"healthy (pid {child.pid})")
+        self._became_active(m)
+
+    def _start_failed(self, m: ModelRuntime, msg: str) -> None:
+        m.last_error = msg
+        err = ApiError("model_failed", msg, model=m.name)
+        self.leases.refuse(m.name, err)
+        self._resolve(m.demands, err)
+        m.demand_since = None
+        self._finish_switch(m, "failed")
+        if m.state is S.SLEEPING:       # no room to wake it: it stays asleep
+            log.error("wake_refused", model=m.name, error=msg)
+            return
+        m.failures += 1
+        log.error("start_failed", model=m.name, failures=m.failures, error=msg)
+        limit = self.config.daemon.max_start_failures
+        if m.failures >= limit:
+            if m.state is not S.FAILED:
+                m.enter(S.FAILED, f"{m.failures} failed starts in a row")
+            self.leases.set_hold(m.name, self._failed_error(m))
+        else:
+            delay = self.config.daemon.restart_backoff_secs * 2 ** (m.failures - 1)
+            m.backoff_until = time.monotonic() + delay
+            if m.state is not S.BACKOFF:
+                m.enter(S.BACKOFF, f"start failed; next try in {delay:g}s")
+        self._apply_pending(m)
+
+    def _wake(self, m: ModelRuntime) -> None:
+        cfg = self.config
+        level = m.sleep_level or m.config.sleep_level
+        client = m.client
+        timeout = cfg.daemon.wake_timeout_secs
+        warm = cfg.daemon.warmup
+        warm_timeout = max(30.0, cfg.policy.request_timeout_secs)
+        m.enter(S.WAKING, f"waking from level {level}")
+
+        def work(_ctx: OpContext) -> dict[str, float]:
+            from llmuxd.vllm_client import VllmError
+            phases: dict[str, float] = {}
+            t0 = time.monotonic()
+            try:
+                client.wake(level, timeout)
+                phases["wake"] = time.monotonic() - t0
+                if warm:
+                    t1 = time.monotonic()
+                    client.warmup(timeout=warm_timeout)
+                    phases["warmup"] = time.monotonic() - t1
+            except (VllmError, OSError) as exc:
+                raise OpFailed(f"wake of '{m.name}' from level {level} failed: {exc}"
+                               ) from None
+            return phases
+
+        self._launch(m, "wake", work, self._wake_done)
+
+    def _wake_done(self, m: ModelRuntime, ctx: OpContext, result: Any,
+                   error: BaseException | None) -> None:
+        if error is not None:
+            msg = str(error)
+            m.last_error = msg
+            log.error("wake_failed", model=m.name, error=msg)
+            err = ApiError("model_failed", msg + "; the model was stopped, the next "
+                           "request starts it cold", model=m.name)
+            self.leases.refuse(m.name, err)
+            self._resolve(m.demands, err)
+            m.demand_since = None
+            self._finish_switch(m, "failed")
+            self._stop(m, "wake failed: stopping (L3)")
+            return
+        if m.switch is not None:
+            for phase, secs in result.items():
+                m.switch.add(phase, secs)
+        m.enter(S.ACTIVE, "awake")
+        self._became_active(m)
+
+    def _became_active(self, m: ModelRuntime) -> None:
+        self.leases.set_hold(m.name, None)
+        granted = self.leases.open_gate(m.name)
+        self._resolve(m.demands, None, m)
+        m.demand_since = None
+        self._finish_switch(m, "ok")
+        log.info("model_active", model=m.name, granted=granted)
+        self._apply_pending(m)
+
+    def _deactivate(self, m: ModelRuntime, level: int, drain: bool, reason: str) -> None:
+        """ACTIVE → DRAINING: close the gate; the drain ends at 0 in flight or the timeout."""
+        if m.state is not S.ACTIVE or m.busy:
+            return
+        in_flight = self.leases.close_gate(m.name)
+        now = time.monotonic()
+        m.drain_started = now
+        m.drain_deadline = now + (self.config.daemon.drain_timeout_secs if drain else 0.0)
+        m.drain_level = level
+        m.enter(S.DRAINING, f"{reason} (level {level}, {in_flight} in flight)")
+
+    def _progress_drains(self, now: float) -> None:
+        gates = self.leases.view()
+        for m in list(self.models.values()):
+            if m.state is not S.DRAINING or m.busy or m.drain_deadline is None:
+                continue
+            gate = gates.get(m.name)
+            in_flight = gate.in_flight if gate else 0
+            if in_flight and now < m.drain_deadline:
+                continue
+            drained = now - (m.drain_started or now)
+            if in_flight:
+                log.warning("drain_timeout", model=m.name, in_flight=in_flight,
+                            waited_s=round(drained, 3))
+            if m.switch is not None:
+                m.switch.add("drain", drained)
+            m.drain_deadline = None
+            if m.drain_level == 3 or self.shutdown is not None:
+                self._stop(m, f"level 3 after drain ({in_flight} still in flight)")
+            else:
+                self._sleep(m, m.drain_level)
+
+    def _sleep(self, m: ModelRuntime, level: int) -> None:
+        cfg = self.config
+        client, child, probe = m.client, m.child, self.probe
+        timeout = cfg.daemon.sleep_timeout_secs
+        residue = cfg.daemon.sleep_residue_mib
+        gpus = m.config.gpu_indices
+
+        def work(_ctx: OpContext) -> dict[str, float]:
+            from llmuxd.gpu.memory import child_usage, sleep_problem, sleep_verified
+            from llmuxd.vllm_client import VllmError
+            phases: dict[str, float] = {}
+            t0 = time.monotonic()
+            try:
+                client.sleep(level, timeout)
+            except (VllmError, OSError) as exc:
+                phases["sleep"] = time.monotonic() - t0
+                raise OpFailed(f"sleep at level {level} failed: {exc}") from None
+            phases["sleep"] = time.monotonic() - t0
+            t1 = time.monotonic()
+            deadline = t1 + VERIFY_WINDOW
+            while True:
+                usage = child_usage(probe, child.group_pids(), gpus)
+                if usage is None or sleep_verified(usage, residue):
+                    break
+                if time.monotonic() >= deadline:
+                    phases["verify"] = time.monotonic() - t1
+                    raise OpFailed(f"sleep at level {level} was ineffective: "
+                                   f"{sleep_problem(usage, residue)}")
+                time.sleep(0.1)
+            phases["verify"] = time.monotonic() - t1
+            return phases
+
+        self._launch(m, f"sleep{level}", work,
+                     lambda mm, ctx, res, err: self._sleep_done(mm, level, res, err))
+
+    def _sleep_done(self, m: ModelRuntime, level: int, result: Any,
+                    error: BaseException | None) -> None:
+        if error is not None:
+            msg = f"{error}; escalating to level 3 (stop)"
+            m.last_error = msg
+            log.warning("sleep_failed", model=m.name, level=level, error=str(error))
+            self._stop(m, msg)
+            return
+        if m.switch is not None:
+            for phase, secs in result.items():
+                m.switch.add(phase, secs)
+        m.enter(S.SLEEPING, f"asleep at level {level}")
+        m.sleep_level = level
+        self._left_gpu(m)
+
+    def _stop(self, m: ModelRuntime, reason: str, kill: bool = False) -> None:
+        """Any state with a process → STOPPING → (worker: SIGTERM, grace, SIGKILL) → STOPPED."""
+        child = m.child
+        if m.op is not None:
+            ctx = m.op
+            ctx.cancelled = True
+            child = child or ctx.child
+            m.op = None             # its result will be ignored; the worker cleans up
+        if m.state not in HAS_PROCESS:
+            return
+        if m.state is not S.STOPPING:
+            m.enter(S.STOPPING, reason)
+        self.leases.close_gate(m.name)
+        revoked = self.leases.revoke(m.name, reason)
+        if revoked:
+            log.warning("leases_revoked", model=m.name, count=len(revoked), reason=reason)
+        grace = 0.0 if kill else self.config.daemon.stop_timeout_secs
+
+        def work(_ctx: OpContext) -> tuple[float, int | None]:
+            t0 = time.monotonic()
+            rc = None
+            if child is not None:
+                rc = child.kill() if kill else child.stop(grace)
+            return time.monotonic() - t0, rc
+
+        self._launch(m, "stop", work, self._stop_done)
+
+    def _stop_done(self, m: ModelRuntime, ctx: OpContext, result: Any,
+                   error: BaseException | None) -> None:
+        secs, rc = result if error is None else (0.0, None)
+        if error is not None:
+            log.error("stop_failed", model=m.name, error=repr(error))
+        if m.switch is not None:
+            m.switch.add("sleep", secs)
+        m.child = None
+        m.client = None
+        m.enter(S.STOPPED, f"process ended (exit code {rc})")
+        self._left_gpu(m)
+
+    def _left_gpu(self, m: ModelRuntime) -> None:
+        """m no longer holds its GPUs: close a switch it was the only subject of."""
+        self._resolve(m.sleepers, None, m)
+        sw = m.switch
+        m.switch = None
+        if sw is not None and sw.to is None:
+            sw.finish("ok")
+            self._record_switch(sw)
+            m.last_switch = sw
+        elif sw is not None:
+            m.last_switch = sw
+        self._apply_pending(m)
+
+    def _finish_switch(self, m: ModelRuntime, result: str) -> None:
+        sw = m.switch
+        m.switch = None
+        if sw is None:
+            return
+        sw.finish(result)
+        m.last_switch = sw
+        for name in sw.from_:
+            other = self.models.get(name)
+            if other is not None:
+                other.last_switch = sw
+        self._record_switch(sw)
+        if result == "ok" and sw.total_ms is not None:
+            key = (sw.from_[0] if sw.from_ else None, m.name)
+            secs = sw.total_ms / 1000
+            old = self.costs.get(key)
+            self.costs[key] = secs if old is None else COST_ALPHA * secs + (1 - COST_ALPHA) * old
+
+    def _record_switch(self, sw: SwitchRecord) -> None:
+        d = sw.to_dict()
+        log.info("switch", from_model=d["from"], to_model=d["to"], result=d["result"],
+                 total_ms=d["total_ms"], **{f"{k}_ms": v for k, v in d["phases_ms"].items()})
+        self.metrics.switch(d["from"] or "", d["to"] or "", d["result"],
+                            (d["total_ms"] or 0.0) / 1000, sw.phases_ms)
+
+    def _apply_pending(self, m: ModelRuntime) -> None:
+        """After an operation: removed/changed by a reload? act now that it is idle."""
+        if m.busy:
+            return
+        if m.removed:
+            if m.state in HAS_PROCESS:
+                self._stop(m, "removed by reload")
+            else:
+                self.models.pop(m.name, None)
+                self._resolve(m.sleepers, None, m)
+                log.info("model_removed", model=m.name)
+            return
+        if m.pending_config is not None:
+            if m.state in HAS_PROCESS:
+                self._stop(m, "config changed by reload")
+            else:
+                m.config, m.pending_config = m.pending_config, None
+                self.leases.add_model(m.name, f"http://127.0.0.1:{m.config.port}", m.name)
+                log.info("model_config_applied", model=m.name)
+
+    @staticmethod
+    def _resolve(futures: list[Future[Any]], error: ApiError | None,
+                 m: ModelRuntime | None = None) -> None:
+        pending, futures[:] = list(futures), []
+        for fut in pending:
+            if fut.done():
+                continue
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(m)
+
+    # ------------------------------------------------------------------
+    # Reaping, sweeping, sampling
+
+    def _reap(self) -> None:
+        for m in list(self.models.values()):
+            if m.busy or m.child is None:
+                continue
+            rc = m.child.poll()
+            if rc is None:
+                continue
+            child = m.child
+            m.child = None
+            m.client = None
+            tail = child.tail(TAIL_LINES)
+            msg = f"'{m.name}' (pid {child.pid}) exited unexpectedly with code {rc}"
+            m.last_error = msg + ("; last log lines:\n" + "\n".join(tail) if tail else "")
+            log.error("child_died", model=m.name, pid=child.pid, code=rc)
+            self.leases.close_gate(m.name)
+            revoked = self.leases.revoke(m.name, msg)
+            err = ApiError("model_failed", msg + "; the next request restarts it",
+                           model=m.name)
+            self.leases.refuse(m.name, err)
+            self._resolve(m.demands, err)
+            m.demand_since = None
+            m.drain_deadline = None
+            if revoked:
+                log.warning("leases_revoked", model=m.name, count=len(revoked), reason=msg)
+            # Reap what is left of the group (engine workers) in a worker.
+            threading.Thread(target=child.stop, args=(1.0,), daemon=True).start()
+            if m.state is not S.STOPPING:
+                m.enter(S.STOPPED, f"child exited with code {rc}")
+            if m.switch is not None and m.switch.to == m.name:
+                self._finish_switch(m, "failed")
+            self._left_gpu(m)
+
+    def _sweep_pids(self) -> None:
+        for pid in self.leases.pids_with_leases():
+            if not pid_alive(pid):
+                self.reclaim_pid(pid)
+
+    def reclaim_pid(self, pid: int) -> int:
+        """Drop the leases of a dead client pid (any thread)."""
+        gone = self.leases.reclaim_pid(pid)
+        if gone:
+            log.warning("leases_reclaimed", pid=pid, count=len(gone),
+                        models=sorted({lease.model for lease in gone}))
+        return len(gone)
+
+    def _sample_gpus(self) -> None:
+        probe = self.probe
+        if probe is None:
+            return
+        children = {m.name: m.child for m in self.models.values() if m.child is not None}
+        self._sampling = True
+
+        def work() -> None:
+            from llmuxd.gpu.memory import child_usage
+            gpus: list[dict[str, Any]] = []
+            usage: dict[str, dict[int, int]] = {}
+            try:
+                gpus = [{"index": g.index, "name": g.name, "total_mib": g.total_mib,
+                         "used_mib": g.used_mib} for g in probe.gpus()]
+                for name, child in children.items():
+                    u = child_usage(probe, child.group_pids())
+                    if u is not None:
+                        usage[name] = u
+            except Exception as exc:
+                log.warning("gpu_sample_failed", error=repr(exc))
+
+            def apply() -> None:
+                self._sampling = False
+                self._gpus = gpus
+                for name, m in self.models.items():
+                    m.gpu_memory_mib = usage.get(name, {}) if m.child is not None else {}
+                for g in gpus:
+                    self.metrics.gpu_memory(g["index"], g["used_mib"])
+            self.post(apply)
+
+        threading.Thread(target=work, name="gpu-sample", daemon=True).start()
+
+    def _update_gauges(self) -> None:
+        gates = self.leases.view()
+        for name, m in self.models.items():
+            gate = gates.get(name)
+            self.metrics.model_gauges(name, str(m.state), gate.in_flight if gate else 0,
+                                      gate.queued if gate else 0)
+
+    # ------------------------------------------------------------------
+    # Front end
+
+    def _start_frontend(self) -> None:
+        from llmuxd.frontend import FrontEnd
+        cfg = self.config
+        try:
+            fe = FrontEnd(cfg, self.config_path, cfg.daemon.socket)
+            fe.start()     # returns at once; called on the loop thread (PDEATHSIG)
+        except Exception as exc:
+            self.fe.failures += 1
+            self.fe.next_start = time.monotonic() + self.fe.backoff
+            self.fe.backoff = min(FRONTEND_BACKOFF_MAX, self.fe.backoff * 2)
+            log.error("frontend_start_failed", error=repr(exc))
+            return
+        self.fe.handle = fe
+        self.fe.started_mono = time.monotonic()
+        if fe.pgid is not None and self.guardian is not None:
+            with contextlib.suppress(Exception):
+                self.guardian.register(fe.pgid)
+        log.info("frontend_started", pid=fe.pid, port=cfg.proxy.port)
+        self._mark_ready()
+
+    def _check_frontend(self, now: float) -> None:
+        if not self.want_frontend:
+            return
+        fe = self.fe.handle
+        if fe is None:
+            if now >= self.fe.next_start:
+                self._start_frontend()
+            return
+        rc = fe.poll()
+        if rc is None:
+            if now - self.fe.started_mono > 60:
+                self.fe.backoff = 1.0
+            return
+        log.error("frontend_exited", pid=fe.pid, code=rc, restart_in_s=self.fe.backoff)
+        if fe.pgid is not None and self.guardian is not None:
+            with contextlib.suppress(Exception):
+                self.guardian.unregister(fe.pgid)
+        self.fe.handle = None
+        self.fe.next_start = now + self.fe.backoff
+        self.fe.backoff = min(FRONTEND_BACKOFF_MAX, self.fe.backoff * 2)
+
+    # ------------------------------------------------------------------
+    # Reload
+
+    def reload(self, new: Config) -> dict[str, list[str]]:
+        """Apply a checked new config (loop thread): added, removed, changed models."""
+        self.notifier.reloading()
+        old = self.config
+        added = sorted(n for n in new.models if n not in old.models)
+        removed = sorted(n for n in old.models if n not in new.models)
+        changed = sorted(n for n in new.models
+                         if n in old.models and new.models[n] != old.models[n])
+        self.config = new
+        self.leases.max_queue = new.daemon.max_queue_per_model
+        if new.policy.policy_type != old.policy.policy_type:
+            self.policy = make_policy(new.policy.policy_type)
+        for name in added:
+            old_rt = self.models.get(name)
+            if old_rt is not None and old_rt.removed:   # removed, then re-added
+                old_rt.removed = False
+                old_rt.pending_config = new.models[name]
+            else:
+                self._add_model(new.models[name])
+        for name in removed:
+            m = self.models[name]
+            m.removed = True
+            err = ApiError("model_not_found", f"model '{name}' was removed by a reload",
+                           model=name)
+            self.leases.set_hold(name, err)
+            self.leases.refuse(name, err)
+            self._resolve(m.demands, err)
+            m.demand_since = None
+            self._apply_pending(m)
+        for name in changed:
+            m = self.models[name]
+            m.pending_config = new.models[name]
+            self._apply_pending(m)
+        for m in self.models.values():
+            if m.state is S.FAILED and not m.removed:
+                m.failures = 0
+                m.enter(S.STOPPED, "reload clears the failure hold")
+                self.leases.set_hold(m.name, None)
+        for key in ("socket", "socket_mode", "socket_group"):
+            if getattr(old.daemon, key) != getattr(new.daemon, key):
+                log.warning("reload_needs_restart", key=f"daemon.{key}")
+        if old.metrics_port != new.metrics_port:
+            log.warning("reload_needs_restart", key="metrics_port")
+        fe = self.fe.handle
+        if fe is not None and fe.pid is not None and fe.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(fe.pid, signal.SIGHUP)   # gunicorn re-reads and restarts workers
+        result = {"added": added, "removed": removed, "changed": changed}
+        log.info("reloaded", **result)
+        self.notifier.ready(self._active_status())
+        return result
+
+    # ------------------------------------------------------------------
+    # Shutdown
+
+    def begin_shutdown(self, reason: str) -> None:
+        now = time.monotonic()
+        d = self.config.daemon
+        if self.shutdown is not None:
+            log.info("shutdown_hurry", reason=reason)
+            self.shutdown.drain_deadline = now
+            return
+        self.shutdown = ShutdownState(
+            reason=reason, drain_deadline=now + d.drain_timeout_secs,
+            hard_deadline=now + d.drain_timeout_secs + 2 * d.stop_timeout_secs + 30)
+        log.info("shutting_down", reason=reason, in_flight=self.leases.total_in_flight())
+        self.notifier.stopping()
+        refused = self.leases.shut()
+        for m in self.models.values():
+            self._resolve(m.demands, shutting_down())
+            self._resolve(m.sleepers, shutting_down())
+            m.demand_since = None
+        if refused:
+            log.info("waiters_refused", count=refused)
+
+    def _progress_shutdown(self, now: float) -> None:
+        sd = self.shutdown
+        assert sd is not None
+        if sd.stage == "drain":
+            in_flight = self.leases.total_in_flight()
+            if in_flight and now < sd.drain_deadline:
+                return
+            if in_flight:
+                log.warning("shutdown_drain_timeout", in_flight=in_flight)
+            sd.stage = "stopping"
+            self._stop_everything(sd)
+        elif sd.stage == "stopping":
+            stopper = sd.stopper
+            if stopper is not None and stopper.is_alive() and now < sd.hard_deadline:
+                return
+            if stopper is not None and stopper.is_alive():
+                log.error("shutdown_hard_deadline")
+                self.exit_code = 1
+            sd.stage = "done"
+            self.done = True
+
+    def _stop_everything(self, sd: ShutdownState) -> None:
+        children = []
+        for m in self.models.values():
+            child = m.child
+            if m.op is not None:
+                m.op.cancelled = True
+                child = child or m.op.child
+                m.op = None
+            if child is not None:
+                children.append((m.name, child))
+            m.child = None          # the stopper owns it now; the reaper must not report it
+            if m.state in HAS_PROCESS and m.state is not S.STOPPING:
+                m.enter(S.STOPPING, "daemon shutting down")
+        fe = self.fe.handle
+        grace = self.config.daemon.stop_timeout_secs
+
+        def work() -> None:
+            threads = []
+            if fe is not None:
+                t = threading.Thread(target=lambda: fe.stop(grace), daemon=True)
+                t.start()
+                threads.append(t)
+            for _name, child in children:
+                t = threading.Thread(target=child.stop, args=(grace,), daemon=True)
+                t.start()
+                threads.append(t)
+            for t in threads:
+                t.join(timeout=grace + 15)
+            # Ops cancelled mid-flight clean up their own children; wait for them.
+            for w in list(self._workers):
+                w.join(timeout=grace + 15)
+
+        sd.stopper = threading.Thread(target=work, name="shutdown", daemon=True)
+        sd.stopper.start()
+
+    def _finish(self) -> None:
+        for m in self.models.values():
+            if m.state is S.STOPPING:
+                m.child = None
+                m.enter(S.STOPPED, "daemon stopped")
+        if self.server is not None:
+            self.server.close()
+        if self.guardian is not None:
+            with contextlib.suppress(Exception):
+                self.guardian.close()
+        log.info("stopped", exit_code=self.exit_code)
+
+    # ------------------------------------------------------------------
+    # Control commands (run on the loop thread; see control/commands.py)
+
+    def status_of(self, m: ModelRuntime) -> dict[str, Any]:
+        gate = self.leases.view().get(m.name)
+        mc = m.config
+        return {
+            "name": m.name, "state": str(m.state),
+            "sleep_level": m.sleep_level if m.state is S.SLEEPING else None,
+            "configured_sleep_level": mc.sleep_level,
+            "pid": m.child.pid if m.child is not None else None,
+            "port": mc.port, "upstream": f"http://127.0.0.1:{mc.port}",
+            "in_flight": gate.in_flight if gate else 0,
+            "queued": (gate.queued if gate else 0) + len(m.demands),
+            "gpus": list(mc.gpu_indices),
+            "gpu_memory_mib": {str(k): v for k, v in sorted(m.gpu_memory_mib.items())},
+            "gpu_memory_utilization": mc.gpu_memory_utilization,
+            "state_since": m.state_since, "aliases": list(mc.aliases),
+            "restarts": m.restarts, "last_error": m.last_error,
+            "last_switch": m.last_switch.to_dict() if m.last_switch else None,
+            "failures": m.failures, "operation": m.op.kind if m.op else None,
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "daemon": {
+                "pid": os.getpid(), "version": VERSION, "started_at": self.started_at,
+                "uptime_s": round(time.time() - self.started_at, 3),
+                "config": self.config_path, "socket": self.config.daemon.socket,
+                "ready": self.ready, "shutting_down": self.shutdown is not None,
+                "policy": self.policy.name,
+                "frontend_pid": self.fe.handle.pid if self.fe.handle is not None else None,
+                "probe": getattr(self.probe, "name", None),
+                "active": sorted(m.name for m in self.models.values()
+                                 if m.state is S.ACTIVE),
+            },
+            "gpus": list(self._gpus),
+            "models": {n: self.status_of(m) for n, m in self.models.items()
+                       if not m.removed},
+        }
+
+    def _model(self, name: str) -> ModelRuntime:
+        m = self.models.get(name)
+        if m is None or m.removed:
+            raise model_not_found(name)
+        return m
+
+    def cmd_activate(self, name: str, fut: Future[Any], wait: bool) -> None:
+        """start / wake / switch: make ``name`` ACTIVE (others leave as placement needs)."""
+        if self.shutdown is not None:
+            raise shutting_down()
+        m = self._model(name)
+        if m.state is S.FAILED:
+            m.failures = 0
+            m.enter(S.STOPPED, "start requested: clearing the failure hold")
+            self.leases.set_hold(m.name, None)
+        elif m.state is S.BACKOFF:
+            m.failures = 0
+            m.backoff_until = 0.0
+        if m.state is S.ACTIVE:
+            fut.set_result(m)
+            return
+        m.demands.append(fut if wait else Future())
+        if m.demand_since is None:
+            m.demand_since = time.monotonic()
+        if not wait:
+            fut.set_result(m)
+        self.kick()
+
+    def cmd_sleep(self, name: str, level: int, fut: Future[Any], wait: bool) -> None:
+        if self.shutdown is not None:
+            raise shutting_down()
+        m = self._model(name)
+        if m.state in (S.STOPPED, S.BACKOFF, S.FAILED) or (
+                m.state is S.SLEEPING and level != 3):
+            fut.set_result(m)
+            return
+        if m.state is S.SLEEPING and level == 3 and not m.busy:
+            m.switch = self._new_switch(None, [m.name])
+            self._stop(m, "sleep level 3 requested")
+        elif m.state is S.ACTIVE and not m.busy:
+            m.switch = self._new_switch(None, [m.name])
+            self._deactivate(m, level, True, "sleep requested")
+        else:
+            raise ApiError("conflict", f"model '{name}' is {m.state} "
+                           f"({m.op.kind if m.op else 'busy'}); try again when it settles",
+                           model=name, state=str(m.state))
+        m.sleepers.append(fut if wait else Future())
+        if not wait:
+            fut.set_result(m)
+
+    def cmd_kill(self, name: str, fut: Future[Any], wait: bool) -> None:
+        m = self._model(name)
+        if m.state not in HAS_PROCESS:
+            fut.set_result(m)
+            return
+        err = ApiError("model_failed", f"model '{name}' was killed by an operator",
+                       model=name)
+        self.leases.refuse(name, err)
+        self._resolve(m.demands, err)
+        m.demand_since = None
+        if m.switch is not None and m.switch.to == m.name:
+            self._finish_switch(m, "failed")
+        self._stop(m, "kill requested", kill=True)
+        m.sleepers.append(fut if wait else Future())
+        if not wait:
+            fut.set_result(m)
+
+    def wait_timeout(self, name: str, op: str) -> float:
+        """How long a control call may wait for ``op`` on ``name`` (generous, bounded)."""
+        d = self.config.daemon
+        mc = self.config.resolve_model(name)
+        startup = self.config.startup_timeout(mc) if mc else d.startup_timeout_secs
+        base = d.drain_timeout_secs + d.sleep_timeout_secs + d.stop_timeout_secs + 30
+        if op in ("start", "wake", "switch", "validate"):
+            return base + startup + d.wake_timeout_secs
+        return base
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as dead)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
