@@ -215,7 +215,8 @@ async def _generate(srv: SimServer, req: Request, resp: Responder, body: dict[st
         return
     try:
         gen = textgen.plan(model, prompt, max_tokens=max_tokens, temperature=temperature,
-                           seed=seed, chat=chat, garbage=not engine.weights_valid)
+                           seed=seed, chat=chat, garbage=not engine.weights_valid,
+                           ignore_eos=body.get("ignore_eos") is True)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(8)
         created = int(time.time())
         if stream:

@@ -87,6 +87,7 @@ def plan(
     seed: int | None,
     chat: bool,
     garbage: bool,
+    ignore_eos: bool = False,
 ) -> Generation:
     """Decide a request's whole output up front (cheap, and deterministic when asked)."""
     if seed is None and temperature > 0:
@@ -94,7 +95,7 @@ def plan(
     else:
         digest = hashlib.sha256(f"{model}\0{prompt}\0{seed}".encode()).digest()
         rng = random.Random(digest)
-    natural = rng.randint(12, 80)
+    natural = max_tokens if ignore_eos else rng.randint(12, 80)  # vLLM's ignore_eos
     n = min(natural, max_tokens)
     finish = "length" if max_tokens < natural else "stop"
     if garbage:
