@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -63,6 +64,8 @@ def serve(argv: Sequence[str]) -> int:
         log.info("accepted and ignored vLLM args: %s", " ".join(opts.unknown_args))
     if opts.faults.active:
         log.warning("simulated faults: %s", opts.faults.as_dict())
+    if "ignore_sigterm" in opts.faults:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # from the very start
     if opts.enable_sleep_mode and not opts.gpu_state:
         log.info("sleep mode on, no --sim-gpu-state: memory is not tracked")
     if len(gpus) < opts.tensor_parallel_size:

@@ -250,18 +250,22 @@ class Engine:
                     raise internal_error("Simulated fault wake_500: wake_up failed")
                 want_w = tags is None or "weights" in tags
                 want_kv = tags is None or "kv_cache" in tags
-                if want_w and not self.weights_on:
-                    if not self.mem_weights:
-                        await self._set_memory(True, self.mem_kv, host=self.host_weights,
-                                               check=True)
-                        await asyncio.sleep(self.timing.wake_s(self.level or 1)
-                                            if self.host_weights else self.timing.wake_s(2))
-                        await self._set_memory(True, self.mem_kv, host=False, check=False)
+                need_w = want_w and not self.weights_on
+                need_kv = want_kv and not self.kv_on
+                was_w, from_host = self.mem_weights, self.host_weights
+                target_w = self.mem_weights or need_w
+                target_kv = self.mem_kv or need_kv
+                if (target_w, target_kv) != (self.mem_weights, self.mem_kv):
+                    # allocate everything asked for at once: a wake that does not fit
+                    # fails as a whole (CUDA OOM), leaving the engine asleep
+                    await self._set_memory(target_w, target_kv, host=from_host, check=True)
+                if need_w:
+                    if not was_w:
+                        await asyncio.sleep(self.timing.wake_s(1 if from_host else 2))
+                        if from_host:
+                            await self._set_memory(True, self.mem_kv, host=False, check=False)
                     self.weights_on = True
-                if want_kv and not self.kv_on:
-                    if not self.mem_kv:
-                        await self._set_memory(self.mem_weights, True, host=self.host_weights,
-                                               check=True)
+                if need_kv:
                     self.kv_on = True
                 fully = self.weights_on and self.kv_on
                 if fully:

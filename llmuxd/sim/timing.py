@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_SIZE_HINT = re.compile(r"(?<![0-9.])(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])")
+_SIZE_HINT = re.compile(r"(?<![0-9A-Za-z.])(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])")
 
 
 def size_from_model_name(model: str, default_gib: float = 2.0) -> float:
