@@ -123,7 +123,7 @@ def _long_op(ctx: Context, action: str, doing: str, done: str,
         if action == "switch" and isinstance(switch, dict) and switch.get("phases_ms"):
             phases = ", ".join(f"{k} {v:.0f}ms" for k, v in switch["phases_ms"].items()
                                if isinstance(v, int | float))
-            ctx.say(f"{name}: switch {switch.get('from') or '-'}->{switch.get('to') or name}: "
+            ctx.say(f"{name}: switch {switch.get('from') or ''}->{switch.get('to') or name}: "
                     f"{switch.get('result', '?')}; {phases}")
     return EXIT_OK
 
@@ -191,7 +191,8 @@ def cmd_logs(ctx: Context) -> int:
     """The tail of a model's log; ``-f`` polls for more until Ctrl-C or a closed pipe."""
     count: int = ctx.args.lines
     if not ctx.args.follow:
-        data = _fetch_logs(ctx, count)
+        data = _fetch_logs(ctx, max(count, 1))  # llmuxd serves 1..10000 lines
+        data["lines"] = data["lines"][-count:] if count else []
         if ctx.json:
             ctx.emit_json(data)
         else:

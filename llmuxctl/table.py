@@ -56,11 +56,11 @@ def sleep_cell(status: Mapping[str, Any]) -> str:
 
 
 def last_switch_cell(switch: Any, now: float) -> str:
-    """``gemma-12b->qwen-14b ok 3.42s, 5m ago``; '-' when the model never switched."""
+    """``gemma-12b->qwen-14b ok 3.42s, 5m ago`` (``->qwen-14b`` when none left); '-' if never."""
     if not isinstance(switch, Mapping) or not switch:
         return "-"
-    src = switch.get("from") or "-"
-    dst = switch.get("to") or "-"
+    src = switch.get("from") or ""   # none: nothing had to leave the GPU
+    dst = switch.get("to") or "?"
     parts = [f"{src}->{dst}", str(switch.get("result") or "?")]
     total = switch.get("total_ms")
     if isinstance(total, int | float):
