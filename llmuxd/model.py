@@ -57,6 +57,17 @@ class OpContext:
     cancelled: bool = False
 
 
+@dataclass
+class ValidateJob:
+    """A validate run on a supervised model: activate, clear the GPUs, drain, run."""
+
+    levels: list[int]
+    reply: Future[Any]
+    demand: Future[Any]
+    stage: str = "activate"          # activate -> exclusive -> drain -> running
+    drain_deadline: float = 0.0
+
+
 class ModelRuntime:
     """Mutable per-model state. Only the supervisor thread touches it."""
 
@@ -87,6 +98,7 @@ class ModelRuntime:
         self.pending_config: ModelConfig | None = None    # reload changed it: apply when stopped
         self.removed = False
         self.pinned = False                               # validate runs: do not evict
+        self.validate_job: ValidateJob | None = None
         self.gpu_memory_mib: dict[int, int] = {}
 
     @property

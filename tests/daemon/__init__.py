@@ -1,0 +1,1 @@
+"""llmuxd daemon tests."""

@@ -1,0 +1,76 @@
+"""A→B→A switches at every sleep level against the simulator, through the real daemon."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmuxd.testing import sim_model
+
+from .daemon_helpers import gpu_used_mib, leased_chat, model_gpu_mib
+
+RESIDUE = 2048
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_switch_a_b_a_frees_memory_and_answers_the_same(make_daemon, level):
+    d = make_daemon({"a": sim_model(sleep_level=level), "b": sim_model(sleep_level=level)})
+    first_a, _ = leased_chat(d, "a")
+    a = d.status("a")
+    assert a["state"] == "active"
+    a_pid = a["pid"]
+    held_by_a = model_gpu_mib(d, a_pid)
+    assert held_by_a > RESIDUE
+
+    first_b, _ = leased_chat(d, "b")
+    a = d.status("a")
+    b = d.status("b")
+    assert b["state"] == "active"
+    if level == 3:
+        assert a["state"] == "stopped" and a["pid"] is None
+    else:
+        assert (a["state"], a["sleep_level"], a["pid"]) == ("sleeping", level, a_pid)
+    assert model_gpu_mib(d, a_pid) <= RESIDUE
+    assert gpu_used_mib(d) <= model_gpu_mib(d, b["pid"]) + RESIDUE
+    switch = a["last_switch"]
+    assert (switch["from"], switch["to"], switch["result"]) == ("a", "b", "ok")
+    assert {"drain", "sleep", "start"} <= set(switch["phases_ms"])
+    if level != 3:
+        assert "verify" in switch["phases_ms"]
+
+    again_a, _ = leased_chat(d, "a")
+    assert again_a == first_a
+    a = d.status("a")
+    b = d.status("b")
+    assert a["state"] == "active" and b["state"] in ("sleeping", "stopped")
+    assert model_gpu_mib(d, b["pid"]) <= RESIDUE
+    if level != 3:
+        assert a["pid"] == a_pid
+        assert "wake" in a["last_switch"]["phases_ms"]
+    again_b, _ = leased_chat(d, "b")
+    assert again_b == first_b
+    assert len([e for e in d.log_events("switch") if e["result"] == "ok"]) >= 4
+    assert d.stop() == 0
+
+
+def test_two_models_at_0_4_are_active_together(make_daemon):
+    d = make_daemon({"a": sim_model(gpu_memory_utilization=0.4),
+                     "b": sim_model(gpu_memory_utilization=0.4)})
+    leased_chat(d, "a")
+    leased_chat(d, "b")
+    assert (d.status("a")["state"], d.status("b")["state"]) == ("active", "active")
+    assert not [e for e in d.log_events("transition") if e["to_state"] == "draining"]
+
+
+def test_two_models_at_0_9_are_not_active_together(make_daemon):
+    d = make_daemon({"a": sim_model(gpu_memory_utilization=0.9, sleep_level=1),
+                     "b": sim_model(gpu_memory_utilization=0.9, sleep_level=1)})
+    leased_chat(d, "a")
+    leased_chat(d, "b")
+    assert (d.status("a")["state"], d.status("b")["state"]) == ("sleeping", "active")
+
+
+def test_model_on_another_gpu_stays_active(make_daemon):
+    d = make_daemon({"a": sim_model(gpus=[0]), "b": sim_model(gpus=[1])}, gpus=2)
+    leased_chat(d, "a")
+    leased_chat(d, "b")
+    assert (d.status("a")["state"], d.status("b")["state"]) == ("active", "active")
