@@ -25,7 +25,7 @@ from typing import Any
 from llmuxd.child import ChildProcess, SpawnError
 from llmuxd.config import Config, ModelConfig
 from llmuxd.gpu.base import GpuProbe
-from llmuxd.gpu.memory import child_usage, gpu_used, sleep_problem
+from llmuxd.gpu.memory import child_usage, fits, gpu_used, sleep_problem
 from llmuxd.guardian import Guardian, GuardianError
 from llmuxd.vllm_client import ChildExited, VllmClient, VllmError
 
@@ -383,6 +383,10 @@ def run_validate(config: Config, model_name: str, levels: Sequence[int], probe: 
     if _port_in_use(model.port):
         report.error = (f"port {model.port} of {model.name} is already in use (is llmuxd "
                         "running? then use llmuxctl validate)")
+        return report
+    room, why = fits(probe, model.gpu_indices, model.gpu_memory_utilization)
+    if not room:
+        report.error = f"{model.name} cannot start: {why} (is another model running?)"
         return report
     guardian: Guardian | None = None
     if child_factory is None:

@@ -191,3 +191,14 @@ def test_report_round_trips_through_its_dict() -> None:
     again = ValidateReport.from_dict(data)
     assert again == report
     assert format_table(again) == format_table(report)
+
+
+def test_validate_refuses_to_start_when_the_gpu_memory_is_taken(
+        sim: SimStarter, tmp_path: Path) -> None:
+    _, _, running = sim()  # holds 0.9 of the simulated GPU
+    config = sim_config(tmp_path, name="other")
+    report = run_validate(config, "other", [1], probe_of(config), None)
+    assert report.rows == [] and not report.passed
+    assert report.error == ("other cannot start: GPU 0 has 8192 MiB free, needs 73728 MiB "
+                            "(0.9 of 81920 MiB) (is another model running?)")
+    assert running.daemon.sim_gpu_state == config.daemon.sim_gpu_state
