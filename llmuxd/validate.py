@@ -174,6 +174,22 @@ class _Meter:
         return {i: max(0, mib - self.baseline.get(i, 0)) for i, mib in used.items()}
 
 
+def _read_freed(meter: _Meter, residue_mib: int, settle: float) -> dict[int, int] | None:
+    """Read the memory after a sleep/stop, giving the probe ``settle`` s to catch up.
+
+    NVML drops an exited process a moment late, and per-GPU totals lag the same
+    way; the verdict must not depend on that race.
+    """
+    deadline = time.monotonic() + settle
+    while True:
+        usage = meter.read()
+        if usage is None or not sleep_problem(usage, residue_mib):
+            return usage
+        if time.monotonic() >= deadline:
+            return usage
+        time.sleep(0.1)
+
+
 def _total(usage: dict[int, int] | None) -> int | None:
     return None if usage is None else sum(usage.values())
 
@@ -189,6 +205,7 @@ class _Timeouts:
     request: float = 60.0
     startup: float = 1800.0
     stop: float = 15.0
+    settle: float = 3.0  # how long freed memory may take to show in the probe
 
 
 def _say(verbose_print: VerbosePrint | None, level: int | None, text: str) -> None:
@@ -245,7 +262,7 @@ def _cycle(client: VllmClient, meter: _Meter, level: int, baseline: str,
         _say(verbose_print, level, row.reason)
         return row
     row.sleep_s = time.monotonic() - started
-    after = meter.read()
+    after = _read_freed(meter, residue_mib, timeouts.settle)
     row.gpu_after_mib = _total(after)
     row.gpu_after_by_gpu = after
     _say(verbose_print, level, f"asleep after {row.sleep_s:.2f}s; GPU after sleep: "
@@ -293,7 +310,8 @@ def run_validate_on(client: VllmClient, pids_fn: Callable[[], Iterable[int]],
                     gpu_indices: Sequence[int] = (),
                     restart: Callable[[], None] | None = None,
                     sleep_timeout: float = 120.0, wake_timeout: float = 600.0,
-                    request_timeout: float = 60.0, model_name: str = "") -> ValidateReport:
+                    request_timeout: float = 60.0, model_name: str = "",
+                    settle_s: float = 3.0) -> ValidateReport:
     """Validate a running, awake, drained child (the daemon's ``validate`` route).
 
     Level 3 needs a stop and a cold start: with ``restart`` (a callable that stops
@@ -304,7 +322,8 @@ def run_validate_on(client: VllmClient, pids_fn: Callable[[], Iterable[int]],
     _check_levels(levels)
     report = ValidateReport(model=model_name or client.served_model_name, probe=probe.name,
                             levels=list(levels))
-    timeouts = _Timeouts(sleep=sleep_timeout, wake=wake_timeout, request=request_timeout)
+    timeouts = _Timeouts(sleep=sleep_timeout, wake=wake_timeout, request=request_timeout,
+                         settle=settle_s)
     meter = _Meter(probe, gpu_indices, pids_fn)
     try:
         report.baseline = client.probe_completion(request_timeout)
@@ -363,7 +382,8 @@ def _check_levels(levels: Sequence[int]) -> None:
 
 def run_validate(config: Config, model_name: str, levels: Sequence[int], probe: GpuProbe,
                  verbose_print: VerbosePrint | None = None,
-                 child_factory: ChildFactory | None = None) -> ValidateReport:
+                 child_factory: ChildFactory | None = None, *,
+                 settle_s: float = 3.0) -> ValidateReport:
     """Start ``model_name`` alone, run every level, always stop it at the end.
 
     ``child_factory(model)`` spawns the child (default: ChildProcess.spawn into the
@@ -379,7 +399,8 @@ def run_validate(config: Config, model_name: str, levels: Sequence[int], probe: 
     d = config.daemon
     timeouts = _Timeouts(sleep=d.sleep_timeout_secs, wake=d.wake_timeout_secs,
                          request=config.policy.request_timeout_secs,
-                         startup=config.startup_timeout(model), stop=d.stop_timeout_secs)
+                         startup=config.startup_timeout(model), stop=d.stop_timeout_secs,
+                         settle=settle_s)
     if _port_in_use(model.port):
         report.error = (f"port {model.port} of {model.name} is already in use (is llmuxd "
                         "running? then use llmuxctl validate)")
@@ -500,7 +521,7 @@ def _cold_cycle(child_factory: ChildFactory, model: ModelConfig, client: VllmCli
     started = time.monotonic()
     _stop(holder, timeouts.stop)
     row.sleep_s = time.monotonic() - started
-    after = meter.read()
+    after = _read_freed(meter, residue_mib, timeouts.settle)
     row.gpu_after_mib = _total(after)
     row.gpu_after_by_gpu = after
     _say(verbose_print, 3, f"stopped after {row.sleep_s:.2f}s; GPU after: "

@@ -85,7 +85,7 @@ def test_validate_level_3_stops_and_cold_starts(tmp_path: Path) -> None:
 
 def test_validate_fails_when_the_sleep_frees_nothing(tmp_path: Path) -> None:
     config = sim_config(tmp_path, faults=("sleep_no_free",))
-    report = run_validate(config, "qwen", [1], probe_of(config), None)
+    report = run_validate(config, "qwen", [1], probe_of(config), None, settle_s=0.2)
     assert not report.passed
     row = report.rows[0]
     assert row.response == "match"  # the seed would have said OK
