@@ -97,7 +97,7 @@ def plan(
         rng = random.Random(digest)
     natural = max_tokens if ignore_eos else rng.randint(12, 80)  # vLLM's ignore_eos
     n = min(natural, max_tokens)
-    finish = "length" if max_tokens < natural else "stop"
+    finish = "length" if (ignore_eos or max_tokens < natural) else "stop"
     if garbage:
         return Generation([GARBAGE_TOKEN] * n, finish)
     tokens: list[str] = []

@@ -93,6 +93,12 @@ def test_max_tokens_caps_the_output_with_finish_length() -> None:
     assert (len(g.tokens), g.finish_reason) == (3, "length")
 
 
+def test_ignore_eos_runs_to_max_tokens_with_finish_length() -> None:
+    g = textgen.plan("m", "p", max_tokens=200, temperature=0, seed=None, chat=False,
+                     garbage=False, ignore_eos=True)
+    assert (len(g.tokens), g.finish_reason) == (200, "length")
+
+
 def test_garbage_after_l2_wake_is_bangs() -> None:
     assert set(_text(garbage=True)) == {"!"}
 
