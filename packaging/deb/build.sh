@@ -41,13 +41,16 @@ nspawn() {
     --setenv=DEBIAN_FRONTEND=noninteractive "$@"
 }
 
-# 1. The upstream tree: what git tracks plus untracked files that are not ignored.
+# 1. The upstream tree: what git tracks (as in the work tree), plus files not yet
+# committed under the shipped code (llmuxd/, llmuxctl/, etc/), so a work tree builds
+# as it is; other untracked files (scratch, local builds) stay out.
 stage=$root/build
 rm -rf "$stage"
 src=$stage/llmux-$version
 mkdir -p "$src"
-(cd "$top" && git ls-files -z --cached --others --exclude-standard \
-  | xargs -0 -I{} sh -c 'test -e "{}" && printf "%s\0" "{}"' \
+(cd "$top" && { git ls-files -z --cached
+                git ls-files -z --others --exclude-standard -- llmuxd llmuxctl etc; } \
+  | while IFS= read -r -d '' f; do [[ -f $f ]] && printf '%s\0' "$f"; done \
   | tar --null -T - -cf -) | tar -xf - -C "$src"
 tar -C "$stage" --sort=name --mtime="@$(git -C "$top" log -1 --format=%ct 2>/dev/null || echo 0)" \
   --owner=0 --group=0 --numeric-owner -czf "$stage/llmux_$version.orig.tar.gz" "llmux-$version"

@@ -26,13 +26,16 @@ case $kind in
   test)
     root=${LLMUX_TEST_CACHE:-/var/cache/llmux-test}/rootfs-$release
     variant=minbase
-    packages="systemd systemd-sysv dbus"
+    # man-db: systemd-analyze verify checks the unit's Documentation=man: pages.
+    packages="systemd systemd-sysv dbus man-db"
     ;;
   *) echo "chroot.sh: unknown kind '$kind' (build or test)" >&2; exit 2 ;;
 esac
 
+# The stamp holds what the root was made with: a change of the list rebuilds it.
 stamp=$root/.llmux-complete
-if [[ -e $stamp ]]; then
+want="$variant $release $packages"
+if [[ -e $stamp && $(cat "$stamp") == "$want" ]]; then
   echo "$root"
   exit 0
 fi
@@ -63,5 +66,5 @@ if [[ $kind == test ]]; then
   chroot "$root" systemctl mask console-getty.service getty@tty1.service \
     systemd-networkd-wait-online.service >/dev/null 2>&1 || true
 fi
-touch "$stamp"
+echo "$want" >"$stamp"
 echo "$root"

@@ -30,7 +30,7 @@ HEADER = """\
 
 def runtime_closure(root: str) -> dict[str, str]:
     """Return {distribution name: installed version} for root's runtime requirement closure."""
-    env = default_environment()
+    env: dict[str, str] = {k: str(v) for k, v in default_environment().items()}
     env["extra"] = ""
     pins: dict[str, str] = {}
     todo = [root]

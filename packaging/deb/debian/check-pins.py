@@ -33,7 +33,8 @@ def main() -> int:
         if name not in pins:
             errors.append(f"{name}=={dist.version} is bundled but not pinned in constraints.txt")
         elif pins[name] != dist.version:
-            errors.append(f"{name}=={dist.version} is bundled but constraints.txt pins {pins[name]}")
+            errors.append(f"{name}=={dist.version} is bundled but constraints.txt pins "
+                          f"{pins[name]}")
     for error in errors:
         print(f"check-pins: {error}", file=sys.stderr)
     return 1 if errors else 0

@@ -1,0 +1,305 @@
+"""The Debian package under a real systemd: build, install, run, reload, stop, purge.
+
+Runs when LLMUX_SYSTEMD=1 (needs root, debootstrap, systemd-nspawn, a Debian mirror and
+PyPI for the first build; .ci/run sets it). LLMUX_SYSTEMD_RELEASE picks the release
+(default bookworm); LLMUX_DEB=path skips the build and tests that .deb.
+
+The tests are steps of one story on one booted container, in file order: each step
+records that it passed, and a step whose prerequisite failed is skipped with the name
+of that prerequisite, so a report says exactly which steps work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nspawn_container import Container, wait_until
+
+pytestmark = [
+    pytest.mark.systemd,
+    pytest.mark.skipif(os.environ.get("LLMUX_SYSTEMD") != "1",
+                       reason="set LLMUX_SYSTEMD=1 to build the .deb and boot it (root, slow)"),
+    pytest.mark.timeout(1800),
+]
+
+TOP = Path(__file__).resolve().parents[2]
+RELEASE = os.environ.get("LLMUX_SYSTEMD_RELEASE", "bookworm")
+SECURITY_TARGET = 4.0
+SIM_GPUS = "/var/lib/llmux/simgpu"
+PASSED: set[str] = set()
+OBSERVED: dict[str, str] = {}
+
+
+def require(*steps: str) -> None:
+    """Skip this step when an earlier one it builds on did not pass."""
+    missing = [s for s in steps if s not in PASSED]
+    if missing:
+        pytest.skip(f"needs the earlier step(s) {', '.join(missing)}")
+
+
+def model_table(name: str, port: int, sleep_level: int) -> str:
+    """A simulated model: 60 % of the one 80 GiB GPU, so two never fit together."""
+    return textwrap.dedent(f"""
+        [models.{name}]
+        model_path = "sim/{name}"
+        port = {port}
+        sleep_level = {sleep_level}
+        gpu_memory_utilization = 0.6
+        env = {{ LLMUX_SIM_TIME_SCALE = "0.01", LLMUX_SIM_SIZE_GIB = "4" }}
+        """)
+
+
+TEST_CONFIG = textwrap.dedent(f"""\
+    # /etc/llmux.toml of the systemd proof: two simulated models on one simulated GPU.
+    port = 3000
+    metrics_port = 9090
+    vllm_command = "llmux-sim-vllm"
+
+    [daemon]
+    gpu_probe = "sim"
+    sim_gpu_state = "{SIM_GPUS}"
+    """) + model_table("alpha", 8001, 1) + model_table("beta", 8002, 2)
+
+CHAT = textwrap.dedent("""\
+    import json, sys, urllib.error, urllib.request
+    body = json.dumps({"model": sys.argv[1], "max_tokens": 8, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Hello"}]}).encode()
+    req = urllib.request.Request("http://127.0.0.1:3000/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            print(json.dumps({"status": resp.status, "body": json.load(resp)}))
+    except urllib.error.HTTPError as e:
+        print(json.dumps({"status": e.code, "body": e.read().decode(errors="replace")}))
+    """)
+
+HEALTH = textwrap.dedent("""\
+    import sys, urllib.error, urllib.request
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:3000" + sys.argv[1], timeout=30) as r:
+            print(r.status)
+    except urllib.error.HTTPError as e:
+        print(e.code)
+    except OSError as e:
+        print(type(e).__name__)
+    """)
+
+MODELS = textwrap.dedent("""\
+    import json, urllib.request
+    with urllib.request.urlopen("http://127.0.0.1:3000/v1/models", timeout=30) as resp:
+        print(json.dumps(sorted(m["id"] for m in json.load(resp)["data"])))
+    """)
+
+
+@pytest.fixture(scope="module")
+def deb() -> Path:
+    """The .deb under test: LLMUX_DEB, or a fresh build for RELEASE."""
+    if os.environ.get("LLMUX_DEB"):
+        return Path(os.environ["LLMUX_DEB"]).resolve()
+    subprocess.run([str(TOP / "packaging/deb/build.sh"), RELEASE], check=True, timeout=1800,
+                   stdout=subprocess.DEVNULL if not os.environ.get("LLMUX_VERBOSE") else None)
+    debs = sorted((TOP / "packaging/deb/out" / RELEASE).glob("llmux_*.deb"))
+    assert len(debs) == 1, debs
+    return debs[0]
+
+
+@pytest.fixture(scope="module")
+def container(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    """A booted copy of the cached minimal Debian, with the .deb and its deps on disk."""
+    cached = subprocess.run([str(TOP / "packaging/deb/chroot.sh"), "test", RELEASE],
+                            check=True, timeout=1800, capture_output=True, text=True)
+    work = tmp_path_factory.mktemp("systemd")
+    with Container(Path(cached.stdout.strip().splitlines()[-1]), work) as box:
+        box.prepare([deb])
+        box.boot()
+        yield box
+
+
+def llmuxctl_status(box: Container) -> dict[str, Any]:
+    r = box.run(["llmuxctl", "status", "--json"])
+    status: dict[str, Any] = json.loads(r.stdout)
+    return status
+
+
+def http_status(box: Container, path: str) -> str:
+    """GET http://127.0.0.1:3000<path> inside the container: the status, or the error."""
+    r = box.run(["/usr/lib/llmux/venv/bin/python", "-c", HEALTH, path], check=False)
+    return r.stdout.strip() or r.stderr.strip()[-200:]
+
+
+def journal(box: Container) -> str:
+    return box.run(["journalctl", "-u", "llmux", "--no-pager", "-o", "cat"], check=False).stdout
+
+
+# -- the package ----------------------------------------------------------------------
+
+
+def test_lintian_has_no_errors_or_warnings(deb: Path) -> None:
+    report = deb.parent / "lintian.txt"
+    lines = report.read_text().splitlines()
+    bad = [line for line in lines if re.match(r"^[EW]: ", line)]
+    assert not bad, "\n".join(bad)
+
+
+def test_install_with_apt(container: Container) -> None:
+    inside = container.debs_inside
+    container.run(["apt-get", "install", "-y", "-q", *inside], timeout=600)
+    status = container.run(["dpkg-query", "-W", "-f=${Status}", "llmux"]).stdout
+    assert status == "install ok installed"
+    for tool in ("llmuxd", "llmuxctl", "llmux-sim-vllm"):
+        container.run(["test", "-x", f"/usr/bin/{tool}"])
+    assert container.run(["id", "-nG", "llmux"]).stdout.split()[0] == "llmux"
+    for group in ("video", "render"):
+        if container.run(["getent", "group", group], check=False).returncode == 0:
+            assert group in container.run(["id", "-nG", "llmux"]).stdout.split()
+    owner = container.run(["stat", "-c", "%U:%G %a", "/var/log/llmux", "/var/lib/llmux"])
+    assert owner.stdout.split("\n")[:2] == ["llmux:llmux 750", "llmux:llmux 750"]
+    # Installed, not enabled or started: the admin configures models first.
+    assert container.run(["systemctl", "is-enabled", "llmux"], check=False).stdout.strip() \
+        == "disabled"
+    assert container.run(["systemctl", "is-active", "llmux"], check=False).stdout.strip() \
+        == "inactive"
+    conffiles = container.run(["dpkg-query", "-W", "-f=${Conffiles}", "llmux"]).stdout
+    assert "/etc/llmux.toml" in conffiles
+    PASSED.add("install")
+
+
+def test_unit_verifies_clean(container: Container) -> None:
+    require("install")
+    r = container.run(["systemd-analyze", "verify", "llmux.service"], check=False)
+    output = r.stdout + r.stderr
+    assert r.returncode == 0 and output == "", f"exit {r.returncode}:\n{output}"
+    PASSED.add("verify")
+
+
+def test_security_exposure_within_target(container: Container) -> None:
+    require("install")
+    r = container.run(["systemd-analyze", "security", "--no-pager", "llmux.service"],
+                      check=False)
+    m = re.search(r"Overall exposure level for llmux\.service: ([0-9.]+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    score = float(m.group(1))
+    print(f"systemd-analyze security llmux.service ({RELEASE}): {score}")
+    assert score <= SECURITY_TARGET, r.stdout
+
+
+# -- the service ----------------------------------------------------------------------
+
+
+def test_service_starts_and_notifies_ready(container: Container) -> None:
+    require("install")
+    container.write("/etc/llmux.toml", TEST_CONFIG)
+    container.run(["llmux-sim-vllm", "gpus", "init", SIM_GPUS, "--count", "1",
+                   "--total-mib", "81920"])
+    container.run(["chown", "-R", "llmux:llmux", SIM_GPUS])
+    # Type=notify: `systemctl start` returns once llmuxd has sent READY=1.
+    r = container.run(["systemctl", "start", "llmux"], check=False, timeout=300)
+    assert r.returncode == 0, f"{r.stderr}\n{journal(container)[-4000:]}"
+    # Observed at once, asserted by the next step (so a late READY fails that step alone).
+    OBSERVED["health_right_after_start"] = http_status(container, "/health")
+    show = container.run(["systemctl", "show", "llmux", "-p",
+                          "Type,NotifyAccess,ActiveState,SubState,MainPID,User"]).stdout
+    props = dict(line.split("=", 1) for line in show.strip().splitlines())
+    assert props["Type"] == "notify"
+    assert (props["ActiveState"], props["SubState"]) == ("active", "running")
+    assert props["User"] == "llmux"
+    failed = container.run(["systemctl", "list-units", "--failed", "--plain", "--no-legend"])
+    assert failed.stdout.strip() == ""
+    sock = container.run(["stat", "-c", "%U:%G %a %F", "/run/llmux/llmuxd.sock"]).stdout
+    assert sock.strip() == "llmux:llmux 660 socket"
+    PASSED.add("start")
+
+
+def test_ready_means_the_openai_port_serves(container: Container) -> None:
+    require("start")
+    assert OBSERVED["health_right_after_start"] == "200", (
+        "GET :3000/health right after `systemctl start` returned (READY=1) gave "
+        f"{OBSERVED['health_right_after_start']}: READY=1 must wait for the front end")
+
+
+def test_chat_is_answered_and_a_second_model_switches(container: Container) -> None:
+    require("start")
+    wait_until(lambda: http_status(container, "/health") == "200", 60, ":3000/health")
+    python = "/usr/lib/llmux/venv/bin/python"
+    first = json.loads(container.run([python, "-c", CHAT, "alpha"], timeout=180).stdout)
+    assert first["status"] == 200, first
+    assert first["body"]["choices"][0]["message"]["content"]
+    second = json.loads(container.run([python, "-c", CHAT, "beta"], timeout=180).stdout)
+    assert second["status"] == 200, second
+    models = llmuxctl_status(container)["models"]
+    assert models["beta"]["state"] == "active"
+    assert models["alpha"]["state"] == "sleeping", models["alpha"]
+    assert models["alpha"]["sleep_level"] == 1
+    PASSED.add("switch")
+
+
+def test_llmuxctl_status_needs_group_llmux(container: Container) -> None:
+    require("start")
+    container.run(["useradd", "--create-home", "--groups", "llmux", "operator1"])
+    container.run(["useradd", "--create-home", "outsider1"])
+    inside = container.run(["llmuxctl", "status"], user="operator1", check=False)
+    assert inside.returncode == 0, inside.stderr
+    assert "alpha" in inside.stdout and "beta" in inside.stdout
+    outside = container.run(["llmuxctl", "status"], user="outsider1", check=False)
+    assert outside.returncode == 4, (outside.returncode, outside.stdout, outside.stderr)
+    assert "llmux" in outside.stderr  # the hint names the group
+
+
+def test_reload_applies_an_added_model(container: Container) -> None:
+    require("start")
+    main_pid = container.run(["systemctl", "show", "llmux", "-p", "MainPID", "--value"]).stdout
+    container.write("/etc/llmux.toml", TEST_CONFIG + model_table("gamma", 8003, 3))
+    container.run(["systemctl", "reload", "llmux"], timeout=120)
+    wait_until(lambda: "gamma" in llmuxctl_status(container)["models"], 120,
+               "gamma in llmuxctl status after reload")
+    python = "/usr/lib/llmux/venv/bin/python"
+    listed = json.loads(container.run([python, "-c", MODELS]).stdout)
+    assert {"alpha", "beta", "gamma"} <= set(listed)
+    assert container.run(["systemctl", "show", "llmux", "-p", "MainPID", "--value"]).stdout \
+        == main_pid, "reload must not restart the daemon"
+    assert container.run(["systemctl", "is-active", "llmux"]).stdout.strip() == "active"
+
+
+def test_stop_leaves_no_process(container: Container) -> None:
+    require("start")
+    container.run(["systemctl", "stop", "llmux"], timeout=300)
+    assert container.run(["systemctl", "is-active", "llmux"], check=False).stdout.strip() \
+        == "inactive"
+    left = [p for needle in ("llmuxd", "llmux-sim-vllm", "gunicorn")
+            for p in container.processes(needle)
+            if "nsenter" not in p[1] and "systemctl" not in p[1]]
+    assert left == []
+    failed = container.run(["systemctl", "list-units", "--failed", "--plain", "--no-legend"])
+    assert failed.stdout.strip() == ""
+    assert "Traceback" not in journal(container)
+
+
+# -- removal --------------------------------------------------------------------------
+
+
+def test_purge_removes_everything(container: Container) -> None:
+    require("install")
+    container.run(["systemctl", "stop", "llmux"], check=False, timeout=300)
+    container.run(["dpkg", "--purge", "llmux"], timeout=300)
+    status = container.run(["dpkg-query", "-W", "-f=${db:Status-Abbrev}", "llmux"],
+                           check=False).stdout.strip()
+    assert status in ("", "un", "pn")
+    for path in ("/usr/lib/llmux", "/usr/bin/llmuxd", "/usr/bin/llmuxctl",
+                 "/usr/bin/llmux-sim-vllm", "/etc/llmux.toml", "/etc/logrotate.d/llmux",
+                 "/var/log/llmux", "/var/lib/llmux", "/lib/systemd/system/llmux.service",
+                 "/usr/lib/systemd/system/llmux.service"):
+        assert container.run(["test", "!", "-e", path], check=False).returncode == 0, path
+    units = container.run(["systemctl", "list-unit-files", "--no-legend", "llmux.service"],
+                          check=False).stdout
+    assert units.strip() == ""
+    failed = container.run(["systemctl", "list-units", "--failed", "--plain", "--no-legend"])
+    assert failed.stdout.strip() == ""
+    assert container.processes("llmux") == []
