@@ -159,16 +159,16 @@ class ProxyResource:
             path += "?" + req.query_string
         started = time.monotonic()
         try:
-            conn, up = open_upstream(self.deps.pool, lease.host, lease.port, "POST", path,
+            conn, head = open_upstream(self.deps.pool, lease.host, lease.port, "POST", path,
                                      body, self._upstream_headers(req, len(body)))
         except UpstreamError as exc:
             self._release(lease, Outcome(status=502, error=str(exc),
                                          duration_ms=(time.monotonic() - started) * 1e3))
             raise errors.upstream_failed(str(exc)) from None
-        resp.status = up.status
-        for name, value in response_headers(up):
+        resp.status = head.status
+        for name, value in response_headers(head):
             resp.append_header(name, value)
-        outcome = Outcome(status=up.status)
+        outcome = Outcome(status=head.status)
         ctx.deferred = True
         request_id = ctx.request_id
 
@@ -181,7 +181,7 @@ class ProxyResource:
                      upstream_ms=round(result.duration_ms, 3),
                      duration_ms=round((time.monotonic() - ctx.started) * 1000.0, 3))
 
-        resp.stream = ProxiedBody(self.deps.pool, lease.host, lease.port, conn, up, started,
+        resp.stream = ProxiedBody(self.deps.pool, lease.host, lease.port, conn, head, started,
                                   outcome, on_close, req.env.get("gunicorn.socket"))
 
     def _read_body(self, req: falcon.Request) -> bytes:

@@ -4,8 +4,8 @@ Why it is built this way:
 
 * Connection reuse: each worker thread keeps one kept-alive connection per
   upstream port, so a request costs no TCP handshake to the child.
-* No buffering: the answer is read with ``read1`` (whatever has arrived, at most
-  one chunk of the upstream's transfer encoding) and handed to gunicorn at once,
+* No buffering: the answer is read piece by piece as it arrives (whatever one
+  ``recv`` returned, at most one upstream chunk) and handed to gunicorn at once,
   so SSE events reach the client as the engine produces them.
 * The response body is an iterable whose ``close()`` (called by gunicorn in every
   case: body finished, client gone, write failed) returns or closes the upstream
@@ -16,7 +16,6 @@ Why it is built this way:
 from __future__ import annotations
 
 import contextlib
-import http.client
 import socket
 import threading
 import time
@@ -25,8 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmuxd.proxy.errors import error_body
-
-CHUNK = 65536
+from llmuxd.proxy.http1 import Connection, Head, PeerClosed, tcp_connector
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus those gunicorn or we set ourselves.
 HOP_BY_HOP = frozenset({
@@ -35,8 +33,7 @@ HOP_BY_HOP = frozenset({
 })
 _DROP_FROM_UPSTREAM = HOP_BY_HOP | {"server", "date", "x-request-id"}
 
-_RETRYABLE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-              http.client.CannotSendRequest)
+_RETRYABLE = (PeerClosed, ConnectionResetError, BrokenPipeError)
 
 
 class UpstreamError(Exception):
@@ -50,25 +47,24 @@ class UpstreamPool:
         self.timeout = timeout
         self._local = threading.local()
 
-    def _conns(self) -> dict[tuple[str, int], http.client.HTTPConnection]:
-        conns: dict[tuple[str, int], http.client.HTTPConnection] | None = getattr(
-            self._local, "conns", None)
+    def _conns(self) -> dict[tuple[str, int], Connection]:
+        conns: dict[tuple[str, int], Connection] | None = getattr(self._local, "conns", None)
         if conns is None:
             conns = {}
             self._local.conns = conns
         return conns
 
-    def take(self, host: str, port: int) -> tuple[http.client.HTTPConnection, bool]:
-        """A connection for this thread (reused if one is idle), and whether it was."""
+    def take(self, host: str, port: int) -> Connection:
+        """This thread's connection to host:port (kept alive from an earlier request)."""
         conn = self._conns().pop((host, port), None)
-        if conn is not None:
-            return conn, True
-        return http.client.HTTPConnection(host, port, timeout=self.timeout), False
+        if conn is None:
+            conn = Connection(tcp_connector(host, port, self.timeout))
+        return conn
 
-    def give_back(self, host: str, port: int, conn: http.client.HTTPConnection) -> None:
+    def give_back(self, host: str, port: int, conn: Connection) -> None:
         """Keep a connection whose last response was read to its end."""
         old = self._conns().pop((host, port), None)
-        if old is not None:
+        if old is not None and old is not conn:
             old.close()
         self._conns()[(host, port)] = conn
 
@@ -90,21 +86,24 @@ class Outcome:
 
 
 def open_upstream(pool: UpstreamPool, host: str, port: int, method: str, path: str,
-                  body: bytes, headers: dict[str, str]
-                  ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+                  body: bytes, headers: dict[str, str]) -> tuple[Connection, Head]:
     """Send the request and read the answer's head; UpstreamError if that fails."""
+    lines = [f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+    lines.append("\r\n")
+    request = "".join(lines).encode("latin-1") + body
+    conn = pool.take(host, port)
     for attempt in (0, 1):
-        conn, reused = pool.take(host, port)
         try:
-            conn.request(method, path, body, headers)
-            return conn, conn.getresponse()
+            reused = conn.send(request, pool.timeout)
+            return conn, conn.read_head()
         except _RETRYABLE as exc:
             conn.close()
             # A kept-alive connection the child closed while idle: one fresh try.
             if reused and attempt == 0:
                 continue
             raise UpstreamError(_describe(exc, host, port)) from None
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, ValueError, UnicodeError) as exc:
             conn.close()
             raise UpstreamError(_describe(exc, host, port)) from None
     raise AssertionError("unreachable")
@@ -115,19 +114,19 @@ def _describe(exc: BaseException, host: str, port: int) -> str:
         return f"connection refused by {host}:{port}"
     if isinstance(exc, TimeoutError):
         return f"no answer from {host}:{port} in time"
-    if isinstance(exc, http.client.RemoteDisconnected):
+    if isinstance(exc, PeerClosed):
         return f"{host}:{port} closed the connection without answering"
     return f"{host}:{port}: {type(exc).__name__}: {exc}"
 
 
-def response_headers(resp: http.client.HTTPResponse) -> list[tuple[str, str]]:
+def response_headers(head: Head) -> list[tuple[str, str]]:
     """The child's headers a client may see (hop-by-hop and duplicates dropped)."""
     named_by_connection = {
         token.strip().lower()
-        for value in resp.headers.get_all("connection") or ()
+        for name, value in head.headers if name.lower() == "connection"
         for token in value.split(",")
     }
-    return [(name, value) for name, value in resp.getheaders()
+    return [(name, value) for name, value in head.headers
             if name.lower() not in _DROP_FROM_UPSTREAM
             and name.lower() not in named_by_connection]
 
@@ -135,20 +134,18 @@ def response_headers(resp: http.client.HTTPResponse) -> list[tuple[str, str]]:
 class ProxiedBody:
     """The WSGI response iterable: upstream chunks out, lease released on close()."""
 
-    def __init__(self, pool: UpstreamPool, host: str, port: int,
-                 conn: http.client.HTTPConnection, resp: http.client.HTTPResponse,
-                 started: float, outcome: Outcome, on_close: Callable[[Outcome], None],
+    def __init__(self, pool: UpstreamPool, host: str, port: int, conn: Connection,
+                 head: Head, started: float, outcome: Outcome, on_close: Callable[[Outcome], None],
                  client_socket: socket.socket | None = None) -> None:
         self.pool = pool
         self.host = host
         self.port = port
         self.conn = conn
-        self.resp = resp
         self.started = started
         self.outcome = outcome
         self.on_close = on_close
         self.client_socket = client_socket
-        self.sse = (resp.getheader("content-type") or "").startswith("text/event-stream")
+        self.sse = (head.get("content-type") or "").startswith("text/event-stream")
         self.complete = False
         self.failed = False
         self.closed = False
@@ -163,16 +160,11 @@ class ProxiedBody:
         if self.complete:
             raise StopIteration
         try:
-            chunk = self.resp.read1(CHUNK)
-        except (OSError, http.client.HTTPException, ValueError) as exc:
+            chunk = self.conn.read_some()
+        except (OSError, ValueError) as exc:
             return self._fail(exc)
         if not chunk:
-            if self.resp.length:  # Content-Length promised more than came
-                return self._fail(http.client.IncompleteRead(b"", self.resp.length))
             self.complete = True
-            # read1 leaves a Content-Length response open at its end; closing it
-            # (not the socket) lets the connection carry the next request.
-            self.resp.close()
             raise StopIteration
         if self.outcome.ttfb_ms is None:
             self.outcome.ttfb_ms = round((time.monotonic() - self.started) * 1000.0, 3)
@@ -200,7 +192,7 @@ class ProxiedBody:
         if self.closed:
             return
         self.closed = True
-        if self.complete and not self.resp.will_close:
+        if self.complete and self.conn.reusable:
             self.pool.give_back(self.host, self.port, self.conn)
         else:
             # The client left, the child failed, or it wants to close: drop the

@@ -1,8 +1,8 @@
 """The front end's client for llmuxd's control API on its Unix socket.
 
 Every proxied request costs two calls here (lease, release), so the client is
-built for cost: stdlib ``http.client`` over AF_UNIX (an order of magnitude less
-CPU than ``requests``), one persistent keep-alive connection per thread (no
+built for cost: a minimal HTTP/1.1 client over AF_UNIX (``http1.py``; far less
+CPU than ``requests`` or even ``http.client``), one persistent keep-alive connection per thread (no
 locking, no connect per call), and a reconnect when a kept-alive connection turns
 out to be dead. Leases belong to the peer pid (SO_PEERCRED), so a worker that dies
 loses its leases in the daemon without any help from here.
@@ -10,12 +10,12 @@ loses its leases in the daemon without any help from here.
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 import threading
 from dataclasses import dataclass
 from typing import Any
+
+from llmuxd.proxy.http1 import Connection, PeerClosed, unix_connector
 
 
 class DaemonUnavailable(Exception):
@@ -44,28 +44,6 @@ class Lease:
     switched: bool
     host: str
     port: int
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """``http.client`` over a Unix socket (the Host header is cosmetic)."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("llmuxd", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-_RETRYABLE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-              http.client.CannotSendRequest, http.client.BadStatusLine)
 
 
 class LeaseClient:
@@ -104,47 +82,44 @@ class LeaseClient:
         return self._call("GET", "/v1/health", None, self.call_timeout)
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
+        conn: Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
-            self._local.conn = None
 
     # -- transport ----------------------------------------------------------
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None,
               timeout: float) -> Any:
-        payload = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        payload = json.dumps(body).encode() if body is not None else b""
+        request = (f"{method} {path} HTTP/1.1\r\nHost: llmuxd\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+                   ).encode() + payload
+        conn = self._conn()
         for attempt in (0, 1):
-            conn, reused = self._conn()
-            if conn.sock is not None and conn.timeout != timeout:
-                conn.sock.settimeout(timeout)
-            conn.timeout = timeout
             try:
-                conn.request(method, path, payload, headers)
-                resp = conn.getresponse()
-                raw = resp.read()
-            except _RETRYABLE as exc:
+                reused = conn.send(request, timeout)
+                head = conn.read_head()
+                raw = conn.read_all()
+            except (PeerClosed, BrokenPipeError, ConnectionResetError) as exc:
                 # A kept-alive connection the daemon closed while idle: retry once fresh.
-                self.close()
+                conn.close()
                 if reused and attempt == 0:
                     continue
                 raise DaemonUnavailable(f"{type(exc).__name__}: {exc}") from None
-            except (OSError, http.client.HTTPException) as exc:
-                self.close()
+            except (OSError, ValueError) as exc:
+                conn.close()
                 raise DaemonUnavailable(f"{type(exc).__name__}: {exc}") from None
-            if resp.will_close:
-                self.close()
-            return _decode(resp.status, raw)
+            if not conn.reusable:
+                conn.close()
+            return _decode(head.status, raw)
         raise AssertionError("unreachable")
 
-    def _conn(self) -> tuple[UnixHTTPConnection, bool]:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn, True
-        conn = UnixHTTPConnection(self.socket_path, self.call_timeout)
-        self._local.conn = conn
-        return conn, False
+    def _conn(self) -> Connection:
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = Connection(unix_connector(self.socket_path, self.call_timeout))
+            self._local.conn = conn
+        return conn
 
 
 def _decode(status: int, raw: bytes) -> Any:

@@ -23,6 +23,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (all bound at once, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def write_config(path: Path, port: int, models: dict[str, int], extra_proxy: str = "",
                  aliases: dict[str, list[str]] | None = None) -> Path:
     aliases = aliases or {}
@@ -44,12 +56,13 @@ class Stack:
         self.child_a = FakeChild("model-a")
         self.child_b = FakeChild("model-b")
         self.socket_path = str(tmp / "llmuxd.sock")
-        self.port = free_port()
+        ports = [p for p in free_ports(7) if p not in (self.child_a.port, self.child_b.port)]
+        self.port = ports[0]
         self.config_path = write_config(
             tmp / "llmux.toml", self.port,
             {"model-a": self.child_a.port, "model-b": self.child_b.port,
-             "model-full": free_port(), "model-failed": free_port(),
-             "model-slow": free_port(), "model-gone": free_port()},
+             "model-full": ports[1], "model-failed": ports[2],
+             "model-slow": ports[3], "model-gone": ports[4]},
             extra_proxy, aliases={"model-a": ["alias-a"]})
         self.config: Config = load_config(self.config_path)
         cfg = self.config.models

@@ -1,0 +1,389 @@
+"""Run benchmarks P1-P4 in one go and write docs/benchmarks.md.
+
+    .venv/bin/python bench/run.py            # full run (a few minutes)
+    .venv/bin/python bench/run.py --quick    # smaller counts, for a smoke test
+
+A real llmuxd (with its gunicorn front end) starts on a temp config with simulated
+children; Debian's nginx proxies to the same children. Every measurement runs the
+three targets — direct to the child, through llmux, through nginx — interleaved
+round by round with the same load generator, and every ratio is against the
+baseline measured in the same run. Loopback only; every loop is bounded in count
+and in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import Result, percentile, run_load
+from nginx import Nginx, find_nginx
+
+from llmuxd.config import load_config
+from llmuxd.testing import DaemonProcess, free_port, sim_model
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- BEGIN RESULTS (bench/run.py) -->", "<!-- END RESULTS -->"
+
+FAST_ARGS = ["--sim-time-scale", "0"]
+STREAM_ARGS = ["--sim-token-rate", "100", "--sim-ttft-s", "0", "--sim-load-s", "0",
+               "--sim-warmup-s", "0"]
+SWITCH_ARGS = ["--sim-time-scale", "0.05", "--sim-ttft-s", "0", "--sim-token-rate", "0"]
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    model: str
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def llmux_pids(daemon: DaemonProcess) -> list[int]:
+    """The daemon, the gunicorn master and its workers (not the model children)."""
+    pids = [daemon.pid]
+    for p in psutil.Process(daemon.pid).children():
+        try:
+            if "gunicorn" in " ".join(p.cmdline()):
+                pids.append(p.pid)
+                pids += [c.pid for c in p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    return pids
+
+
+def wait_http(port: int, path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing healthy on :{port}{path}")
+        time.sleep(0.1)
+
+
+def metric_sum(port: int, operation: str) -> float:
+    """sum of vllm:sleep_mode_operation_duration_seconds{operation=...} (0 if absent)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0.0
+    pat = re.compile(r'^vllm:sleep_mode_operation_duration_seconds_sum\{[^}]*operation="'
+                     + re.escape(operation) + r'"[^}]*\}\s+([0-9.eE+-]+)', re.M)
+    return sum(float(m.group(1)) for m in pat.finditer(text))
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:.2f}"
+
+
+# ---------------------------------------------------------------------------
+# The four measurements
+
+
+def p1_latency(targets: list[Target], rounds: int, per_round: int) -> dict[str, list[float]]:
+    lat: dict[str, list[float]] = {t.name: [] for t in targets}
+    for r in range(rounds):
+        for t in targets[r % len(targets):] + targets[:r % len(targets)]:
+            body = {"model": t.model, "prompt": "hello", "max_tokens": 8}
+            results, _ = run_load(t.port, "/v1/completions", body, 1, per_round, 30.0)
+            lat[t.name] += [x.latency for x in results if x.ok]
+    return lat
+
+
+def p2_throughput(targets: list[Target], rounds: int, max_requests: int, seconds: float,
+                  cpu_pids: dict[str, Any]) -> dict[str, dict[str, float]]:
+    acc: dict[str, dict[str, float]] = {t.name: {"ok": 0, "fail": 0, "wall": 0.0, "cpu": 0.0}
+                                        for t in targets}
+    for r in range(rounds):
+        for t in targets[r % len(targets):] + targets[:r % len(targets)]:
+            pids = cpu_pids[t.name]() if t.name in cpu_pids else []
+            before = cpu_seconds(pids)
+            body = {"model": t.model, "prompt": "hello", "max_tokens": 8}
+            results, wall = run_load(t.port, "/v1/completions", body, 64, max_requests, seconds)
+            after = cpu_seconds(pids)
+            a = acc[t.name]
+            a["ok"] += sum(1 for x in results if x.ok)
+            a["fail"] += sum(1 for x in results if not x.ok)
+            a["wall"] += wall
+            a["cpu"] += after - before
+    for a in acc.values():
+        a["rps"] = a["ok"] / a["wall"] if a["wall"] else 0.0
+        a["cpu_us_per_req"] = a["cpu"] / a["ok"] * 1e6 if a["ok"] else float("nan")
+    return acc
+
+
+def p3_streams(targets: list[Target], rounds: int, streams: int, chunks: int
+               ) -> dict[str, dict[str, float]]:
+    acc: dict[str, dict[str, Any]] = {t.name: {"ttfc": [], "events": 0, "wall": 0.0,
+                                               "fail": 0, "n": 0} for t in targets}
+    for r in range(rounds):
+        for t in targets[r % len(targets):] + targets[:r % len(targets)]:
+            body = {"model": t.model, "prompt": "hello", "max_tokens": chunks, "stream": True,
+                    "ignore_eos": True}
+            results, wall = run_load(t.port, "/v1/completions", body, streams, streams, 120.0,
+                                     timeout=110.0)
+            a = acc[t.name]
+            a["n"] += len(results)
+            a["fail"] += sum(1 for x in results if not x.ok or x.events < chunks)
+            a["ttfc"] += [x.first_chunk for x in results if x.first_chunk is not None]
+            a["events"] += sum(x.events for x in results)
+            a["wall"] += wall
+    out: dict[str, dict[str, float]] = {}
+    for name, a in acc.items():
+        out[name] = {"ttfc_p50": percentile(a["ttfc"], 50), "ttfc_p99": percentile(a["ttfc"], 99),
+                     "chunk_rate": a["events"] / a["wall"] if a["wall"] else 0.0,
+                     "fail": a["fail"], "n": a["n"]}
+    return out
+
+
+def lone_stream(targets: list[Target], chunks: int) -> dict[str, dict[str, float]]:
+    out = {}
+    for t in targets:
+        body = {"model": t.model, "prompt": "hello", "max_tokens": chunks, "stream": True,
+                    "ignore_eos": True}
+        results, _ = run_load(t.port, "/v1/completions", body, 1, 1, 60.0, track_arrivals=True)
+        res = results[0] if results else Result()
+        gaps = [b - a for a, b in zip(res.arrivals, res.arrivals[1:], strict=False)]
+        out[t.name] = {"events": res.events, "reads": len(res.arrivals),
+                       "gap_p50": percentile(gaps, 50), "gap_max": max(gaps, default=0.0)}
+    return out
+
+
+def p4_switches(daemon: DaemonProcess, port: int, models: dict[str, int], switches: int,
+                deadline: float) -> list[dict[str, float]]:
+    names = list(models)
+    rows = []
+    # Make the first model active without measuring.
+    run_load(port, "/v1/completions", {"model": names[0], "prompt": "x", "max_tokens": 1},
+             1, 1, 120.0, timeout=110.0)
+    for i in range(switches):
+        if time.monotonic() > deadline:
+            break
+        target, other = names[(i + 1) % 2], names[i % 2]
+        before = {m: (metric_sum(p, "sleep"), metric_sum(p, "wake")) for m, p in models.items()}
+        results, wall = run_load(port, "/v1/completions",
+                                 {"model": target, "prompt": "x", "max_tokens": 1}, 1, 1,
+                                 120.0, timeout=110.0)
+        after = {m: (metric_sum(p, "sleep"), metric_sum(p, "wake")) for m, p in models.items()}
+        sleep_s = after[other][0] - before[other][0]
+        wake_s = after[target][1] - before[target][1]
+        ok = bool(results) and results[0].ok
+        total = results[0].latency if ok else wall
+        status = daemon.status(target)
+        rows.append({"ok": float(ok), "total": total, "sleep": sleep_s, "wake": wake_s,
+                     "overhead": total - sleep_s - wake_s,
+                     "daemon_total_ms": float((status.get("last_switch") or {})
+                                              .get("total_ms") or 0.0)})
+    return rows
+
+
+# ---------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small counts (smoke test)")
+    ap.add_argument("--no-doc", action="store_true", help="print only, do not write the doc")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=160)
+    args = ap.parse_args()
+    q = args.quick
+    started = time.monotonic()
+    hard_deadline = started + (240 if q else 600)
+
+    models = {
+        "fast": sim_model(model_path="sim/fast-1b", gpu_memory_utilization=0.15,
+                          sleep_level=1, extra_args=FAST_ARGS),
+        "stream": sim_model(model_path="sim/stream-1b", gpu_memory_utilization=0.15,
+                            sleep_level=1, extra_args=STREAM_ARGS),
+        "sw-a": sim_model(model_path="sim/qwen-7b", gpu_memory_utilization=0.6,
+                          sleep_level=1, extra_args=SWITCH_ARGS),
+        "sw-b": sim_model(model_path="sim/llama-8b", gpu_memory_utilization=0.6,
+                          sleep_level=1, extra_args=SWITCH_ARGS),
+    }
+    config = {"proxy": {"host": "127.0.0.1", "workers": args.workers, "threads": args.threads},
+              "policy": {"request_timeout_secs": 120.0},
+              "daemon": {"max_queue_per_model": 4096}}
+    nginx_bin = find_nginx()
+    tmp = Path(tempfile.mkdtemp(prefix="llmux-bench-"))
+    report: dict[str, Any] = {}
+    (tmp / "llmux").mkdir()
+    with DaemonProcess(models, config=config, frontend=True, tmp=tmp / "llmux",
+                       log_level="warning") as daemon:
+        port = load_config(daemon.config_path).port
+        wait_http(port, "/health", 60)
+        for m in ("fast", "stream"):
+            res, _ = run_load(port, "/v1/completions", {"model": m, "prompt": "x",
+                                                        "max_tokens": 1}, 1, 1, 120.0, 110.0)
+            if not res or not res[0].ok:
+                raise SystemExit(f"could not start model {m} through llmux: {res}")
+        fast_port, stream_port = models["fast"]["port"], models["stream"]["port"]
+        nginx = None
+        fast_targets = [Target("direct", fast_port, "fast"), Target("llmux", port, "fast")]
+        stream_targets = [Target("direct", stream_port, "stream"),
+                          Target("llmux", port, "stream")]
+        if nginx_bin:
+            n_fast, n_stream = free_port(), free_port()
+            nginx = Nginx(nginx_bin, tmp / "nginx", {n_fast: fast_port, n_stream: stream_port})
+            nginx.start()
+            fast_targets.append(Target("nginx", n_fast, "fast"))
+            stream_targets.append(Target("nginx", n_stream, "stream"))
+        else:
+            print("nginx not found (apt-get install nginx-light): nginx target skipped",
+                  file=sys.stderr)
+        try:
+            cpu_pids = {"llmux": lambda: llmux_pids(daemon)}
+            if nginx is not None:
+                cpu_pids["nginx"] = nginx.pids
+            # Warm every path (connections, imports) before measuring.
+            p1_latency(fast_targets, len(fast_targets), 50)
+            print("P1 ...", file=sys.stderr)
+            report["p1"] = p1_latency(fast_targets, 6 if not q else 3, 300 if not q else 100)
+            print("P2 ...", file=sys.stderr)
+            report["p2"] = p2_throughput(fast_targets, 3 if not q else 1,
+                                         20000 if not q else 3000, 4.0 if not q else 2.0,
+                                         cpu_pids)
+            print("P3 ...", file=sys.stderr)
+            report["p3"] = p3_streams(stream_targets, 2 if not q else 1, 256 if not q else 64,
+                                      200 if not q else 50)
+            report["lone"] = lone_stream(stream_targets, 50)
+            print("P4 ...", file=sys.stderr)
+            report["p4"] = p4_switches(daemon, port, {"sw-a": models["sw-a"]["port"],
+                                                      "sw-b": models["sw-b"]["port"]},
+                                       10 if not q else 4, hard_deadline)
+        finally:
+            if nginx is not None:
+                nginx.stop()
+    report["seconds"] = time.monotonic() - started
+    report["config"] = {"workers": args.workers, "threads": args.threads, "quick": q,
+                        "nginx": nginx_bin is not None}
+    text = render(report)
+    print(text)
+    (tmp / "report.json").write_text(json.dumps(report, default=str, indent=1))
+    if not args.no_doc and not q:
+        write_doc(text)
+        print(f"wrote {DOC}", file=sys.stderr)
+    return 0
+
+
+def verdict(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def render(r: dict[str, Any]) -> str:
+    lines = [f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"{platform.node() and 'this machine'}: {os.cpu_count()} CPUs, "
+             f"Python {platform.python_version()}, gunicorn gthread "
+             f"{r['config']['workers']} workers x {r['config']['threads']} threads, "
+             f"{r['seconds']:.0f} s in all.", ""]
+    p1 = r["p1"]
+    d50 = percentile(p1["direct"], 50)
+    lines += ["### P1: added latency, non-streaming, concurrency 1", "",
+              "| target | n | p50 ms | p99 ms | added p50 ms | added p99 ms |",
+              "|---|---|---|---|---|---|"]
+    added = {}
+    for name, values in p1.items():
+        p50, p99 = percentile(values, 50), percentile(values, 99)
+        added[name] = p50 - d50
+        lines.append(f"| {name} | {len(values)} | {ms(p50)} | {ms(p99)} | "
+                     f"{ms(p50 - d50)} | {ms(p99 - percentile(p1['direct'], 99))} |")
+    lines += ["", f"Target llmux added p50 ≤ 1.0 ms: {ms(added['llmux'])} ms — "
+              f"{verdict(added['llmux'] <= 0.001)}.", ""]
+
+    p2 = r["p2"]
+    lines += ["### P2: concurrency 64, non-streaming", "",
+              "| target | requests | failed | req/s | vs direct | CPU µs/request (proxy) |",
+              "|---|---|---|---|---|---|"]
+    for name, a in p2.items():
+        cpu = f"{a['cpu_us_per_req']:.0f}" if name != "direct" else "—"
+        lines.append(f"| {name} | {int(a['ok'])} | {int(a['fail'])} | {a['rps']:.0f} | "
+                     f"{a['rps'] / p2['direct']['rps']:.2f} | {cpu} |")
+    llmux_cpu = p2["llmux"]["cpu_us_per_req"]
+    frac_nginx = (f", {p2['llmux']['rps'] / p2['nginx']['rps']:.2f} of nginx"
+                  if "nginx" in p2 else "")
+    lines += ["", f"Target CPU of all llmux processes (daemon, gunicorn master and workers) "
+              f"≤ 250 µs/request: {llmux_cpu:.0f} µs — {verdict(llmux_cpu <= 250)}. "
+              f"llmux req/s = {p2['llmux']['rps'] / p2['direct']['rps']:.2f} of direct"
+              f"{frac_nginx}.", ""]
+
+    p3 = r["p3"]
+    lines += ["### P3: concurrent streams (200 chunks, 10 ms apart)", "",
+              "| target | streams | failed | TTFC p50 ms | TTFC p99 ms | added TTFC p50 ms "
+              "| chunks/s | vs direct |", "|---|---|---|---|---|---|---|---|"]
+    for name, a in p3.items():
+        lines.append(f"| {name} | {a['n']} | {a['fail']} | {ms(a['ttfc_p50'])} | "
+                     f"{ms(a['ttfc_p99'])} | {ms(a['ttfc_p50'] - p3['direct']['ttfc_p50'])} | "
+                     f"{a['chunk_rate']:.0f} | "
+                     f"{a['chunk_rate'] / p3['direct']['chunk_rate']:.2f} |")
+    lx = p3["llmux"]
+    add_ttfc = lx["ttfc_p50"] - p3["direct"]["ttfc_p50"]
+    rate = lx["chunk_rate"] / p3["direct"]["chunk_rate"]
+    lines += ["", f"Targets: added TTFC p50 ≤ 5 ms: {ms(add_ttfc)} ms — "
+              f"{verdict(add_ttfc <= 0.005)}; chunk rate ≥ 90 % of direct: {rate:.0%} — "
+              f"{verdict(rate >= 0.9)}; no stream fails: {lx['fail']} failed — "
+              f"{verdict(lx['fail'] == 0)}.", ""]
+    lines += ["Lone stream (50 chunks, 10 ms apart): reads = socket reads that carried data; "
+              "reads ≈ chunks means nothing was held back and batched.", "",
+              "| target | chunks | reads | gap p50 ms | gap max ms |", "|---|---|---|---|---|"]
+    for name, a in r["lone"].items():
+        lines.append(f"| {name} | {a['events']} | {a['reads']} | {ms(a['gap_p50'])} | "
+                     f"{ms(a['gap_max'])} |")
+    lines.append("")
+
+    p4 = r["p4"]
+    lines += ["### P4: switch overhead (L1 sleep of one simulated model, L1 wake of the other)",
+              "", "| # | ok | request wall ms | child sleep ms | child wake ms | overhead ms "
+              "| daemon's switch total ms |", "|---|---|---|---|---|---|---|"]
+    for i, row in enumerate(p4, 1):
+        lines.append(f"| {i} | {'yes' if row['ok'] else 'no'} | {ms(row['total'])} | "
+                     f"{ms(row['sleep'])} | {ms(row['wake'])} | {ms(row['overhead'])} | "
+                     f"{row['daemon_total_ms']:.1f} |")
+    good = [row["overhead"] for row in p4 if row["ok"]]
+    med = statistics.median(good) if good else float("nan")
+    lines += ["", f"Target switch overhead p50 ≤ 50 ms: {ms(med)} ms over {len(good)} "
+              f"switches — {verdict(bool(good) and med <= 0.050)}.", ""]
+    return "\n".join(lines)
+
+
+def write_doc(results: str) -> None:
+    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text += f"\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    DOC.write_text(f"{head}{BEGIN}\n{results}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
