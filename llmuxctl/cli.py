@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, help_text: str, *parents: argparse.ArgumentParser,
             description: str = "") -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_text, description=description or help_text,
-                              parents=[common, *parents], formatter_class=fmt)
+                              parents=[common, *parents])
 
     p = add("status", "show every model (or the ones named) as a table",
             description="Show each model's state, sleep level, pid, port, in-flight and "
