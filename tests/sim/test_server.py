@@ -385,3 +385,10 @@ def test_api_key_is_enforced_on_v1_routes(tmp_path: Path) -> None:
 def test_free_port_helper_gives_a_bindable_port() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", free_port()))
+
+
+def test_a_dead_engine_child_takes_the_server_down(tmp_path: Path) -> None:
+    with sim(tmp_path) as s:
+        os.kill(s.engine_pid(), signal.SIGKILL)
+        assert s.wait_exit(30) == 1
+        assert "died unexpectedly" in s.log()
