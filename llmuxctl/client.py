@@ -22,6 +22,7 @@ from llmuxctl.errors import (
     DaemonUnreachable,
     OperationFailed,
     PermissionDenied,
+    first_line,
 )
 
 SHORT_TIMEOUT = 30.0      # a status/GET answer; generous for a loaded box
@@ -116,11 +117,14 @@ def daemon_error(path: str, status: int, body: Any) -> CtlError:
     message = str(err.get("message") or f"HTTP {status}")
     if code == "permission_denied" or status == 403:
         return permission_denied(path)
-    hint = _HINTS.get(code, "")
     model = err.get("model")
+    hint = _HINTS.get(code, "")
+    first = first_line(message)
+    if first != message.strip() and model and not hint:
+        hint = "see why with: llmuxctl logs {model}"  # the rest was a log tail
     if "{model}" in hint:
         hint = hint.format(model=model) if model else hint.replace(" {model}", "")
-    line = f"{message}; {hint}" if hint else message
+    line = f"{first}; {hint}" if hint and hint not in first else first
     return OperationFailed(line, code=code, detail={k: v for k, v in err.items()
                                                     if k not in ("code", "message")})
 

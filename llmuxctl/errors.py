@@ -7,6 +7,7 @@ able to print any of them without a traceback.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 EXIT_OK = 0
@@ -69,3 +70,16 @@ class Interrupted(CtlError):
     """Ctrl-C while waiting for a long operation; the daemon carries on with it."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+_LOG_TAIL_INTRO = re.compile(r"[;:,]?\s*(the )?last (\d+ )?(log )?lines( of [^:]*)?:?\s*$")
+
+
+def first_line(message: str) -> str:
+    """The first line of a daemon message, without the intro of a log tail after it.
+
+    llmuxd puts the last lines of a child's log into start errors; on a terminal
+    that is a wall of text, so the CLI shows one line and points at ``llmuxctl logs``.
+    """
+    lines = message.strip().splitlines() or [""]
+    return _LOG_TAIL_INTRO.sub("", lines[0]).rstrip(" ;:,") or lines[0]

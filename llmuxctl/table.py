@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from llmuxctl.errors import first_line
+
 COLUMNS = ("MODEL", "STATE", "SLEEP", "PID", "PORT", "IN-FLIGHT", "QUEUED", "GPU MEM",
            "IN STATE", "LAST SWITCH")
 RIGHT = frozenset({"PID", "PORT", "IN-FLIGHT", "QUEUED", "GPU MEM"})
@@ -118,7 +120,10 @@ def status_table(models: Sequence[Mapping[str, Any]], now: float | None = None) 
     for m in models:
         err = m.get("last_error")
         if err:
-            lines.append(f"{m.get('name')}: last error: {err}")
+            text = str(err)
+            first = first_line(text)
+            more = f" (see: llmuxctl logs {m.get('name')})" if first != text.strip() else ""
+            lines.append(f"{m.get('name')}: last error: {first}{more}")
     return lines
 
 

@@ -44,6 +44,7 @@ def base_models() -> dict[str, dict[str, Any]]:
         "beta": sim(2),
         "nofree": sim(1, "sleep_no_free"),       # vllm#32714: sleep says 200, frees nothing
         "badreload": sim(2, "reload_fail"),      # L2 wake: reload_weights answers 500
+        "crashy": sim(1, "crash_at_start"),      # exits 1 before /health: a failed start
     }
 
 
@@ -103,13 +104,13 @@ def test_status_table_lists_every_model(daemon: DaemonProcess) -> None:
     r = ok(daemon, "status")
     lines = r.stdout.splitlines()
     assert lines[0].split()[:3] == ["MODEL", "STATE", "SLEEP"]
-    names = [line.split()[0] for line in lines[1:5]]
-    assert sorted(names) == ["alpha", "badreload", "beta", "nofree"]
+    names = [line.split()[0] for line in lines[1:6]]
+    assert sorted(names) == ["alpha", "badreload", "beta", "crashy", "nofree"]
 
 
 def test_status_json_is_the_control_api_status(daemon: DaemonProcess) -> None:
     data = json.loads(ok(daemon, "status", "--json").stdout)
-    assert set(data["models"]) == {"alpha", "beta", "nofree", "badreload"}
+    assert set(data["models"]) == {"alpha", "beta", "nofree", "badreload", "crashy"}
     assert data["models"]["beta"]["configured_sleep_level"] == 2
     direct = daemon.status()
     assert set(direct["models"]) == set(data["models"])
@@ -176,6 +177,18 @@ def test_unknown_model_exits_1_with_the_daemons_message(daemon: DaemonProcess) -
     r = ctl(daemon, "--json", "wake", "nope")
     assert r.returncode == 1
     assert json.loads(r.stdout)["error"]["code"] == "model_not_found"
+
+
+def test_failed_start_is_one_line_pointing_at_the_logs(daemon: DaemonProcess) -> None:
+    r = ctl(daemon, "start", "crashy")
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("llmuxctl: ") and "crashy" in r.stderr
+    assert r.stderr.rstrip().endswith("see why with: llmuxctl logs crashy")
+    err = json.loads(ctl(daemon, "--json", "start", "crashy").stdout)["error"]
+    assert err["exit_code"] == 1 and err["model"] == "crashy"
+    status = model_json(daemon, "crashy")
+    assert status["state"] in ("backoff", "failed", "stopped") and status["last_error"]
 
 
 # ---------------------------------------------------------------------------
