@@ -211,34 +211,42 @@ class Engine:
                     log.warning("fault sleep_hang: this /sleep never returns")
                     await asyncio.Event().wait()
                 self.gate.clear()
-                if mode == "abort":
-                    for h in self.running:
-                        h.aborted = True
-                    await self._until(lambda: not self.running)
-                elif mode == "wait":
-                    await self._until(lambda: not self.running)
-                else:  # keep: in-flight requests pause and resume after wake
-                    self.hold_running = True
-                if level == 0:
-                    self.paused = True
-                else:
-                    release = self.opts.enable_sleep_mode and "sleep_no_free" not in self.faults
-                    offload = self.weights_on and self.weights_valid
-                    if release and self.mem_weights:
-                        await asyncio.sleep(self.timing.sleep_s(level))
-                    if self.opts.enable_sleep_mode and level == 2:
-                        self.weights_valid = False
-                    if release:
-                        await self._set_memory(False, False, host=level == 1 and offload,
-                                               check=False)
-                    self.weights_on = self.kv_on = False
-                    if level == 1 and not offload:
-                        pass  # nothing valid to offload: stays as it was
+                try:
+                    await self._quiesce_and_release(level, mode)
+                except BaseException:
+                    if not self.sleeping:  # failed: serve again rather than park forever
+                        self.hold_running = False
+                        self.gate.set()
+                    raise
                 self.sleeping = True
                 self.level = level if level else (self.level or 0)
                 log.info("engine asleep (level %d, mode %s)", level, mode)
         finally:
             self.metrics.op_finished("sleep", time.perf_counter() - started)
+
+    async def _quiesce_and_release(self, level: int, mode: str) -> None:
+        """Deal with in-flight requests, then release the memory the level frees."""
+        if mode == "abort":
+            for h in self.running:
+                h.aborted = True
+            await self._until(lambda: not self.running)
+        elif mode == "wait":
+            await self._until(lambda: not self.running)
+        else:  # keep: in-flight requests pause and resume after wake
+            self.hold_running = True
+        if level == 0:
+            self.paused = True
+        else:
+            release = self.opts.enable_sleep_mode and "sleep_no_free" not in self.faults
+            offload = self.weights_on and self.weights_valid
+            if release and self.mem_weights:
+                await asyncio.sleep(self.timing.sleep_s(level))
+            if self.opts.enable_sleep_mode and level == 2:
+                self.weights_valid = False
+            if release:
+                await self._set_memory(False, False, host=level == 1 and offload,
+                                       check=False)
+            self.weights_on = self.kv_on = False
 
     async def wake(self, tags: list[str] | None) -> bool:
         """POST /wake_up: bring back weights and/or KV cache; True when fully awake."""
@@ -323,8 +331,9 @@ class Engine:
             await asyncio.sleep(delay)
         if h.aborted:
             return False
-        if self.hold_running and not self.gate.is_set():
-            await self.gate.wait()
+        while self.hold_running and not self.gate.is_set() and not h.aborted:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.gate.wait(), 0.05)
         return not h.aborted
 
     def abort_all(self) -> None:

@@ -392,3 +392,22 @@ def test_a_dead_engine_child_takes_the_server_down(tmp_path: Path) -> None:
         os.kill(s.engine_pid(), signal.SIGKILL)
         assert s.wait_exit(30) == 1
         assert "died unexpectedly" in s.log()
+
+
+def test_sleep_mode_keep_pauses_running_requests_until_wake(tmp_path: Path) -> None:
+    with sim(tmp_path, time_scale=1.0, args=["--sim-token-rate", "10", "--sim-load-s", "0",
+                                             "--sim-warmup-s", "0"]) as s:
+        result: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: result.update(
+            r=complete(s, max_tokens=40, ignore_eos=True)))
+        t.start()
+        wait_for(lambda: s.state()["running"] == 1, 30, "the request to run")
+        assert s.post("/sleep?level=1&mode=keep").status_code == 200
+        t.join(1.0)
+        assert t.is_alive(), "a kept request finished while the engine slept"
+        assert s.state()["running"] == 1
+        s.post("/wake_up")
+        t.join(30)
+        body = result["r"].json()
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] == 40
