@@ -31,8 +31,8 @@ DEFAULT_GRACE = 3.0
 _PRUNE_EVERY = 5.0
 
 
-class GuardianError(RuntimeError):
-    """The guardian process cannot be started or reached."""
+class GuardianError(OSError):
+    """The guardian process cannot be started or reached (an OSError: a failed spawn)."""
 
 
 # ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from llmuxd.child import ChildProcess
@@ -190,3 +191,21 @@ def _ignores(pid: int | None, sig: int) -> bool:
 def test_read_pids_helper_reads_pairs(tmp_path: Path) -> None:
     (tmp_path / "p").write_text("12 34\n")
     assert read_pids(tmp_path / "p") == [12, 34]
+
+
+def test_spawn_with_a_closed_guardian_fails_cleanly_and_leaves_no_child(
+        reaper: Reaper, python: str, tmp_path: Path) -> None:
+    from llmuxd.guardian import GuardianError
+
+    guardian = Guardian(grace=0.5).start()
+    guardian.close()
+    marker = tmp_path / "started"
+    source = f"open({str(marker)!r}, 'w').close()\nimport time\nwhile True: time.sleep(1)\n"
+    with pytest.raises(GuardianError, match="closed"):
+        ChildProcess.spawn_command([python, "-c", source], dict(os.environ), "m", tmp_path,
+                                   guardian=guardian)
+    # spawn killed and reaped the child before raising: no process runs its source.
+    left = [p.pid for p in psutil.process_iter(["cmdline", "status"])
+            if p.info["status"] != psutil.STATUS_ZOMBIE
+            and any(str(marker) in part for part in (p.info["cmdline"] or []))]
+    assert left == []
