@@ -125,8 +125,8 @@ def daemon_error(path: str, status: int, body: Any) -> CtlError:
     if "{model}" in hint:
         hint = hint.format(model=model) if model else hint.replace(" {model}", "")
     line = f"{first}; {hint}" if hint and hint not in first else first
-    return OperationFailed(line, code=code, detail={k: v for k, v in err.items()
-                                                    if k not in ("code", "message")})
+    return OperationFailed(line, code=code, full_message=message,
+                           detail={k: v for k, v in err.items() if k not in ("code", "message")})
 
 
 class ControlClient:

@@ -26,18 +26,20 @@ class CtlError(Exception):
 
     exit_code = EXIT_FAILED
 
-    def __init__(self, message: str, *, code: str = "", detail: dict[str, Any] | None = None):
+    def __init__(self, message: str, *, code: str = "", detail: dict[str, Any] | None = None,
+                 full_message: str = ""):
         super().__init__(message)
         self.message = message
         self.code = code or type(self).__name__
         self.detail = detail or {}
+        self.full_message = full_message or message  # the daemon's own words, for --json
 
     def line(self) -> str:
         return f"llmuxctl: {self.message}"
 
     def to_dict(self) -> dict[str, Any]:
         """The error for ``--json`` output, in the daemon's error shape plus the exit code."""
-        err = {"code": self.code, "message": self.message, "exit_code": self.exit_code}
+        err = {"code": self.code, "message": self.full_message, "exit_code": self.exit_code}
         err.update({k: v for k, v in self.detail.items() if k not in err})
         return {"error": err}
 
