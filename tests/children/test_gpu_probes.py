@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,8 @@ from llmuxd.gpu.errors import ProbeUnavailable
 from llmuxd.gpu.memory import child_usage, fits, gpu_used, sleep_problem, sleep_verified
 from llmuxd.gpu.none import NoGpuProbe
 from llmuxd.gpu.select import make_probe, make_probe_explained, sim_state_dir
+
+from .simfix import init_gpus
 
 
 def nvml_works() -> bool:
@@ -130,3 +133,18 @@ def test_fits_rejects_a_gpu_the_probe_does_not_see() -> None:
 def test_fits_without_gpu_readings_is_not_checked() -> None:
     ok, why = fits(NoGpuProbe(), [0], 0.9)
     assert ok and "not checked" in why
+
+
+@needs_no_nvml
+def test_auto_uses_the_simulated_gpus_when_a_state_dir_is_configured(tmp_path: Path) -> None:
+    state = init_gpus(tmp_path / "gpus", count=2)
+    probe, why = make_probe_explained(config(sim_gpu_state=str(state)), env={})
+    assert probe.name == "sim"
+    assert [g.index for g in probe.gpus()] == [0, 1]
+    assert why.endswith(f"using the simulated GPUs in {state}")
+
+
+def test_sim_probe_can_come_from_the_env_alone(tmp_path: Path) -> None:
+    state = init_gpus(tmp_path / "gpus")
+    probe = make_probe(config(gpu_probe="sim"), env={"LLMUX_SIM_GPU_STATE": str(state)})
+    assert probe.name == "sim" and probe.usage_by_pid() == {}
