@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import shutil
@@ -132,3 +133,8 @@ def open_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def group_of(path: str | Path) -> str:
+    """The name of the group owning ``path`` (the one llmuxctl tells the user to join)."""
+    return grp.getgrgid(os.stat(path).st_gid).gr_name

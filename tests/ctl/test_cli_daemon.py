@@ -22,7 +22,7 @@ import pytest
 
 from llmuxd.testing import DaemonProcess, sim_model
 
-from .conftest import REPO, Outsider, ctl_env, run_ctl
+from .conftest import REPO, Outsider, ctl_env, group_of, run_ctl
 from .test_cli_fake import Lines
 
 # Quick simulated models: no load time, 0.1 s warm-up, 0.5 GiB of weights; each takes
@@ -362,7 +362,7 @@ def test_outsider_is_refused_by_the_socket_mode(daemon: DaemonProcess,
     r = outsider.run_ctl("-s", daemon.socket, "status")
     assert r.returncode == 4, r
     assert r.stderr == (f"llmuxctl: permission denied on {daemon.socket}: add yourself to "
-                        "group root (then log in again)\n")
+                        "group " + group_of(daemon.socket) + " (then log in again)\n")
 
 
 def test_outsider_is_refused_by_the_daemons_peer_check(outsider: Outsider) -> None:

@@ -24,7 +24,7 @@ from typing import IO
 
 import pytest
 
-from .conftest import REPO, ctl_env, run_ctl
+from .conftest import REPO, ctl_env, group_of, run_ctl
 from .fake_daemon import FakeDaemon
 
 
@@ -421,7 +421,7 @@ def test_daemon_permission_denied_exits_4_with_the_group_hint(fake: FakeDaemon) 
     r = run_ctl(*sock(fake), "wake", "beta")
     assert r.returncode == 4
     assert r.stderr == (f"llmuxctl: permission denied on {fake.path}: add yourself to "
-                        "group root (then log in again)\n")
+                        "group " + group_of(fake.path) + " (then log in again)\n")
 
 
 @pytest.mark.parametrize("args", [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .conftest import Outsider
+from .conftest import Outsider, group_of
 from .fake_daemon import FakeDaemon
 
 
@@ -13,10 +13,11 @@ def test_socket_mode_0660_refuses_an_outsider_with_exit_4(outsider: Outsider,
     path = open_dir / "llmuxd.sock"
     with FakeDaemon(str(path)):
         path.chmod(0o660)  # root:root, as llmuxd makes it (root:llmux in production)
+        group = group_of(path)
         r = outsider.run_ctl("-s", str(path), "status")
     assert r.returncode == 4, r
     assert r.stderr == (f"llmuxctl: permission denied on {path}: add yourself to group "
-                        "root (then log in again)\n")
+                        + group + " (then log in again)\n")
     assert r.stdout == ""
 
 
