@@ -89,7 +89,7 @@ HEALTH = textwrap.dedent("""\
     except urllib.error.HTTPError as e:
         print(e.code)
     except OSError as e:
-        print(type(e).__name__)
+        print(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
     """)
 
 MODELS = textwrap.dedent("""\
