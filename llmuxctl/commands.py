@@ -108,7 +108,7 @@ def _long_op(ctx: Context, action: str, doing: str, done: str,
     else:
         op = LongOperation(ctx.client, path=model_path(model, action), body=body,
                            params=params, timeout=ctx.args.timeout,
-                           doing=f"{doing} {model}", model=model)
+                           doing=doing.format(model=model), model=model)
         status = ctx.wait(op)
     if ctx.json:
         ctx.emit_json(status)
@@ -129,7 +129,7 @@ def _long_op(ctx: Context, action: str, doing: str, done: str,
 
 
 def cmd_start(ctx: Context) -> int:
-    return _long_op(ctx, "start", "starting", "started")
+    return _long_op(ctx, "start", "starting {model}", "started")
 
 
 def cmd_sleep(ctx: Context) -> int:
@@ -137,19 +137,20 @@ def cmd_sleep(ctx: Context) -> int:
     if level is None:  # the model's configured level; asking also checks the name
         level = ctx.client.get(model_path(ctx.args.model)).get("configured_sleep_level")
     body = {"level": level} if level is not None else {}
-    return _long_op(ctx, "sleep", f"putting to sleep (L{level})", "slept", body)
+    return _long_op(ctx, "sleep", "putting {model} to sleep" + (f" (L{level})" if level else ""),
+                    "slept", body)
 
 
 def cmd_wake(ctx: Context) -> int:
-    return _long_op(ctx, "wake", "waking", "woke")
+    return _long_op(ctx, "wake", "waking {model}", "woke")
 
 
 def cmd_kill(ctx: Context) -> int:
-    return _long_op(ctx, "kill", "killing", "killed")
+    return _long_op(ctx, "kill", "killing {model}", "killed")
 
 
 def cmd_switch(ctx: Context) -> int:
-    return _long_op(ctx, "switch", "switching to", "switched")
+    return _long_op(ctx, "switch", "switching to {model}", "switched")
 
 
 # ---------------------------------------------------------------------------
