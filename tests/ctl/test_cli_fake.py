@@ -399,6 +399,14 @@ def test_no_daemon_exits_3_with_the_start_hint(short_dir: Path) -> None:
                         "start it with: systemctl start llmux\n")
 
 
+def test_no_daemon_with_json_prints_the_error_as_json(short_dir: Path) -> None:
+    r = run_ctl("-s", str(short_dir / "llmuxd.sock"), "--json", "status")
+    assert r.returncode == 3
+    err = json.loads(r.stdout)["error"]
+    assert (err["code"], err["exit_code"]) == ("unreachable", 3)
+    assert err["message"].startswith("llmuxd is not running (no socket at ")
+
+
 def test_stale_socket_exits_3(short_dir: Path) -> None:
     path = short_dir / "llmuxd.sock"
     s = socket.socket(socket.AF_UNIX)
