@@ -153,6 +153,12 @@ def test_operations_print_the_model_status_as_json(daemon: DaemonProcess) -> Non
     assert status["name"] == "alpha" and status["state"] == "active"
     status = json.loads(ok(daemon, "sleep", "alpha", "--json").stdout)
     assert status["state"] == "sleeping" and status["sleep_level"] == 1
+    status = json.loads(ok(daemon, "kill", "alpha", "--json").stdout)
+    assert status["state"] == "stopped" and status["pid"] is None
+    status = json.loads(ok(daemon, "start", "alpha", "--json").stdout)
+    assert status["state"] == "active" and status["pid"]
+    status = json.loads(ok(daemon, "switch", "beta", "--json").stdout)
+    assert status["name"] == "beta" and status["state"] == "active"
 
 
 def test_no_wait_returns_and_the_daemon_carries_on(daemon: DaemonProcess) -> None:
