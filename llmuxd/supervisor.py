@@ -422,28 +422,33 @@ class Supervisor:
             self._start(m)
 
     def _make_room(self, m: ModelRuntime, why: str) -> bool:
-        """Free memory on m's GPUs beyond what placement foresaw; True if waiting is useful."""
+        """Free memory on m's GPUs beyond what placement foresaw; True if waiting is useful.
+
+        First wait for anything already moving, then put active models to sleep; only
+        when nothing else is left, stop sleepers (their residue is what is in the way).
+        """
         gpus = set(m.config.gpu_indices)
-        waiting = False
-        for other in self.models.values():
-            if other is m or not gpus & set(other.config.gpu_indices):
-                continue
-            if other.busy or other.state in (S.DRAINING, S.STOPPING, S.STARTING, S.WAKING):
-                waiting = True
-            elif other.state is S.ACTIVE and not other.pinned:
-                log.info("making_room", model=m.name, evict=other.name, why=why)
-                other.switch = m.switch
-                if m.switch is not None:
-                    m.switch.from_.append(other.name)
-                self._deactivate(other, other.config.sleep_level,
-                                 self.config.policy.drain_before_switch,
-                                 f"making room for {m.name}: {why}")
-                waiting = True
-            elif other.state is S.SLEEPING:
-                log.info("making_room", model=m.name, stop=other.name, why=why)
-                self._stop(other, f"stopping a sleeper to make room for {m.name}: {why}")
-                waiting = True
-        return waiting
+        others = [o for o in self.models.values()
+                  if o is not m and gpus & set(o.config.gpu_indices)]
+        if any(o.busy or o.state in (S.DRAINING, S.STOPPING, S.STARTING, S.WAKING)
+               for o in others):
+            return True
+        actives = [o for o in others if o.state is S.ACTIVE and not o.pinned]
+        for other in actives:
+            log.info("making_room", model=m.name, evict=other.name, why=why)
+            other.switch = m.switch
+            if m.switch is not None:
+                m.switch.from_.append(other.name)
+            self._deactivate(other, other.config.sleep_level,
+                             self.config.policy.drain_before_switch,
+                             f"making room for {m.name}: {why}")
+        if actives:
+            return True
+        sleepers = [o for o in others if o.state is S.SLEEPING]
+        for other in sleepers:
+            log.info("making_room", model=m.name, stop=other.name, why=why)
+            self._stop(other, f"stopping a sleeper to make room for {m.name}: {why}")
+        return bool(sleepers)
 
     def _start(self, m: ModelRuntime) -> None:
         cfg = self.config

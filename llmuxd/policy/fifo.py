@@ -14,12 +14,17 @@ from llmuxd.policy.base import Activate, Deactivate, Decision, Decisions, ModelV
 from llmuxd.states import ModelState
 
 S = ModelState
-HOLDING = frozenset({S.ACTIVE, S.DRAINING, S.STARTING, S.WAKING})
+HOLDING = frozenset({S.ACTIVE, S.DRAINING, S.STARTING, S.WAKING, S.STOPPING})
 ACTIVATABLE = frozenset({S.STOPPED, S.SLEEPING, S.BACKOFF})
 
 
 def placed(m: ModelView) -> Placed:
     return Placed(m.name, m.gpus, m.fraction)
+
+
+def holds_or_will_hold(m: ModelView) -> bool:
+    """On its GPUs now, or about to be (busy while not holding = checking memory to start)."""
+    return m.state in HOLDING or (m.busy and m.state in ACTIVATABLE)
 
 
 def eviction_order(m: ModelView) -> tuple[int, float]:
@@ -54,7 +59,8 @@ class FifoPolicy:
                 recheck = _earliest(recheck, t.ready_at)
                 continue
             holders = sorted((m for m in views.values()
-                              if m.state in HOLDING and m.name != t.name), key=eviction_order)
+                              if m.name != t.name and holds_or_will_hold(m)),
+                             key=eviction_order)
             blockers = victims(placed(t), [placed(h) for h in holders] + reserved)
             if not blockers:
                 actions.append(Activate(t.name, "requests waiting"))

@@ -112,3 +112,14 @@ def test_idle_active_model_is_evicted_before_a_busy_one():
                view("b", S.ACTIVE, fraction=0.5),
                view("c", queued=1, oldest_wait=1.0, fraction=0.5))
     assert d.actions == [Deactivate("b", 1, True, "making room for c", for_model="c")]
+
+
+def test_model_checking_memory_before_its_start_reserves_its_gpus():
+    d = decide(view("a", S.STOPPED, busy=True, queued=1, oldest_wait=1.0),
+               view("b", queued=1, oldest_wait=2.0))
+    assert d.actions == []
+
+
+def test_target_waits_while_a_model_in_the_way_is_stopping():
+    d = decide(view("a", S.STOPPING), view("b", queued=1, oldest_wait=1.0))
+    assert d.actions == []
