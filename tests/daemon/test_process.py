@@ -91,7 +91,7 @@ def test_leases_of_a_killed_client_process_are_reclaimed(make_daemon):
         assert client.stdout is not None
         line = client.stdout.readline()
         assert "lease_id" in line, line
-        code, body = d.request("GET", "/v1/leases")
+        _code, body = d.request("GET", "/v1/leases")
         assert [x["pid"] for x in body["leases"]] == [client.pid]
         assert d.status("a")["in_flight"] == 1
         client.kill()
