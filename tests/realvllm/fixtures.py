@@ -33,6 +33,21 @@ SETUP_HINT = "run `bash tests/realvllm/setup.sh` and set LLMUX_REALVLLM=1"
 SERVED_NAME = "tiny"
 MAX_MODEL_LEN = 256
 
+# VLLM_API.md's fast start on CPU (~13-20 s to /health). For configs that spawn
+# `vllm serve` themselves (llmuxd): use these env/args, plus TMPDIR, VLLM_CACHE_ROOT
+# and TORCHINDUCTOR_CACHE_DIR inside the test's folder, and no --enable-sleep-mode.
+FAST_START_ENV = {
+    "VLLM_SERVER_DEV_MODE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+FAST_START_ARGS = ["--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32",
+                   "--enforce-eager", "--distributed-executor-backend", "uni"]
+
 
 def realvllm_home() -> Path:
     return Path(os.environ.get("LLMUX_REALVLLM_HOME", "/var/cache/llmux-realvllm"))
@@ -116,23 +131,15 @@ def start_real_vllm(tmp_path: Path, *, served_name: str = SERVED_NAME,
     work.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     full_env = dict(os.environ)
+    full_env.update(FAST_START_ENV)
     full_env.update({
-        "VLLM_SERVER_DEV_MODE": "1",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_HOST_IP": "127.0.0.1",
         "TMPDIR": str(work),
         "VLLM_CACHE_ROOT": str(work / "cache"),
         "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"),
-        "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1",
-        "HF_HUB_OFFLINE": "1",
     })
     full_env.update(env or {})
     argv = [str(vllm), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "--served-model-name", served_name, "--max-model-len", str(MAX_MODEL_LEN),
-            "--dtype", "float32", "--enforce-eager", "--distributed-executor-backend", "uni",
-            *extra_args]
+            "--served-model-name", served_name, *FAST_START_ARGS, *extra_args]
     log_path = work / f"vllm-{port}.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, env=full_env, stdin=subprocess.DEVNULL, stdout=log,
