@@ -411,3 +411,20 @@ def test_sleep_mode_keep_pauses_running_requests_until_wake(tmp_path: Path) -> N
         body = result["r"].json()
         assert body["choices"][0]["finish_reason"] == "length"
         assert body["usage"]["completion_tokens"] == 40
+
+
+def test_a_gpu_that_does_not_exist_is_a_failed_start(tmp_path: Path) -> None:
+    state = init_gpus(tmp_path / "gpus", count=2)
+    s = sim(tmp_path, gpu_state=state, cuda_visible_devices="5").start()
+    try:
+        assert s.wait_exit(60) == 1
+    finally:
+        s.stop()
+    assert "invalid device ordinal" in s.log()
+
+
+def test_several_served_names_are_all_accepted(tmp_path: Path) -> None:
+    with sim(tmp_path, args=["--served-model-name", "one", "two"]) as s:
+        assert [m["id"] for m in s.get("/v1/models").json()["data"]] == ["one", "two"]
+        assert complete(s, model="two").json()["model"] == "two"
+        assert complete(s, model="three").status_code == 404
