@@ -13,14 +13,14 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import falcon
 import structlog
 
 from llmuxd.config import Config, load_config
-from llmuxd.proxy import errors
+from llmuxd.proxy import errors, logs
 from llmuxd.proxy.errors import OpenAIError
 from llmuxd.proxy.forward import (
     HOP_BY_HOP,
@@ -51,11 +51,12 @@ class Deps:
     config: Config
     leases: LeaseClient
     pool: UpstreamPool
+    request_log: Any = field(default_factory=logs.request_logger)
 
 
 def create_app(deps: Deps) -> falcon.App:
     """Build the Falcon app around its dependencies (Falcon's factory idiom)."""
-    app = falcon.App(middleware=[RequestContext(deps.config)], cors_enable=False)
+    app = falcon.App(middleware=[RequestContext(deps)], cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True
     app.add_route("/v1/models", ModelsResource(deps))
     app.add_route("/v1/models/{model_id}", ModelResource(deps))
@@ -68,8 +69,6 @@ def create_app(deps: Deps) -> falcon.App:
 
 def get_app() -> falcon.App:
     """The app for gunicorn, configured from env LLMUX_CONFIG and LLMUX_SOCKET."""
-    from llmuxd.proxy import logs
-
     logs.configure()
     config_path = os.environ.get("LLMUX_CONFIG", "/etc/llmux.toml")
     config = load_config(config_path)
@@ -92,8 +91,9 @@ def make_deps(config: Config, socket_path: str) -> Deps:
 class RequestContext:
     """Request id in and out, Bearer keys on /v1, one log line per request."""
 
-    def __init__(self, config: Config) -> None:
-        self.keys = frozenset(config.proxy.api_keys)
+    def __init__(self, deps: Deps) -> None:
+        self.keys = frozenset(deps.config.proxy.api_keys)
+        self.log = deps.request_log
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         ctx = req.context
@@ -118,11 +118,11 @@ class RequestContext:
         resp.set_header("X-Request-Id", ctx.request_id)
         if ctx.deferred:
             return  # the stream's close() writes the line with the final numbers
-        log.info("request", request_id=ctx.request_id, method=req.method, path=req.path,
-                 model=ctx.get("model"), status=resp.status_code,
-                 error=ctx.get("error_code"), waited_ms=ctx.get("waited_ms"),
-                 switched=ctx.get("switched"),
-                 duration_ms=round((time.monotonic() - ctx.started) * 1000.0, 3))
+        self.log.info("request", request_id=ctx.request_id, method=req.method,
+                      path=req.path, model=ctx.get("model"), status=resp.status_code,
+                      error=ctx.get("error_code"), waited_ms=ctx.get("waited_ms"),
+                      switched=ctx.get("switched"),
+                      duration_ms=round((time.monotonic() - ctx.started) * 1000.0, 3))
 
 
 # ---------------------------------------------------------------------------
@@ -136,6 +136,7 @@ class ProxyResource:
         self.deps = deps
         self.max_body = deps.config.proxy.max_body_bytes
         self.strip_auth = bool(deps.config.proxy.api_keys)
+        self.log = deps.request_log
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, route: str) -> None:
         if not _ROUTE_RE.fullmatch(route) or route in _DENIED_ROUTES:
@@ -174,12 +175,13 @@ class ProxyResource:
 
         def on_close(result: Outcome) -> None:
             self._release(lease, result)
-            log.info("request", request_id=request_id, method="POST", path=req.path,
-                     model=model, served_model=lease.served_model_name,
-                     status=result.status, error=result.error, waited_ms=lease.waited_ms,
-                     switched=lease.switched, bytes=result.bytes, ttfb_ms=result.ttfb_ms,
-                     upstream_ms=round(result.duration_ms, 3),
-                     duration_ms=round((time.monotonic() - ctx.started) * 1000.0, 3))
+            self.log.info("request", request_id=request_id, method="POST", path=req.path,
+                          model=model, served_model=lease.served_model_name,
+                          status=result.status, error=result.error,
+                          waited_ms=lease.waited_ms, switched=lease.switched,
+                          bytes=result.bytes, ttfb_ms=result.ttfb_ms,
+                          upstream_ms=round(result.duration_ms, 3),
+                          duration_ms=round((time.monotonic() - ctx.started) * 1000.0, 3))
 
         resp.stream = ProxiedBody(self.deps.pool, lease.host, lease.port, conn, head, started,
                                   outcome, on_close, req.env.get("gunicorn.socket"))

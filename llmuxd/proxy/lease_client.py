@@ -10,6 +10,7 @@ loses its leases in the daemon without any help from here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from dataclasses import dataclass
@@ -72,8 +73,40 @@ class LeaseClient:
                      switched=bool(data.get("switched")), host=host, port=port)
 
     def release(self, lease_id: str, outcome: dict[str, Any]) -> None:
-        """Hand a lease back with the request's outcome (for metrics and drain)."""
-        self._call("POST", f"/v1/leases/{lease_id}/release", outcome, self.call_timeout)
+        """Hand a lease back with the request's outcome (for metrics and drain).
+
+        Sent without waiting for the answer (HTTP/1.1 pipelining): the answer is read
+        before this thread's next call, so the worker thread, and with it the client's
+        kept-alive connection, is free at once. Should that answer never come, the
+        release is sent again on a fresh connection (the daemon treats a second
+        release of the same lease as a no-op)."""
+        request = _request("POST", f"/v1/leases/{lease_id}/release", outcome)
+        conn = self._conn()
+        self._settle(conn)
+        try:
+            conn.send(request, self.call_timeout)
+        except OSError:
+            conn.close()
+            self._call_raw(request, self.call_timeout)
+            return
+        self._local.pending = request
+
+    def _settle(self, conn: Connection) -> None:
+        """Read the answer to a pipelined release, or resend that release."""
+        request: bytes | None = getattr(self._local, "pending", None)
+        if request is None:
+            return
+        self._local.pending = None
+        try:
+            conn.read_head()
+            conn.read_all()
+            if not conn.reusable:
+                conn.close()
+        except (OSError, ValueError):
+            conn.close()
+            # If this fails too, the daemon reclaims our leases when the worker ends.
+            with contextlib.suppress(DaemonUnavailable, DaemonError):
+                self._call_raw(request, self.call_timeout)
 
     def status(self) -> dict[str, Any]:
         return self._call("GET", "/v1/status", None, self.call_timeout)
@@ -90,11 +123,11 @@ class LeaseClient:
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None,
               timeout: float) -> Any:
-        payload = json.dumps(body).encode() if body is not None else b""
-        request = (f"{method} {path} HTTP/1.1\r\nHost: llmuxd\r\n"
-                   f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-                   ).encode() + payload
+        return self._call_raw(_request(method, path, body), timeout)
+
+    def _call_raw(self, request: bytes, timeout: float) -> Any:
         conn = self._conn()
+        self._settle(conn)
         for attempt in (0, 1):
             try:
                 reused = conn.send(request, timeout)
@@ -120,6 +153,13 @@ class LeaseClient:
             conn = Connection(unix_connector(self.socket_path, self.call_timeout))
             self._local.conn = conn
         return conn
+
+
+def _request(method: str, path: str, body: dict[str, Any] | None) -> bytes:
+    payload = json.dumps(body).encode() if body is not None else b""
+    return (f"{method} {path} HTTP/1.1\r\nHost: llmuxd\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+            ).encode() + payload
 
 
 def _decode(status: int, raw: bytes) -> Any:

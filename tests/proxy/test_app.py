@@ -7,6 +7,7 @@ only gunicorn is left out, so these run fast and pin the app's behaviour.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,15 @@ def client(stack: Stack, **proxy: Any) -> falcon.testing.TestClient:
     if proxy:
         config = replace(config, proxy=replace(config.proxy, **proxy))
     return falcon.testing.TestClient(create_app(make_deps(config, stack.socket_path)))
+
+
+def releases(stack: Stack, n: int) -> list[dict[str, Any]]:
+    """The fake daemon's releases once n have arrived (they are pipelined, not awaited)."""
+    deadline = time.monotonic() + 30
+    while len(stack.daemon.releases) < n:
+        assert time.monotonic() < deadline, f"waited for {n} releases: {stack.daemon.releases}"
+        time.sleep(0.01)
+    return stack.daemon.releases
 
 
 def error_of(result: falcon.testing.Result) -> dict[str, Any]:
@@ -47,7 +57,7 @@ def test_chat_is_forwarded_and_lease_released_with_outcome(stack: Stack) -> None
     sent = r.json["headers"]
     assert sent["x-request-id"] == "req-123"
     assert "connection" not in sent or sent["connection"] != "x-secret"
-    assert [rel["status"] for rel in stack.daemon.releases] == [200]
+    assert [rel["status"] for rel in releases(stack, 1)] == [200]
     release = stack.daemon.releases[0]
     assert release["bytes"] == len(r.content)
     assert release["error"] is None
@@ -69,7 +79,7 @@ def test_streaming_passes_sse_through_untouched(stack: Stack) -> None:
     events = [e for e in r.text.split("\n\n") if e]
     assert len(events) == 6
     assert events[-1] == "data: [DONE]"
-    assert stack.daemon.releases[0]["bytes"] == len(r.content)
+    assert releases(stack, 1)[0]["bytes"] == len(r.content)
 
 
 def test_request_id_is_generated_when_missing_or_malformed(stack: Stack) -> None:
@@ -111,7 +121,7 @@ def test_lease_and_upstream_failures_map_to_openai_errors(stack: Stack, model: s
 
 def test_unreachable_child_releases_the_lease_with_502(stack: Stack) -> None:
     client(stack).simulate_post("/v1/chat/completions", json={"model": "model-gone"})
-    assert [rel["status"] for rel in stack.daemon.releases] == [502]
+    assert [rel["status"] for rel in releases(stack, 1)] == [502]
     assert "refused" in stack.daemon.releases[0]["error"]
 
 
@@ -203,7 +213,7 @@ def test_child_error_status_is_passed_through(stack: Stack) -> None:
     r = client(stack).simulate_post("/v1/chat/completions", json={"model": "model-b"})
     assert r.status_code == 404
     assert json.loads(r.text)["error"]["message"].startswith("model model-b")
-    assert stack.daemon.releases[0]["status"] == 404
+    assert releases(stack, 1)[0]["status"] == 404
 
 
 def test_connections_to_the_child_are_reused(stack: Stack) -> None:
