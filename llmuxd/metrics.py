@@ -52,6 +52,10 @@ class Metrics:
         self.gpu_used = Gauge("llmux_gpu_memory_used_mib", "GPU memory used", ["gpu"],
                               registry=r)
         self._server: Any = None
+        # Label lookups cost a lock and a tuple per call: cache the hot-path children.
+        self._wait_children: dict[str, Any] = {}
+        self._request_children: dict[tuple[str, str], Any] = {}
+        self._duration_children: dict[str, Any] = {}
 
     def serve(self, port: int, probe: Any = None) -> None:
         """Serve /metrics on ``port`` (0: not served); failures are logged, not fatal."""
@@ -77,15 +81,25 @@ class Metrics:
         self.queue_depth.labels(model).set(queued)
 
     def granted(self, model: str, waited_s: float) -> None:
-        self.queue_wait.labels(model).observe(waited_s)
+        child = self._wait_children.get(model)
+        if child is None:
+            child = self._wait_children[model] = self.queue_wait.labels(model)
+        child.observe(waited_s)
 
     def refused(self, model: str, code: str) -> None:
         self.lease_refusals.labels(model, code).inc()
 
     def released(self, model: str, status: Any, duration_ms: Any) -> None:
-        self.requests.labels(model, str(status if status is not None else "error")).inc()
-        if isinstance(duration_ms, int | float):
-            self.request_seconds.labels(model).observe(float(duration_ms) / 1000)
+        key = (model, str(status if status is not None else "error"))
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(*key)
+        counter.inc()
+        if isinstance(duration_ms, int | float) and not isinstance(duration_ms, bool):
+            hist = self._duration_children.get(model)
+            if hist is None:
+                hist = self._duration_children[model] = self.request_seconds.labels(model)
+            hist.observe(float(duration_ms) / 1000)
 
     def gpu_memory(self, index: int, used_mib: int) -> None:
         self.gpu_used.labels(str(index)).set(used_mib)

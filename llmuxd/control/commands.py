@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import structlog
 
@@ -89,23 +90,42 @@ def route(method: str, path: str) -> Callable[[Handler], Handler]:
     return register
 
 
+def _find(req: Request) -> tuple[Route | None, dict[str, str], list[str]]:
+    """The route for a request, its path parameters, and the methods the path allows.
+
+    The two lease routes run on every proxied request: they are matched first by a
+    plain string test, before the general regex scan.
+    """
+    path = req.path
+    if req.method == "POST":
+        if path == "/v1/leases":
+            return _ACQUIRE, {}, []
+        if path.startswith("/v1/leases/") and path.endswith("/release"):
+            lease_id = path[len("/v1/leases/"):-len("/release")]
+            if lease_id and "/" not in lease_id:
+                return _RELEASE, {"lease": unquote(lease_id)}, []
+    allowed = []
+    for r in ROUTES:
+        match = r.pattern.match(path)
+        if match is None:
+            continue
+        if r.method != req.method:
+            allowed.append(r.method)
+            continue
+        return r, {k: unquote(v) for k, v in match.groupdict().items()}, []
+    return None, {}, allowed
+
+
 def dispatch(sup: Any, req: Request, may_mutate: bool) -> tuple[int, Any]:
     """Route a request and map every failure to the API's error shape."""
     try:
-        allowed = []
-        for r in ROUTES:
-            match = r.pattern.match(req.path)
-            if match is None:
-                continue
-            if r.method != req.method:
-                allowed.append(r.method)
-                continue
+        r, params, allowed = _find(req)
+        if r is not None:
             if r.mutating and not may_mutate:
                 raise ApiError("permission_denied",
                                f"uid {req.peer_uid} may not {req.method} {req.path}: "
                                "needs root, the daemon's user or the socket's group")
-            from urllib.parse import unquote
-            return r.handler(sup, req, {k: unquote(v) for k, v in match.groupdict().items()})
+            return r.handler(sup, req, params)
         if allowed:
             raise ApiError("not_found", f"{req.method} {req.path}: method not allowed "
                            f"(use {', '.join(sorted(set(allowed)))})")
@@ -266,3 +286,7 @@ def list_leases(sup: Any, req: Request, _p: dict[str, str]) -> tuple[int, Any]:
         {"lease_id": lease.lease_id, "model": lease.model, "pid": lease.pid,
          "age_s": round(now - lease.granted_at, 3)}
         for lease in sup.leases.leases()]}
+
+
+_ACQUIRE = next(r for r in ROUTES if r.handler is acquire)
+_RELEASE = next(r for r in ROUTES if r.handler is release)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import json
 import os
 import select
 import socket
@@ -255,7 +256,6 @@ class ControlServer:
 
     @staticmethod
     def _send(conn: socket.socket, status: int, body: Any, close: bool) -> None:
-        import json
         data = json.dumps(body, separators=(",", ":")).encode()
         head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
