@@ -200,11 +200,13 @@ def p4_switches(daemon: DaemonProcess, port: int, models: dict[str, int], switch
         wake_s = after[target][1] - before[target][1]
         ok = bool(results) and results[0].ok
         total = results[0].latency if ok else wall
-        status = daemon.status(target)
+        last = daemon.status(target).get("last_switch") or {}
+        phases = {k: round(float(v), 1) for k, v in (last.get("phases_ms") or {}).items()
+                  if v}
         rows.append({"ok": float(ok), "total": total, "sleep": sleep_s, "wake": wake_s,
                      "overhead": total - sleep_s - wake_s,
-                     "daemon_total_ms": float((status.get("last_switch") or {})
-                                              .get("total_ms") or 0.0)})
+                     "daemon_total_ms": float(last.get("total_ms") or 0.0),
+                     "phases": phases})
     return rows
 
 
@@ -216,7 +218,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small counts (smoke test)")
     ap.add_argument("--no-doc", action="store_true", help="print only, do not write the doc")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=160)
+    ap.add_argument("--threads", type=int, default=256,
+                    help="gunicorn threads per worker (P3 holds 256 streams open at once)")
     args = ap.parse_args()
     q = args.quick
     started = time.monotonic()
@@ -364,11 +367,13 @@ def render(r: dict[str, Any]) -> str:
     p4 = r["p4"]
     lines += ["### P4: switch overhead (L1 sleep of one simulated model, L1 wake of the other)",
               "", "| # | ok | request wall ms | child sleep ms | child wake ms | overhead ms "
-              "| daemon's switch total ms |", "|---|---|---|---|---|---|---|"]
+              "| daemon's switch total ms | daemon's phases ms |",
+              "|---|---|---|---|---|---|---|---|"]
     for i, row in enumerate(p4, 1):
+        phases = ", ".join(f"{k} {v:.0f}" for k, v in row.get("phases", {}).items())
         lines.append(f"| {i} | {'yes' if row['ok'] else 'no'} | {ms(row['total'])} | "
                      f"{ms(row['sleep'])} | {ms(row['wake'])} | {ms(row['overhead'])} | "
-                     f"{row['daemon_total_ms']:.1f} |")
+                     f"{row['daemon_total_ms']:.1f} | {phases} |")
     good = [row["overhead"] for row in p4 if row["ok"]]
     med = statistics.median(good) if good else float("nan")
     lines += ["", f"Target switch overhead p50 ≤ 50 ms: {ms(med)} ms over {len(good)} "
