@@ -19,6 +19,7 @@ import itertools
 import os
 import queue
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +53,7 @@ VERIFY_WINDOW = 3.0        # a sleeping child's memory may take a moment to drop
 TAIL_LINES = 20
 FRONTEND_BACKOFF_MAX = 30.0
 COST_ALPHA = 0.3
+READY_WAIT = 60.0          # READY=1 even if the front end never listens
 
 
 class OpFailed(Exception):
@@ -918,7 +920,6 @@ class Supervisor:
             with contextlib.suppress(Exception):
                 self.guardian.register(fe.pgid)
         log.info("frontend_started", pid=fe.pid, port=cfg.proxy.port)
-        self._mark_ready()
 
     def _check_frontend(self, now: float) -> None:
         if not self.want_frontend:
@@ -932,14 +933,35 @@ class Supervisor:
         if rc is None:
             if now - self.fe.started_mono > 60:
                 self.fe.backoff = 1.0
+            if not self.ready:
+                if self._proxy_listening():
+                    self._mark_ready()
+                elif now - self.fe.started_mono > READY_WAIT:
+                    log.warning("frontend_not_listening", waited_s=READY_WAIT)
+                    self._mark_ready()
             return
         log.error("frontend_exited", pid=fe.pid, code=rc, restart_in_s=self.fe.backoff)
-        if fe.pgid is not None and self.guardian is not None:
-            with contextlib.suppress(Exception):
-                self.guardian.unregister(fe.pgid)
+        if fe.pgid is not None:
+            # Workers of a dead master would keep the port: the whole group goes.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(fe.pgid, signal.SIGKILL)
+            if self.guardian is not None:
+                with contextlib.suppress(Exception):
+                    self.guardian.unregister(fe.pgid)
         self.fe.handle = None
         self.fe.next_start = now + self.fe.backoff
         self.fe.backoff = min(FRONTEND_BACKOFF_MAX, self.fe.backoff * 2)
+
+    def _proxy_listening(self) -> bool:
+        """True once the front end accepts TCP connections on the proxy port."""
+        host = self.config.proxy.host
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1" if host != "::" else "::1"
+        try:
+            with socket.create_connection((host, self.config.proxy.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
 
     # ------------------------------------------------------------------
     # Reload
