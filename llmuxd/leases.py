@@ -166,6 +166,7 @@ class LeaseTable:
             gate = self._gates.setdefault(model, Gate(model))
             gate.upstream = upstream
             gate.served_model_name = served_model_name
+            gate.hold = None
 
     def remove_model(self, model: str, error: ApiError) -> list[Lease]:
         """Forget a model (reload removed it): refuse its waiters, drop its leases."""

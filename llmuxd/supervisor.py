@@ -230,9 +230,9 @@ class Supervisor:
             from llmuxd.gpu.select import make_probe_explained
             self.probe, why = make_probe_explained(self.config)
             log.info("gpu_probe", probe=self.probe.name, why=why)
-        self.guardian = Guardian.start_new(grace=self.config.daemon.stop_timeout_secs)
         self.server = ControlServer(self, self.config.daemon)
         self.server.start()
+        self.guardian = Guardian.start_new(grace=self.config.daemon.stop_timeout_secs)
         self.metrics.serve(self.config.metrics_port, self.probe)
         log.info("listening", socket=self.config.daemon.socket, pid=os.getpid(),
                  version=VERSION, models=sorted(self.models),
@@ -983,6 +983,7 @@ class Supervisor:
             if old_rt is not None and old_rt.removed:   # removed, then re-added
                 old_rt.removed = False
                 old_rt.pending_config = new.models[name]
+                self.leases.set_hold(name, None)
             else:
                 self._add_model(new.models[name])
         for name in removed:

