@@ -135,6 +135,13 @@ def http_status(box: Container, path: str) -> str:
     return r.stdout.strip() or r.stderr.strip()[-200:]
 
 
+def watchdog_stamp(box: Container) -> int:
+    """When systemd last saw READY=1 or WATCHDOG=1 (monotonic microseconds)."""
+    out = box.run(["systemctl", "show", "llmux", "-p", "WatchdogTimestampMonotonic",
+                   "--value"]).stdout.strip()
+    return int(out or 0)
+
+
 def journal(box: Container) -> str:
     return box.run(["journalctl", "-u", "llmux", "--no-pager", "-o", "cat"], check=False).stdout
 
@@ -169,6 +176,12 @@ def test_install_with_apt(container: Container) -> None:
         == "inactive"
     conffiles = container.run(["dpkg-query", "-W", "-f=${Conffiles}", "llmux"]).stdout
     assert "/etc/llmux.toml" in conffiles
+    for page in ("llmuxd.8", "llmuxctl.1", "llmux.toml.5", "llmux-sim-vllm.1"):
+        name, section = page.rsplit(".", 1)
+        container.run(["man", "-w", section, name])
+    completion = container.run(["bash", "-c", "source /usr/share/bash-completion/completions/"
+                                "llmuxctl && complete -p llmuxctl"])
+    assert "llmuxctl" in completion.stdout
     PASSED.add("install")
 
 
@@ -205,6 +218,7 @@ def test_service_starts_and_notifies_ready(container: Container) -> None:
     assert r.returncode == 0, f"{r.stderr}\n{journal(container)[-4000:]}"
     # Observed at once, asserted by the next step (so a late READY fails that step alone).
     OBSERVED["health_right_after_start"] = http_status(container, "/health")
+    OBSERVED["watchdog_at_start"] = str(watchdog_stamp(container))
     show = container.run(["systemctl", "show", "llmux", "-p",
                           "Type,NotifyAccess,ActiveState,SubState,MainPID,User"]).stdout
     props = dict(line.split("=", 1) for line in show.strip().splitlines())
@@ -239,6 +253,29 @@ def test_chat_is_answered_and_a_second_model_switches(container: Container) -> N
     assert models["alpha"]["state"] == "sleeping", models["alpha"]
     assert models["alpha"]["sleep_level"] == 1
     PASSED.add("switch")
+
+
+def test_status_text_names_the_active_model(container: Container) -> None:
+    require("switch")
+
+    def status_text() -> str:
+        return container.run(["systemctl", "show", "llmux", "-p", "StatusText",
+                              "--value"]).stdout.strip()
+
+    wait_until(lambda: "beta" in status_text(), 60, "STATUS= naming beta")
+
+
+def test_watchdog_is_fed(container: Container) -> None:
+    require("start")
+    assert container.run(["systemctl", "show", "llmux", "-p", "WatchdogUSec",
+                          "--value"]).stdout.strip() == "30s"
+
+    # systemd stamps the watchdog when the unit becomes ready; a later stamp is a ping.
+    at_start = int(OBSERVED["watchdog_at_start"])
+    wait_until(lambda: watchdog_stamp(container) > at_start, 60,
+               "a WATCHDOG=1 from llmuxd (pings every WatchdogSec/2)")
+    assert container.run(["systemctl", "show", "llmux", "-p", "NRestarts",
+                          "--value"]).stdout.strip() == "0"
 
 
 def test_llmuxctl_status_needs_group_llmux(container: Container) -> None:
