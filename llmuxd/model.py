@@ -65,6 +65,8 @@ class ValidateJob:
     reply: Future[Any]
     demand: Future[Any]
     stage: str = "activate"          # activate -> exclusive -> drain -> running
+    verbose: bool = False
+    steps: list[str] = field(default_factory=list)
     drain_deadline: float = 0.0
 
 

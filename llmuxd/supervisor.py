@@ -1220,7 +1220,8 @@ class Supervisor:
         if not wait:
             fut.set_result(m)
 
-    def cmd_validate(self, name: str, levels: list[int], fut: Future[Any]) -> None:
+    def cmd_validate(self, name: str, levels: list[int], fut: Future[Any],
+                     verbose: bool = False) -> None:
         """Validate a supervised model: it runs alone on its GPUs with leases held back."""
         if self.shutdown is not None:
             raise shutting_down()
@@ -1233,7 +1234,7 @@ class Supervisor:
             m.enter(S.STOPPED, "validate requested: clearing the failure hold")
             self.leases.set_hold(m.name, None)
         demand: Future[Any] = Future()
-        m.validate_job = ValidateJob(levels=levels, reply=fut, demand=demand)
+        m.validate_job = ValidateJob(levels=levels, reply=fut, demand=demand, verbose=verbose)
         if m.state is S.ACTIVE:
             demand.set_result(m)
         else:
@@ -1287,7 +1288,7 @@ class Supervisor:
             from llmuxd.validate import run_validate_on
             return run_validate_on(
                 client, child.group_pids, probe, job.levels, cfg.daemon.sleep_residue_mib,
-                None, gpu_indices=gpus, sleep_timeout=cfg.daemon.sleep_timeout_secs,
+                job.steps.append if job.verbose else None, gpu_indices=gpus, sleep_timeout=cfg.daemon.sleep_timeout_secs,
                 wake_timeout=cfg.daemon.wake_timeout_secs,
                 request_timeout=cfg.policy.request_timeout_secs, model_name=name)
 
@@ -1320,7 +1321,10 @@ class Supervisor:
                 job.reply.set_exception(ApiError("internal", f"validate failed: {error}",
                                                  model=m.name))
         else:
-            job.reply.set_result(report.to_dict())
+            answer = report.to_dict()
+            if job.verbose:
+                answer["steps"] = list(job.steps)
+            job.reply.set_result(answer)
 
     def wait_timeout(self, name: str, op: str) -> float:
         """How long a control call may wait for ``op`` on ``name`` (generous, bounded)."""

@@ -241,7 +241,10 @@ def validate(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
     if (not isinstance(levels, list) or not levels
             or any(lv not in (1, 2, 3) or isinstance(lv, bool) for lv in levels)):
         raise ApiError("bad_request", "levels must be a non-empty list of 1, 2, 3", model=name)
-    report = sup.call(lambda fut: sup.cmd_validate(name, list(levels), fut),
+    verbose = body.get("verbose", False)
+    if not isinstance(verbose, bool):
+        raise ApiError("bad_request", "verbose must be true or false", model=name)
+    report = sup.call(lambda fut: sup.cmd_validate(name, list(levels), fut, verbose),
                       sup.wait_timeout(name, "validate") * (1 + len(levels)))
     return 200, report
 

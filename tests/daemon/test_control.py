@@ -50,9 +50,10 @@ def test_start_sleep_wake_kill_routes_and_logs(make_daemon):
 def test_validate_route_runs_levels_and_returns_to_active(make_daemon):
     d = make_daemon({"a": sim_model(sleep_level=1), "b": sim_model(sleep_level=1)})
     leased_chat(d, "b")
-    code, report = d.request("POST", "/v1/validate/a", {"levels": [1, 2]})
+    code, report = d.request("POST", "/v1/validate/a", {"levels": [1, 2], "verbose": True})
     assert code == 200, report
     assert report["passed"] is True, report
+    assert "L1: POST /sleep?level=1" in report["steps"]
     assert [r["level"] for r in report["rows"]] == [1, 2]
     assert d.status("a")["state"] == "active"
     assert d.status("b")["state"] == "sleeping"
