@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -125,8 +126,11 @@ async def _connect(port: int) -> _Conn:
 
 
 async def _worker(port: int, request: bytes, deadline: float, remaining: list[int],
-                  results: list[Result], timeout: float, track_arrivals: bool) -> None:
+                  results: list[Result], timeout: float, track_arrivals: bool,
+                  delay: float) -> None:
     conn: _Conn | None = None
+    if delay:
+        await asyncio.sleep(delay)
     while remaining[0] > 0 and time.perf_counter() < deadline:
         remaining[0] -= 1
         try:
@@ -148,8 +152,12 @@ async def _worker(port: int, request: bytes, deadline: float, remaining: list[in
 
 def run_load(port: int, path: str, body: dict[str, object], concurrency: int,
              max_requests: int, max_seconds: float, timeout: float = 60.0,
-             track_arrivals: bool = False) -> tuple[list[Result], float]:
-    """Run up to ``max_requests`` (and at most ``max_seconds``); (results, wall s)."""
+             track_arrivals: bool = False, stagger: float = 0.0
+             ) -> tuple[list[Result], float]:
+    """Run up to ``max_requests`` (and at most ``max_seconds``); (results, wall s).
+
+    ``stagger``: each client starts after a random delay in [0, stagger) seconds, so a
+    closed loop of long requests (streams) reaches a steady state instead of a burst."""
     request = build_request(port, path, body)
     results: list[Result] = []
 
@@ -157,8 +165,10 @@ def run_load(port: int, path: str, body: dict[str, object], concurrency: int,
         remaining = [max_requests]
         start = time.perf_counter()
         deadline = start + max_seconds
+        rng = random.Random(1)
         await asyncio.gather(*[
-            _worker(port, request, deadline, remaining, results, timeout, track_arrivals)
+            _worker(port, request, deadline, remaining, results, timeout, track_arrivals,
+                    rng.uniform(0, stagger) if stagger else 0.0)
             for _ in range(concurrency)])
         return time.perf_counter() - start
 

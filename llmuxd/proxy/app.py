@@ -41,7 +41,8 @@ _ROUTE_RE = re.compile(r"[a-z0-9_\-]+(/[a-z0-9_\-]+)*")
 _DENIED_ROUTES = frozenset({"load_lora_adapter", "unload_lora_adapter"})
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # Request headers the child must not see from the client.
-_DROP_TO_UPSTREAM = HOP_BY_HOP | {"host", "content-length", "x-request-id"}
+# The body is sent at once, so "Expect: 100-continue" is not passed on either.
+_DROP_TO_UPSTREAM = HOP_BY_HOP | {"host", "content-length", "x-request-id", "expect"}
 
 
 @dataclass
@@ -166,9 +167,14 @@ class ProxyResource:
             self._release(lease, Outcome(status=502, error=str(exc),
                                          duration_ms=(time.monotonic() - started) * 1e3))
             raise errors.upstream_failed(str(exc)) from None
-        resp.status = head.status
-        for name, value in response_headers(head):
-            resp.append_header(name, value)
+        try:
+            resp.status = head.status
+            for name, value in response_headers(head):
+                resp.append_header(name, value)
+        except Exception:
+            conn.close()
+            self._release(lease, Outcome(status=502, error="bad response head from the child"))
+            raise
         outcome = Outcome(status=head.status)
         ctx.deferred = True
         request_id = ctx.request_id

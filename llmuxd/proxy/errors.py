@@ -113,7 +113,10 @@ def handle_error(req: falcon.Request, resp: falcon.Response, ex: Exception,
     resp.status = err.status
     resp.content_type = falcon.MEDIA_JSON
     resp.data = err.body()
+    stream = resp.stream
     resp.stream = None
+    if stream is not None and hasattr(stream, "close"):
+        stream.close()  # a proxied body releases its lease and upstream connection
     for name, value in err.headers.items():
         resp.set_header(name, value)
     req.context.error_code = err.code

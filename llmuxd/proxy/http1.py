@@ -87,6 +87,13 @@ class Connection:
         self.buf += data
 
     def read_head(self) -> Head:
+        """The final response head (interim 1xx answers are skipped)."""
+        while True:
+            head = self._read_one_head()
+            if not (100 <= head.status < 200 and head.status != 101):
+                return head
+
+    def _read_one_head(self) -> Head:
         assert self.sock is not None
         while True:
             end = self.buf.find(b"\r\n\r\n")
@@ -139,8 +146,7 @@ class Connection:
         self._remaining = length if length is not None else -1
         self._chunk_left = 0
         self._crlf_due = False
-        if length == 0:
-            self.done = True
+        self.done = length == 0
         return head
 
     def read_some(self) -> bytes:
