@@ -1288,7 +1288,8 @@ class Supervisor:
             from llmuxd.validate import run_validate_on
             return run_validate_on(
                 client, child.group_pids, probe, job.levels, cfg.daemon.sleep_residue_mib,
-                job.steps.append if job.verbose else None, gpu_indices=gpus, sleep_timeout=cfg.daemon.sleep_timeout_secs,
+                job.steps.append if job.verbose else None, gpu_indices=gpus,
+                sleep_timeout=cfg.daemon.sleep_timeout_secs,
                 wake_timeout=cfg.daemon.wake_timeout_secs,
                 request_timeout=cfg.policy.request_timeout_secs, model_name=name)
 
