@@ -828,7 +828,10 @@ class Supervisor:
             tail = child.tail(TAIL_LINES)
             msg = f"'{m.name}' (pid {child.pid}) exited unexpectedly with code {rc}"
             m.last_error = msg + ("; last log lines:\n" + "\n".join(tail) if tail else "")
-            log.error("child_died", model=m.name, pid=child.pid, code=rc)
+            if self.shutdown is None:
+                log.error("child_died", model=m.name, pid=child.pid, code=rc)
+            else:       # e.g. systemd's KillMode=control-group signalled it too
+                log.info("child_exited_during_shutdown", model=m.name, pid=child.pid, code=rc)
             self.leases.close_gate(m.name)
             revoked = self.leases.revoke(m.name, msg)
             err = ApiError("model_failed", msg + "; the next request restarts it",
