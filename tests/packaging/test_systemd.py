@@ -135,6 +135,10 @@ def http_status(box: Container, path: str) -> str:
     return r.stdout.strip() or r.stderr.strip()[-200:]
 
 
+def main_pid(box: Container) -> str:
+    return box.run(["systemctl", "show", "llmux", "-p", "MainPID", "--value"]).stdout.strip()
+
+
 def watchdog_stamp(box: Container) -> int:
     """When systemd last saw READY=1 or WATCHDOG=1 (monotonic microseconds)."""
     out = box.run(["systemctl", "show", "llmux", "-p", "WatchdogTimestampMonotonic",
@@ -292,7 +296,7 @@ def test_llmuxctl_status_needs_group_llmux(container: Container) -> None:
 
 def test_reload_applies_an_added_model(container: Container) -> None:
     require("start")
-    main_pid = container.run(["systemctl", "show", "llmux", "-p", "MainPID", "--value"]).stdout
+    pid_before = main_pid(container)
     container.write("/etc/llmux.toml", TEST_CONFIG + model_table("gamma", 8003, 3))
     container.run(["systemctl", "reload", "llmux"], timeout=120)
     wait_until(lambda: "gamma" in llmuxctl_status(container)["models"], 120,
@@ -300,9 +304,37 @@ def test_reload_applies_an_added_model(container: Container) -> None:
     python = "/usr/lib/llmux/venv/bin/python"
     listed = json.loads(container.run([python, "-c", MODELS]).stdout)
     assert {"alpha", "beta", "gamma"} <= set(listed)
-    assert container.run(["systemctl", "show", "llmux", "-p", "MainPID", "--value"]).stdout \
-        == main_pid, "reload must not restart the daemon"
+    assert main_pid(container) == pid_before, "reload must not restart the daemon"
     assert container.run(["systemctl", "is-active", "llmux"]).stdout.strip() == "active"
+
+
+def test_killed_daemon_is_restarted_without_orphans(container: Container) -> None:
+    require("switch")
+    before = main_pid(container)
+    children = {pid for pid, _ in container.processes("llmux-sim-vllm")}
+    assert children, "the switch step left simulated vLLM children running"
+    container.run(["systemctl", "kill", "--signal=SIGKILL", "--kill-whom=main", "llmux"])
+    # Restart=on-failure (RestartSec=5s): a new llmuxd, and KillMode=control-group took
+    # the old children with the old one.
+    wait_until(lambda: main_pid(container) not in ("0", before), 90, "a restarted llmuxd")
+    wait_until(lambda: container.run(["systemctl", "is-active", "llmux"], check=False)
+               .stdout.strip() == "active", 90, "llmux active again")
+    assert not children & {pid for pid, _ in container.processes("llmux-sim-vllm")}
+    assert container.run(["systemctl", "show", "llmux", "-p", "NRestarts",
+                          "--value"]).stdout.strip() == "1"
+
+
+def test_upgrade_in_place_restarts_the_running_service(container: Container) -> None:
+    require("start")
+    before = main_pid(container)
+    container.run(["dpkg", "-i", *container.debs_inside], timeout=600)
+    assert container.run(["dpkg-query", "-W", "-f=${Status}", "llmux"]).stdout \
+        == "install ok installed"
+    # postinst try-restarts a running llmux; it comes back ready.
+    assert container.run(["systemctl", "is-active", "llmux"], check=False).stdout.strip() \
+        == "active"
+    assert main_pid(container) not in ("0", before)
+    wait_until(lambda: http_status(container, "/health") == "200", 60, ":3000/health")
 
 
 def test_stop_leaves_no_process(container: Container) -> None:
