@@ -15,6 +15,12 @@ The gate is the original tool's draining flag done under a lock: the check "gate
 open" and the in-flight increment happen in one critical section, and closing
 the gate reads the in-flight count in another, so a lease can never slip in
 after a drain has seen zero.
+
+Measured (tests/daemon/lease_bench.py, this 2-core box, shared): one acquire plus one
+release over a keep-alive Unix-socket connection costs the daemon about 50-90 µs of
+CPU in total (two HTTP requests: parse, route, JSON, lock, metrics), with a client
+p50 of ~80 µs at concurrency 1. The supervisor loop is not involved at all unless a
+request has to wait.
 """
 
 from __future__ import annotations
