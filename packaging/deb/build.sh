@@ -19,6 +19,13 @@ case $release in
 esac
 
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8
+[[ $EUID -eq 0 ]] || { echo "build.sh: needs root (debootstrap, systemd-nspawn)" >&2; exit 1; }
+for tool in debootstrap systemd-nspawn git; do
+  command -v "$tool" >/dev/null || {
+    echo "build.sh: $tool is missing (apt-get install debootstrap systemd-container git)" >&2
+    exit 1
+  }
+done
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 out=$here/out/$release

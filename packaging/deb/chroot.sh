@@ -32,6 +32,9 @@ case $kind in
   *) echo "chroot.sh: unknown kind '$kind' (build or test)" >&2; exit 2 ;;
 esac
 
+mkdir -p "$(dirname "$root")"
+exec 9>"$root.lock"
+flock 9   # one maker at a time; the others then find it complete
 # The stamp holds what the root was made with: a change of the list rebuilds it.
 stamp=$root/.llmux-complete
 want="$variant $release $packages"
