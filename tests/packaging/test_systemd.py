@@ -189,6 +189,14 @@ def test_install_with_apt(container: Container) -> None:
     PASSED.add("install")
 
 
+def test_shipped_config_is_valid(container: Container) -> None:
+    require("install")
+    shipped = (TOP / "etc/llmux.toml").read_text()
+    assert container.run(["cat", "/etc/llmux.toml"]).stdout == shipped
+    r = container.run(["llmuxd", "-c", "/etc/llmux.toml", "--check-config"], check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_unit_verifies_clean(container: Container) -> None:
     require("install")
     r = container.run(["systemd-analyze", "verify", "llmux.service"], check=False)
