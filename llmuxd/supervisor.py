@@ -109,6 +109,7 @@ class Supervisor:
         self.recheck_at: float | None = None
         self._op_ids = itertools.count(1)
         self._workers: set[threading.Thread] = set()
+        self._workers_lock = threading.Lock()
         self._next_sweep = 0.0
         self._next_sample = 0.0
         self._sampling = False
@@ -383,10 +384,12 @@ class Supervisor:
                 else:
                     log.debug("op_result_ignored", model=m.name, op=kind)
             self.post(report)
-            self._workers.discard(threading.current_thread())
+            with self._workers_lock:
+                self._workers.discard(threading.current_thread())
 
         t = threading.Thread(target=body, name=f"op-{kind}-{m.name}", daemon=True)
-        self._workers.add(t)
+        with self._workers_lock:
+            self._workers.add(t)
         t.start()
         return ctx
 
@@ -1097,7 +1100,9 @@ class Supervisor:
             for t in threads:
                 t.join(timeout=grace + 15)
             # Ops cancelled mid-flight clean up their own children; wait for them.
-            for w in list(self._workers):
+            with self._workers_lock:
+                workers = list(self._workers)
+            for w in workers:
                 w.join(timeout=grace + 15)
 
         sd.stopper = threading.Thread(target=work, name="shutdown", daemon=True)

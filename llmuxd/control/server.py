@@ -25,6 +25,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import structlog
 
@@ -264,7 +265,6 @@ class ControlServer:
 
 
 def _parse_query(query: str) -> dict[str, str]:
-    from urllib.parse import parse_qsl
     return dict(parse_qsl(query)) if query else {}
 
 

@@ -74,3 +74,37 @@ def test_model_on_another_gpu_stays_active(make_daemon):
     leased_chat(d, "a")
     leased_chat(d, "b")
     assert (d.status("a")["state"], d.status("b")["state"]) == ("active", "active")
+
+
+def test_switch_waits_for_the_in_flight_lease_to_end(make_daemon):
+    import threading
+
+    from .daemon_helpers import lease, release
+    d = make_daemon({"a": sim_model(sleep_level=1), "b": sim_model(sleep_level=1)},
+                    config={"daemon": {"drain_timeout_secs": 120}})
+    code, held = lease(d, "a")
+    assert code == 200
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(lease(d, "b")))
+    t.start()
+    d.wait_state("a", "draining")
+    assert d.status("b")["queued"] == 1 and d.status("a")["in_flight"] == 1
+    release(d, held["lease_id"])
+    t.join(60)
+    assert got[0][0] == 200, got
+    release(d, got[0][1]["lease_id"])
+    assert d.status("a")["state"] == "sleeping"
+    switch = d.status("b")["last_switch"]
+    assert switch["from"] == "a" and switch["phases_ms"]["drain"] > 0
+
+
+def test_drain_is_bounded_by_the_drain_timeout(make_daemon):
+    from .daemon_helpers import lease
+    d = make_daemon({"a": sim_model(sleep_level=1), "b": sim_model(sleep_level=1)},
+                    config={"daemon": {"drain_timeout_secs": 1.0}})
+    code, _held = lease(d, "a")                 # never released
+    assert code == 200
+    code, grant = lease(d, "b")
+    assert code == 200, grant
+    assert d.status("a")["state"] == "sleeping"
+    assert d.log_events("drain_timeout")[0]["in_flight"] == 1
