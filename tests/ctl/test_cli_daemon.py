@@ -282,12 +282,12 @@ def test_validate_passes_at_l1_and_l2(daemon: DaemonProcess) -> None:
 def test_validate_verbose_prints_each_step(daemon: DaemonProcess) -> None:
     answer = json.loads(ok(daemon, "validate", "alpha", "--levels", "1", "--verbose",
                            "--json").stdout)
-    if "steps" not in answer:
-        pytest.xfail("llmuxd does not yet return the verbose steps of the validate route "
-                     "(docs/interfaces.md section 5: \"steps\" when verbose)")
+    assert "L1: POST /sleep?level=1" in answer["steps"]
     r = ok(daemon, "validate", "alpha", "--levels", "1", "--verbose")
-    assert "L1: POST /sleep?level=1" in r.stdout.splitlines()
-    assert r.stdout.splitlines()[-1] == "Result: ALL PASSED"
+    lines = r.stdout.splitlines()
+    assert "L1: POST /sleep?level=1" in lines
+    assert lines.index("L1: POST /sleep?level=1") < lines.index("Result: ALL PASSED")
+    assert lines[-1] == "Result: ALL PASSED"
 
 
 def test_validate_json(daemon: DaemonProcess) -> None:
