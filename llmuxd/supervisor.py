@@ -165,7 +165,15 @@ class Supervisor:
     def run(self) -> int:
         """Run until shut down; returns the exit code."""
         self.loop_thread = threading.current_thread()
-        self._boot()
+        try:
+            self._boot()
+        except BaseException:
+            if self.server is not None:
+                self.server.close()
+            if self.guardian is not None:
+                with contextlib.suppress(Exception):
+                    self.guardian.close()
+            raise
         while not self.done:
             timeout = TICK
             try:
