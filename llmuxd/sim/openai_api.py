@@ -18,6 +18,7 @@ from llmuxd.sim.errors import (
     SimHttpError,
     bad_request,
     not_found_model,
+    openai_error,
     validation_error,
 )
 from llmuxd.sim.httpio import Request, Responder, dumps
@@ -29,8 +30,22 @@ if TYPE_CHECKING:
 FINGERPRINT = "vllm-0.32.0-sim"
 
 
+def _input_repr(value: object) -> object:
+    """How pydantic shows a large input in an error: dicts as '<dict of N items>'."""
+    return f"<dict of {len(value)} items>" if isinstance(value, dict) else value
+
+
 def parse_body(req: Request) -> dict[str, object]:
-    """The JSON object body, or vLLM's validation error."""
+    """The JSON object body, or vLLM's validation error.
+
+    vLLM's OpenAI routes accept only `Content-Type: application/json` (a proxy that
+    drops the header gets a 400 from real vLLM, so it gets one here too).
+    """
+    ctype = req.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype != "application/json":
+        raise SimHttpError(400, openai_error(
+            400, "1 validation error:\n  Unsupported Media Type: Only 'application/json' "
+            "is allowed", "Bad Request", None))
     try:
         body = req.json()
     except (ValueError, UnicodeDecodeError) as e:
@@ -55,9 +70,18 @@ def _check_model(srv: SimServer, body: dict[str, object]) -> str:
 
 
 def _int_field(body: dict[str, object], key: str) -> int | None:
+    """An optional integer field, parsed as pydantic's lax mode does ("5" is fine)."""
     v = body.get(key)
     if v is None:
         return None
+    if isinstance(v, str):
+        try:
+            return int(v.strip())
+        except ValueError:
+            raise validation_error(
+                "int_parsing", f"body.{key}",
+                "Input should be a valid integer, unable to parse string as an integer", v,
+            ) from None
     if isinstance(v, bool) or not isinstance(v, int | float) or int(v) != v:
         raise validation_error("int_type", f"body.{key}", "Input should be a valid integer", v)
     return int(v)
@@ -69,10 +93,12 @@ def _max_tokens(srv: SimServer, body: dict[str, object], prompt_tokens: int) -> 
         mt = _int_field(body, "max_tokens")
     limit = srv.opts.max_model_len
     if prompt_tokens >= limit:
+        seen = min(prompt_tokens, limit + 1)
         raise bad_request(
-            f"This model's maximum context length is {limit} tokens. However, your request "
-            f"has {prompt_tokens} input tokens. Please reduce the length of the input "
-            f"messages. (parameter=input_tokens, value={prompt_tokens})",
+            f"This model's maximum context length is {limit} tokens. However, your prompt "
+            f"contains at least {seen} input tokens, which exceeds this limit even without "
+            f"any output tokens. Please reduce the length of the input prompt. "
+            f"(parameter=input_tokens, value={seen})",
             "input_tokens",
         )
     if mt is not None:
@@ -97,6 +123,14 @@ def _sampling(body: dict[str, object]) -> tuple[float, int | None]:
         temperature = 1.0
     elif isinstance(t, int | float) and not isinstance(t, bool):
         temperature = float(t)
+    elif isinstance(t, str):
+        try:
+            temperature = float(t.strip())
+        except ValueError:
+            raise validation_error(
+                "float_parsing", "body.temperature",
+                "Input should be a valid number, unable to parse string as a number", t,
+            ) from None
     else:
         raise validation_error("float_type", "body.temperature",
                                "Input should be a valid number", t)
@@ -108,8 +142,8 @@ def _stream_opts(body: dict[str, object]) -> tuple[bool, bool]:
     so = body.get("stream_options")
     include_usage = isinstance(so, dict) and bool(so.get("include_usage"))
     if so is not None and not stream:
-        raise bad_request("Stream options can only be defined when `stream=True`.",
-                          "stream_options")
+        raise bad_request("Stream options can only be defined when `stream=True`. "
+                          "(parameter=stream_options)", "stream_options")
     return stream, include_usage
 
 
@@ -156,21 +190,31 @@ async def models(srv: SimServer, req: Request, resp: Responder) -> None:
     await resp.send_json(200, {"object": "list", "data": data})
 
 
-def _prompt_of(body: dict[str, object]) -> tuple[str, int]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]
+def _one_prompt(prompt: object) -> tuple[str, int] | None:
     if isinstance(prompt, str) and prompt:
         return prompt, max(1, textgen.count_tokens(prompt))
     if isinstance(prompt, list) and prompt and all(
         isinstance(t, int) and not isinstance(t, bool) for t in prompt
     ):
         return " ".join(map(str, prompt)), len(prompt)
+    return None
+
+
+def _prompts_of(body: dict[str, object]) -> list[tuple[str, int]]:
+    """(text, tokens) per prompt: a string, token ids, or a list of either (batch)."""
+    prompt = body.get("prompt")
     if prompt is None or prompt == "" or prompt == []:
         raise bad_request(
             "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)",
             "prompt",
         )
+    one = _one_prompt(prompt)
+    if one is not None:
+        return [one]
+    if isinstance(prompt, list):
+        many = [_one_prompt(p) for p in prompt]
+        if all(m is not None for m in many):
+            return [m for m in many if m is not None]
     raise validation_error("string_type", "body.prompt", "Input should be a valid string", prompt)
 
 
@@ -179,8 +223,7 @@ async def completions(srv: SimServer, req: Request, resp: Responder) -> None:
         raise NOT_FOUND
     body = parse_body(req)
     model = _check_model(srv, body)
-    prompt, ptoks = _prompt_of(body)
-    await _generate(srv, req, resp, body, model, prompt, ptoks, chat=False)
+    await _generate(srv, req, resp, body, model, _prompts_of(body), chat=False)
 
 
 async def chat(srv: SimServer, req: Request, resp: Responder) -> None:
@@ -190,7 +233,8 @@ async def chat(srv: SimServer, req: Request, resp: Responder) -> None:
     messages = body.get("messages")
     if not isinstance(messages, list):
         if messages is None:
-            raise validation_error("missing", "body.messages", "Field required", body)
+            raise validation_error("missing", "body.messages", "Field required",
+                                   _input_repr(body))
         raise validation_error("list_type", "body.messages", "Input should be a valid list",
                                messages)
     for i, m in enumerate(messages):
@@ -199,12 +243,29 @@ async def chat(srv: SimServer, req: Request, resp: Responder) -> None:
     model = _check_model(srv, body)
     prompt = textgen.chat_prompt_text(messages)
     ptoks = textgen.chat_prompt_tokens(messages)
-    await _generate(srv, req, resp, body, model, prompt, ptoks, chat=True)
+    await _generate(srv, req, resp, body, model, [(prompt, ptoks)], chat=True)
+
+
+def _choice(chat: bool, index: int, text: str, finish: str) -> dict[str, object]:
+    if chat:
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": text, "refusal": None,
+                        "annotations": None, "audio": None, "function_call": None,
+                        "tool_calls": [], "reasoning": None},
+            "logprobs": None, "finish_reason": finish, "stop_reason": None, "token_ids": None,
+        }
+    return {
+        "index": index, "text": text, "logprobs": None, "finish_reason": finish,
+        "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
+        "prompt_token_ids": None,
+    }
 
 
 async def _generate(srv: SimServer, req: Request, resp: Responder, body: dict[str, object],
-                    model: str, prompt: str, ptoks: int, *, chat: bool) -> None:
-    max_tokens = _max_tokens(srv, body, ptoks)
+                    model: str, prompts: list[tuple[str, int]], *, chat: bool) -> None:
+    ptoks = sum(p[1] for p in prompts)
+    max_tokens = min(_max_tokens(srv, body, p[1]) for p in prompts)
     temperature, seed = _sampling(body)
     stream, include_usage = _stream_opts(body)
     engine = srv.engine
@@ -214,136 +275,132 @@ async def _generate(srv: SimServer, req: Request, resp: Responder, body: dict[st
         resp.close_after = True
         return
     try:
-        gen = textgen.plan(model, prompt, max_tokens=max_tokens, temperature=temperature,
-                           seed=seed, chat=chat, garbage=not engine.weights_valid,
-                           ignore_eos=body.get("ignore_eos") is True)
+        gens = [textgen.plan(model, prompt, max_tokens=max_tokens, temperature=temperature,
+                             seed=seed, chat=chat, garbage=not engine.weights_valid,
+                             ignore_eos=body.get("ignore_eos") is True)
+                for prompt, _ in prompts]
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(8)
         created = int(time.time())
         if stream:
-            sent, finish = await _stream(srv, resp, engine, handle, gen, rid, created, model,
-                                         ptoks, include_usage, chat=chat)
+            sent, finishes = await _stream(srv, resp, engine, handle, gens, rid, created, model,
+                                           ptoks, include_usage, chat=chat)
         else:
-            sent, finish = await _collect(engine, handle, gen)
-            text = "".join(gen.tokens[:sent])
+            longest = max(len(g.tokens) for g in gens)
+            done = await _collect(engine, handle, longest)
+            sent, finishes, choices = 0, [], []
+            for i, g in enumerate(gens):
+                k = min(done, len(g.tokens))
+                finish = g.finish_reason if k == len(g.tokens) else "abort"
+                sent += k
+                finishes.append(finish)
+                choices.append(_choice(chat, i, "".join(g.tokens[:k]), finish))
+            obj: dict[str, object] = {
+                "id": rid, "object": "chat.completion" if chat else "text_completion",
+                "created": created, "model": model, "choices": choices,
+                "service_tier": None, "system_fingerprint": FINGERPRINT,
+                "usage": usage_obj(ptoks, sent),
+            }
             if chat:
-                obj = {
-                    "id": rid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text, "refusal": None,
-                                    "annotations": None, "audio": None,
-                                    "function_call": None, "tool_calls": [],
-                                    "reasoning": None},
-                        "logprobs": None, "finish_reason": finish, "stop_reason": None,
-                        "token_ids": None,
-                    }],
-                    "service_tier": None, "system_fingerprint": FINGERPRINT,
-                    "usage": usage_obj(ptoks, sent), "prompt_logprobs": None,
-                    "prompt_token_ids": None, "kv_transfer_params": None,
-                }
-            else:
-                obj = {
-                    "id": rid, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{
-                        "index": 0, "text": text, "logprobs": None, "finish_reason": finish,
-                        "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
-                        "prompt_token_ids": None,
-                    }],
-                    "service_tier": None, "system_fingerprint": FINGERPRINT,
-                    "usage": usage_obj(ptoks, sent), "kv_transfer_params": None,
-                }
+                obj.update({"prompt_logprobs": None, "prompt_token_ids": None})
+            obj["kv_transfer_params"] = None
             await resp.send_json(200, obj)
         m = srv.metrics
         m.prompt_tokens += ptoks
         m.generation_tokens += sent
-        m.success[finish] = m.success.get(finish, 0) + 1
+        for finish in finishes:
+            m.success[finish] = m.success.get(finish, 0) + 1
         m.e2e.observe(time.perf_counter() - t_arrival)
     finally:
         engine.release(handle)
     srv.request_done()
 
 
-async def _collect(engine: Engine, handle: Handle, gen: textgen.Generation) -> tuple[int, str]:
-    """Non-streaming: wait as long as generating would take, honouring aborts."""
+async def _collect(engine: Engine, handle: Handle, n: int) -> int:
+    """Non-streaming: wait as long as `n` tokens take; how many were made (abort: fewer)."""
     loop = asyncio.get_running_loop()
     timing = engine.timing
     deadline = loop.time() + timing.first_token_s()
     interval = timing.token_interval_s()
-    n = len(gen.tokens)
     # Sleep in slices so an abort (sleep with mode=abort) ends the request promptly.
     slice_tokens = max(1, int(0.05 / interval)) if interval > 0 else n
     sent = 0
     while sent < n:
         step = min(slice_tokens, n - sent)
         if not await engine.pace(handle, deadline + (step - 1) * interval):
-            return sent, "abort"
+            return sent
         sent += step
         deadline += step * interval
-    return sent, gen.finish_reason
+    return sent
 
 
 async def _stream(srv: SimServer, resp: Responder, engine: Engine, handle: Handle,
-                  gen: textgen.Generation,
-                  rid: str, created: int, model: str, ptoks: int, include_usage: bool,
-                  *, chat: bool) -> tuple[int, str]:
+                  gens: list[textgen.Generation], rid: str, created: int, model: str,
+                  ptoks: int, include_usage: bool, *, chat: bool) -> tuple[int, list[str]]:
+    """SSE: one chunk per token (prompts of a batch one after another), then usage, [DONE]."""
     loop = asyncio.get_running_loop()
     head = dumps({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                   "created": created, "model": model})[:-1]
-    if chat:
-        pre = b"data: " + head + b',"choices":[{"index":0,"delta":{"content":'
-        mid = b'},"logprobs":null,"finish_reason":'
-        post = b',"token_ids":null}]}\n\n'
-    else:
-        pre = b"data: " + head + b',"choices":[{"index":0,"text":'
-        mid = b',"logprobs":null,"finish_reason":'
-        post = b',"stop_reason":null,"prompt_token_ids":null,"token_ids":null}]}\n\n'
     die_after = srv.opts.faults.value("die_mid_stream")
     await resp.start_stream()
-    chunks = 0
-    if chat:
-        await resp.chunk(b"data: " + head + b',"choices":[{"index":0,"delta":{"role":"assistant",'
-                         b'"content":""},"logprobs":null,"finish_reason":null}]}\n\n')
-        chunks += 1
     timing = engine.timing
-    deadline = loop.time() + timing.first_token_s()
     interval = timing.token_interval_s()
-    n = len(gen.tokens)
-    finish = gen.finish_reason
-    sent = 0
+    chunks = 0
+    sent_total = 0
+    finishes: list[str] = []
+    aborted = False
     first = True
-    while sent < n:
-        if die_after is not None and chunks >= int(die_after):
-            await srv.die(f"fault die_mid_stream: dying after {chunks} chunks")
-        ok = await engine.pace(handle, deadline)
-        if resp.client_gone():
-            handle.aborted = True
-            return sent, "abort"
-        if not ok:
-            finish = "abort"
-            break
-        if first:
-            srv.metrics.ttft.observe(timing.first_token_s())
-            first = False
-        tok = json.dumps(gen.tokens[sent])
-        sent += 1
-        last = sent == n
-        fr = b'"%s"' % finish.encode() if last else b"null"
-        extra = b',"stop_reason":null' if (last and chat) else b""
-        await resp.chunk(pre + tok.encode() + mid + fr + extra + post)
-        chunks += 1
-        deadline += interval
-    if finish == "abort" or n == 0:
-        # vLLM ends an aborted (or empty) stream with one chunk carrying the reason.
-        fr = b'"%s"' % finish.encode()
-        extra = b',"stop_reason":null' if chat else b""
-        await resp.chunk(pre + b'""' + mid + fr + extra + post)
+    for index, gen in enumerate(gens):
+        idx = str(index).encode()
+        if chat:
+            pre = b"data: " + head + b',"choices":[{"index":' + idx + b',"delta":{"content":'
+            mid = b'},"logprobs":null,"finish_reason":'
+            post = b',"token_ids":null}]}\n\n'
+            await resp.chunk(b"data: " + head + b',"choices":[{"index":' + idx
+                             + b',"delta":{"role":"assistant","content":""},"logprobs":null,'
+                             b'"finish_reason":null}]}\n\n')
+            chunks += 1
+        else:
+            pre = b"data: " + head + b',"choices":[{"index":' + idx + b',"text":'
+            mid = b',"logprobs":null,"finish_reason":'
+            post = b',"stop_reason":null,"prompt_token_ids":null,"token_ids":null}]}\n\n'
+        deadline = loop.time() + timing.first_token_s()
+        n = len(gen.tokens)
+        finish = "abort" if aborted else gen.finish_reason
+        sent = 0
+        while sent < n and not aborted:
+            if die_after is not None and chunks >= int(die_after):
+                await srv.die(f"fault die_mid_stream: dying after {chunks} chunks")
+            ok = await engine.pace(handle, deadline)
+            if resp.client_gone():
+                handle.aborted = True
+                return sent_total + sent, [*finishes, "abort"]
+            if not ok:
+                finish, aborted = "abort", True
+                break
+            if first:
+                srv.metrics.ttft.observe(timing.first_token_s())
+                first = False
+            tok = json.dumps(gen.tokens[sent])
+            sent += 1
+            last = sent == n
+            fr = b'"%s"' % finish.encode() if last else b"null"
+            extra = b',"stop_reason":null' if (last and chat) else b""
+            await resp.chunk(pre + tok.encode() + mid + fr + extra + post)
+            chunks += 1
+            deadline += interval
+        if finish == "abort" or n == 0:
+            # vLLM ends an aborted (or empty) choice with one chunk carrying the reason.
+            extra = b',"stop_reason":null' if chat else b""
+            await resp.chunk(pre + b'""' + mid + b'"%s"' % finish.encode() + extra + post)
+        sent_total += sent
+        finishes.append(finish)
     if include_usage:
         await resp.chunk(b"data: " + head + b',"choices":[],"usage":'
-                         + dumps(usage_obj(ptoks, sent, full=False))
+                         + dumps(usage_obj(ptoks, sent_total, full=False))
                          + b',"system_fingerprint":"' + FINGERPRINT.encode() + b'"}\n\n')
     await resp.chunk(b"data: [DONE]\n\n")
     await resp.end_stream()
-    return sent, finish
+    return sent_total, finishes
 
 
 async def embeddings(srv: SimServer, req: Request, resp: Responder) -> None:

@@ -202,6 +202,59 @@ def test_bad_bodies_are_400(backend: Backend) -> None:
                         "BadRequestError", "prompt")
 
 
+def test_openai_routes_need_a_json_content_type(backend: Backend) -> None:
+    body = b'{"model": "%s", "prompt": "hi", "max_tokens": 2}' % backend.model.encode()
+    for ctype in ("application/x-www-form-urlencoded", None):
+        headers = {"content-type": ctype} if ctype else {}
+        r = requests.post(backend.url + "/v1/completions", data=body, headers=headers,
+                          timeout=60)
+        err = assert_openai_error(r, 400, "Bad Request")
+        assert "Only 'application/json' is allowed" in err["message"]
+    r = requests.post(backend.url + "/v1/completions", data=body, timeout=60,
+                      headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200, r.text
+
+
+def test_stream_options_without_stream_is_400(backend: Backend) -> None:
+    r = completion(backend, stream_options={"include_usage": True})
+    assert_openai_error(r, 400, "BadRequestError", "stream_options")
+
+
+def test_prompt_longer_than_the_context_is_400(backend: Backend) -> None:
+    r = completion(backend, prompt="word " * 400, max_tokens=2)
+    err = assert_openai_error(r, 400, "BadRequestError", "input_tokens")
+    assert "maximum context length is 256 tokens" in err["message"]
+
+
+def test_lax_number_parsing(backend: Backend) -> None:
+    assert completion(backend, max_tokens="2", temperature="0").status_code == 200
+    assert_openai_error(completion(backend, temperature="hot"), 400, "Bad Request",
+                        "body.temperature")
+    assert_openai_error(completion(backend, max_tokens="x"), 400, "Bad Request",
+                        "body.max_tokens")
+
+
+def test_missing_messages_is_400(backend: Backend) -> None:
+    r = backend.post("/v1/chat/completions", {"model": backend.model, "max_tokens": 2})
+    assert_openai_error(r, 400, "Bad Request", "body.messages")
+
+
+def test_a_batch_of_prompts_gets_one_choice_each(backend: Backend) -> None:
+    body = completion(backend, prompt=["a", "b c"], max_tokens=2).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert all(c["finish_reason"] in ("length", "stop") for c in body["choices"])
+    assert 2 <= body["usage"]["completion_tokens"] <= 4
+
+
+def test_tokenize_shape(backend: Backend) -> None:
+    r = backend.post("/tokenize", {"model": backend.model, "prompt": "hello world"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"count", "max_model_len", "tokens", "token_strs"}
+    assert body["count"] == len(body["tokens"]) >= 1
+    assert body["max_model_len"] == 256
+
+
 def test_completion_stream_framing_with_usage(backend: Backend) -> None:
     with requests.post(backend.url + "/v1/completions", stream=True, timeout=60, json={
         "model": backend.model, "prompt": "hi there", "max_tokens": 3, "temperature": 0,

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +88,7 @@ class RealVllm:
     log_path: Path
     served_name: str = SERVED_NAME
     extra: list[str] = field(default_factory=list)
+    short_tmp: Path | None = None
 
     @property
     def url(self) -> str:
@@ -118,8 +121,11 @@ class RealVllm:
             time.sleep(0.25)
 
     def stop(self, grace: float = 10.0) -> int | None:
-        """SIGTERM the group, wait `grace`, SIGKILL the group, reap."""
-        return kill_group(self.proc, grace)
+        """SIGTERM the group, wait `grace`, SIGKILL the group, reap, remove its TMPDIR."""
+        code = kill_group(self.proc, grace)
+        if self.short_tmp is not None:
+            shutil.rmtree(self.short_tmp, ignore_errors=True)
+        return code
 
 
 def start_real_vllm(tmp_path: Path, *, served_name: str = SERVED_NAME,
@@ -132,8 +138,11 @@ def start_real_vllm(tmp_path: Path, *, served_name: str = SERVED_NAME,
     port = _free_port()
     full_env = dict(os.environ)
     full_env.update(FAST_START_ENV)
+    # vLLM puts ZMQ ipc sockets in TMPDIR; their paths must stay under 107 bytes, which
+    # pytest's deep tmp_path can exceed, so TMPDIR is a short folder of its own.
+    short_tmp = Path(tempfile.mkdtemp(prefix="llmux-rv-"))
     full_env.update({
-        "TMPDIR": str(work),
+        "TMPDIR": str(short_tmp),
         "VLLM_CACHE_ROOT": str(work / "cache"),
         "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"),
     })
@@ -144,7 +153,7 @@ def start_real_vllm(tmp_path: Path, *, served_name: str = SERVED_NAME,
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, env=full_env, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=work)
-    srv = RealVllm(proc, port, log_path, served_name, list(extra_args))
+    srv = RealVllm(proc, port, log_path, served_name, list(extra_args), short_tmp)
     if wait:
         try:
             srv.wait_healthy()

@@ -115,7 +115,7 @@ def test_keep_alive_and_chunked_request_bodies(tmp_path: Path) -> None:
         with socket.create_connection(("127.0.0.1", s.port), timeout=30) as c:
             for _ in range(2):  # two requests on one connection
                 c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
-                          b"Transfer-Encoding: chunked\r\n\r\n"
+                          b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
                           + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
                 head = b""
                 while b"\r\n\r\n" not in head:
@@ -341,8 +341,8 @@ def test_parked_request_keeps_the_server_alive_after_sigterm(tmp_path: Path) -> 
         s.post("/sleep?level=1")
         c = socket.create_connection(("127.0.0.1", s.port), timeout=30)
         body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
-        c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-                  % (len(body), body))
+        c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         wait_for(lambda: s.state()["parked"] == 1, 30, "the request to park")
         s.signal(signal.SIGTERM)
         wait_for(lambda: "Shutting down" in s.log(), 30, "the server to start shutting down")
