@@ -326,6 +326,11 @@ class Supervisor:
 
     def _schedule(self, now: float) -> None:
         views = self._views(now)
+        for name, v in views.items():
+            rt = self.models[name]
+            if (rt.switch is not None and rt.switch.to == name and not v.queued
+                    and not rt.busy and v.state in (S.STOPPED, S.SLEEPING, S.BACKOFF)):
+                self._finish_switch(rt, "abandoned")    # its waiters gave up
         if not any(v.queued for v in views.values()):
             return
         inp = PolicyInput(models=views, now=now,
@@ -1274,7 +1279,8 @@ class Supervisor:
                 gpus = set(m.config.gpu_indices)
                 others = [o for o in self.models.values() if o is not m
                           and gpus & set(o.config.gpu_indices)
-                          and o.state in (S.ACTIVE, S.DRAINING, S.STARTING, S.WAKING)]
+                          and (o.busy or o.state in (S.ACTIVE, S.DRAINING, S.STARTING,
+                                                     S.WAKING, S.STOPPING))]
                 for o in others:
                     if o.state is S.ACTIVE and not o.busy:
                         self._deactivate(o, o.config.sleep_level,

@@ -138,10 +138,11 @@ class ControlServer:
     def close(self) -> None:
         self._closing = True
         lst, self._listener = self._listener, None
-        if lst is not None:
-            with contextlib.suppress(OSError):
-                lst.shutdown(socket.SHUT_RDWR)
-            lst.close()
+        if lst is None:
+            return          # never listened: the path may be another daemon's socket
+        with contextlib.suppress(OSError):
+            lst.shutdown(socket.SHUT_RDWR)
+        lst.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         with self._lock:
