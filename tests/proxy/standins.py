@@ -56,6 +56,16 @@ class FakeModel:
 class _UnixServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that hangs up mid-request is normal here
+
+
+class _TcpServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
 
 class FakeDaemon:
     """The lease routes of llmuxd on a Unix socket, with a record of every call."""
@@ -168,8 +178,7 @@ class FakeChild:
                 child.paths.append(self.path)
                 self._json(200, {"ok": True})
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _TcpServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
