@@ -26,8 +26,9 @@ case $kind in
   test)
     root=${LLMUX_TEST_CACHE:-/var/cache/llmux-test}/rootfs-$release
     variant=minbase
-    # man-db: systemd-analyze verify checks the unit's Documentation=man: pages.
-    packages="systemd systemd-sysv dbus man-db"
+    # man-db: systemd-analyze verify checks the unit's Documentation=man: pages;
+    # logrotate: the package recommends it, the proof rotates the model logs.
+    packages="systemd systemd-sysv dbus man-db logrotate"
     ;;
   *) echo "chroot.sh: unknown kind '$kind' (build or test)" >&2; exit 2 ;;
 esac

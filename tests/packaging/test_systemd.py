@@ -267,6 +267,17 @@ def test_chat_is_answered_and_a_second_model_switches(container: Container) -> N
     PASSED.add("switch")
 
 
+def test_logrotate_rotates_the_model_logs(container: Container) -> None:
+    require("switch")
+    logs = container.run(["ls", "/var/log/llmux"]).stdout.split()
+    assert {"alpha.log", "beta.log"} <= set(logs), logs
+    r = container.run(["logrotate", "--force", "--verbose", "/etc/logrotate.d/llmux"],
+                      check=False)
+    assert r.returncode == 0 and "error" not in r.stderr.lower(), r.stdout + r.stderr
+    logs = container.run(["ls", "/var/log/llmux"]).stdout.split()
+    assert {"alpha.log.1", "beta.log.1"} <= set(logs), logs
+
+
 def test_status_text_names_the_active_model(container: Container) -> None:
     require("switch")
 
