@@ -415,10 +415,13 @@ class Supervisor:
         probe = self.probe
         gpus = m.config.gpu_indices
         util = m.config.gpu_memory_utilization
+        child = m.child if m.state is S.SLEEPING else None
 
         def check(_ctx: OpContext) -> tuple[bool, str]:
-            from llmuxd.gpu.memory import fits
-            return fits(probe, gpus, util)
+            from llmuxd.gpu.memory import child_usage, fits
+            if child is None:
+                return fits(probe, gpus, util)
+            return wake_fits(probe, gpus, util, child_usage(probe, child.group_pids(), gpus))
 
         self._launch(m, "preflight", check, self._preflight_done)
 
@@ -1358,6 +1361,25 @@ class Supervisor:
         if op in ("start", "wake", "switch", "validate"):
             return base + startup + d.wake_timeout_secs
         return base
+
+
+def wake_fits(probe: Any, gpus: tuple[int, ...], util: float,
+              own: dict[int, int] | None) -> tuple[bool, str]:
+    """Like memory.fits, but a sleeper's own residue counts as free: it reuses it on wake."""
+    from llmuxd.gpu.memory import fits, needed_mib
+    if own is None:
+        return fits(probe, gpus, util)
+    infos = {g.index: g for g in probe.gpus()}
+    for index in gpus:
+        gpu = infos.get(index)
+        if gpu is None:
+            return fits(probe, gpus, util)
+        need = needed_mib(gpu.total_mib, util)
+        free = gpu.free_mib + own.get(index, 0)
+        if free < need:
+            return False, (f"GPU {index} has {free} MiB free (counting the sleeper's own "
+                           f"{own.get(index, 0)} MiB), needs {need} MiB")
+    return True, "fits"
 
 
 def pid_alive(pid: int) -> bool:

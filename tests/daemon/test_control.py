@@ -108,3 +108,12 @@ def test_metrics_are_served_with_the_original_names(make_daemon):
     assert "llmux_request_queue_wait_seconds_bucket" in text
     assert 'llmux_model_state{model="a",state="active"} 0.0' in text
     d.wait_for(lambda: "llmux_gpu_memory_used_mib{" in scrape(), what="GPU gauge")
+
+
+def test_a_sleeper_that_takes_almost_the_whole_gpu_can_wake(make_daemon):
+    # 0.99 of the GPU: the sleeper's own residue must count as free when it wakes.
+    d = make_daemon({"a": sim_model(sleep_level=1, gpu_memory_utilization=0.99)})
+    assert d.request("POST", "/v1/models/a/start")[1]["state"] == "active"
+    assert d.request("POST", "/v1/models/a/sleep", {"level": 1})[1]["state"] == "sleeping"
+    code, body = d.request("POST", "/v1/models/a/wake")
+    assert (code, body["state"]) == (200, "active"), body
