@@ -95,7 +95,8 @@ def open_upstream(pool: UpstreamPool, host: str, port: int, method: str, path: s
     conn = pool.take(host, port)
     for attempt in (0, 1):
         try:
-            reused = conn.send(request, pool.timeout)
+            reused = conn.sock is not None
+            conn.send(request, pool.timeout)
             return conn, conn.read_head()
         except _RETRYABLE as exc:
             conn.close()

@@ -65,9 +65,8 @@ class Connection:
 
     # -- request ------------------------------------------------------------
 
-    def send(self, data: bytes, timeout: float) -> bool:
-        """Send one whole request; returns whether an existing connection was reused."""
-        reused = self.sock is not None
+    def send(self, data: bytes, timeout: float) -> None:
+        """Send one whole request (connecting first if there is no connection)."""
         if self.sock is None:
             self.sock = self.connect()
         self.sock.settimeout(timeout)
@@ -75,7 +74,6 @@ class Connection:
         self.head = None
         self.done = False
         self.sock.sendall(data)
-        return reused
 
     # -- response -----------------------------------------------------------
 

@@ -130,7 +130,8 @@ class LeaseClient:
         self._settle(conn)
         for attempt in (0, 1):
             try:
-                reused = conn.send(request, timeout)
+                reused = conn.sock is not None
+                conn.send(request, timeout)
                 head = conn.read_head()
                 raw = conn.read_all()
             except (PeerClosed, BrokenPipeError, ConnectionResetError) as exc:

@@ -77,6 +77,8 @@ class FakeDaemon:
         self.releases: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.healthy = True
+        # Close each connection after answering, without saying so (an idle close).
+        self.hang_up_after_each = False
         daemon = self
 
         class Handler(_Quiet):
@@ -85,6 +87,8 @@ class FakeDaemon:
 
             def do_POST(self) -> None:
                 daemon.post(self)
+                if daemon.hang_up_after_each:
+                    self.close_connection = True
 
         self.server = _UnixServer(socket_path, Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
@@ -166,6 +170,7 @@ class FakeChild:
         self.aborted = 0
         self.paths: list[str] = []
         self.lock = threading.Lock()
+        self.hang_up_after_each = False
         child = self
 
         class Handler(_Quiet):
@@ -173,6 +178,8 @@ class FakeChild:
 
             def do_POST(self) -> None:
                 child.handle(self)
+                if child.hang_up_after_each:
+                    self.close_connection = True
 
             def do_GET(self) -> None:
                 child.paths.append(self.path)

@@ -224,3 +224,12 @@ def test_connections_to_the_child_are_reused(stack: Stack) -> None:
         assert r.status_code == 200
         ports.add(r.json["peer_port"])
     assert len(ports) == 1, f"a new upstream connection per request: {ports}"
+
+
+def test_child_closing_idle_connections_is_retried_on_a_fresh_one(stack: Stack) -> None:
+    stack.child_a.hang_up_after_each = True
+    c = client(stack)
+    for _ in range(3):
+        r = c.simulate_post("/v1/completions", json={"model": "model-a"})
+        assert r.status_code == 200, r.text
+    assert [rel["status"] for rel in releases(stack, 3)] == [200, 200, 200]
