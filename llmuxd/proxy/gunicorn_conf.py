@@ -35,8 +35,8 @@ proc_name = "llmux-proxy"
 # instance; llmuxd supervises the front end, so it stays off.
 control_socket_disable = True
 accesslog = None
-errorlog = "-"
+errorlog = "-"  # stderr, one JSON object per line
 loglevel = "info"
-logconfig_dict = logs.gunicorn_logconfig()
+logger_class = logs.GunicornLogger
 # Client request headers can be long (tokens, traces); the body is bounded by the app.
 limit_request_field_size = 16384
