@@ -327,6 +327,22 @@ def test_reload_applies_an_added_model(container: Container) -> None:
     assert container.run(["systemctl", "is-active", "llmux"]).stdout.strip() == "active"
 
 
+def test_reload_refuses_an_invalid_config(container: Container) -> None:
+    require("start")
+    pid_before = main_pid(container)
+    good = container.run(["cat", "/etc/llmux.toml"]).stdout
+    container.write("/etc/llmux.toml", good + model_table("delta", 8004, 7))
+    try:
+        r = container.run(["systemctl", "reload", "llmux"], check=False, timeout=120)
+        assert r.returncode != 0, "reload of an invalid config must fail"
+        assert "models.delta.sleep_level" in journal(container)
+        assert container.run(["systemctl", "is-active", "llmux"]).stdout.strip() == "active"
+        assert main_pid(container) == pid_before
+        assert "delta" not in llmuxctl_status(container)["models"]
+    finally:
+        container.write("/etc/llmux.toml", good)
+
+
 def test_killed_daemon_is_restarted_without_orphans(container: Container) -> None:
     require("switch")
     before = main_pid(container)
