@@ -31,7 +31,13 @@ from llmuxd.proxy.forward import (
     open_upstream,
     response_headers,
 )
-from llmuxd.proxy.lease_client import DaemonError, DaemonUnavailable, Lease, LeaseClient
+from llmuxd.proxy.lease_client import (
+    ClientGone,
+    DaemonError,
+    DaemonUnavailable,
+    Lease,
+    LeaseClient,
+)
 
 log = structlog.get_logger("llmux.proxy")
 
@@ -150,7 +156,7 @@ class ProxyResource:
             raise errors.bad_request("you must provide a model parameter", "model")
         ctx = req.context
         ctx.model = model
-        lease = self._lease(model)
+        lease = self._lease(model, req.env.get("gunicorn.socket"))
         ctx.waited_ms = lease.waited_ms
         ctx.switched = lease.switched
         if lease.served_model_name != model:
@@ -204,9 +210,15 @@ class ProxyResource:
                               "invalid_request_error", "request_too_large")
         return body
 
-    def _lease(self, model: str) -> Lease:
+    def _lease(self, model: str, client: Any) -> Lease:
         try:
-            return self.deps.leases.acquire(model)
+            return self.deps.leases.acquire(model, client)
+        except ClientGone:
+            # Nobody is left to read an answer; 499 (nginx's "client closed request")
+            # names it in the log line.
+            raise OpenAIError(499, "client closed the connection while waiting for "
+                              f"model '{model}'", "invalid_request_error",
+                              "client_closed") from None
         except DaemonError as exc:
             raise errors.from_daemon(exc.code, exc.message) from None
         except DaemonUnavailable as exc:

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
+import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +24,10 @@ from llmuxd.proxy.http1 import Connection, PeerClosed, unix_connector
 
 class DaemonUnavailable(Exception):
     """The socket could not be reached or the daemon broke the connection."""
+
+
+class ClientGone(Exception):
+    """The client hung up while its request waited for a lease."""
 
 
 class DaemonError(Exception):
@@ -60,9 +67,17 @@ class LeaseClient:
 
     # -- the routes the front end uses -------------------------------------
 
-    def acquire(self, model: str) -> Lease:
-        """Block until llmuxd grants a lease on ``model`` (or refuses it)."""
-        data = self._call("POST", "/v1/leases", {"model": model}, self.lease_timeout)
+    def acquire(self, model: str, client: socket.socket | None = None) -> Lease:
+        """Block until llmuxd grants a lease on ``model`` (or refuses it).
+
+        With ``client`` (the requester's socket), a client that hangs up while the
+        lease waits (a switch can take minutes) raises ClientGone and closes our
+        connection to the daemon, which takes the waiter out of the model's queue."""
+        request = _request("POST", "/v1/leases", {"model": model})
+        if client is None:
+            data = self._call_raw(request, self.lease_timeout)
+        else:
+            data = self._call_watching(request, client)
         upstream = data["upstream"]
         host, port = _host_port(upstream)
         return Lease(lease_id=data["lease_id"], model=data.get("model", model),
@@ -147,6 +162,49 @@ class LeaseClient:
                 conn.close()
             return _decode(head.status, raw)
         raise AssertionError("unreachable")
+
+    def _call_watching(self, request: bytes, client: socket.socket) -> Any:
+        conn = self._conn()
+        self._settle(conn)
+        try:
+            conn.send(request, self.lease_timeout)
+        except OSError:
+            conn.close()
+            return self._call_raw(request, self.lease_timeout)
+        assert conn.sock is not None
+        deadline = time.monotonic() + self.lease_timeout
+        watch: socket.socket | None = client
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                conn.close()
+                raise DaemonUnavailable("no answer to the lease request in time")
+            ready, _, _ = select.select([conn.sock] + ([watch] if watch else []), [], [],
+                                        left)
+            if conn.sock in ready:
+                break
+            if watch is not None and watch in ready:
+                try:
+                    peek = watch.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    peek = b""
+                if not peek:
+                    conn.close()  # the daemon drops the waiter with the connection
+                    raise ClientGone("the client closed its connection while waiting")
+                watch = None  # it sent more (a pipelined request): stop watching
+        try:
+            head = conn.read_head()
+            raw = conn.read_all()
+        except (OSError, ValueError) as exc:
+            conn.close()
+            if isinstance(exc, PeerClosed):  # a stale kept-alive connection
+                return self._call_raw(request, self.lease_timeout)
+            raise DaemonUnavailable(f"{type(exc).__name__}: {exc}") from None
+        if not conn.reusable:
+            conn.close()
+        return _decode(head.status, raw)
 
     def _conn(self) -> Connection:
         conn: Connection | None = getattr(self._local, "conn", None)

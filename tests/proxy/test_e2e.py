@@ -322,3 +322,20 @@ def test_kill9_worker_lease_reclaimed_and_serving_goes_on(llmux: Llmux) -> None:
 
     wait_for(serves, 60, "the front end to serve again")
     assert len(llmux.gunicorn_workers()) == 2
+
+
+def test_client_hanging_up_while_waiting_leaves_the_queue(llmux: Llmux) -> None:
+    # never-ready never becomes active, so the request waits for its lease; when
+    # the client hangs up, the front end drops the wait and the daemon's queue empties.
+    def queued() -> int:
+        return int(llmux.daemon.status("never-ready")["queued"])
+
+    wait_for(lambda: queued() == 0, 30, "no earlier waiters")
+    body = json.dumps({"model": "never-ready", "prompt": "x"})
+    sock = socket.create_connection(("127.0.0.1", llmux.port), timeout=30)
+    sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}"
+                  f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                  f"{body}").encode())
+    wait_for(lambda: queued() == 1, 30, "the request to wait in the queue")
+    sock.close()
+    wait_for(lambda: queued() == 0, 5, "the waiter to leave the queue")
