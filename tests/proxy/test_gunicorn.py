@@ -149,3 +149,17 @@ def test_stop_takes_down_master_and_workers(gunicorn_stack: tuple[Stack, FrontEn
     assert fe.stop(timeout=10) is not None
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+def test_front_end_exits_nonzero_when_its_port_is_taken(stack: Stack) -> None:
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", stack.port))
+        squatter.listen()
+        fe = FrontEnd(stack.config, str(stack.config_path), stack.socket_path)
+        fe.start()
+        try:
+            wait_for(lambda: fe.poll() is not None, 60, "gunicorn to give up on the port")
+            assert fe.poll() != 0
+        finally:
+            fe.stop(timeout=10)
