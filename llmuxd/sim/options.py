@@ -65,6 +65,7 @@ class SimOptions:
     faults: Faults = field(default_factory=Faults)
     fault_api: bool = False
     dev_mode: bool = False
+    keep_alive_s: float = 5.0
     unknown_args: list[str] = field(default_factory=list)
 
     @property
@@ -181,6 +182,7 @@ def parse_serve(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Si
         faults=faults,
         fault_api=ns.sim_fault_api or _truthy(env.get("LLMUX_SIM_FAULT_API")),
         dev_mode=_truthy(env.get("VLLM_SERVER_DEV_MODE")),
+        keep_alive_s=float(env.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE") or 5),
         unknown_args=unknown,
     )
 

@@ -99,10 +99,18 @@ class SimServer:
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
         resp = Responder(reader, writer)
+        first = True
         try:
             while not resp.close_after:
                 try:
-                    req = await read_request(reader)
+                    if first:
+                        req = await read_request(reader)
+                        first = False
+                    else:  # uvicorn closes a connection idle for VLLM_HTTP_TIMEOUT_KEEP_ALIVE
+                        req = await asyncio.wait_for(read_request(reader),
+                                                     self.opts.keep_alive_s)
+                except TimeoutError:
+                    break
                 except BadHttp as e:
                     await resp.send_json(e.status, openai_error(e.status, str(e), "Bad Request"),
                                          close=True)

@@ -428,3 +428,14 @@ def test_several_served_names_are_all_accepted(tmp_path: Path) -> None:
         assert [m["id"] for m in s.get("/v1/models").json()["data"]] == ["one", "two"]
         assert complete(s, model="two").json()["model"] == "two"
         assert complete(s, model="three").status_code == 404
+
+
+def test_idle_keep_alive_connections_are_closed_like_uvicorn(tmp_path: Path) -> None:
+    env = dict(os.environ, VLLM_HTTP_TIMEOUT_KEEP_ALIVE="1", VLLM_SERVER_DEV_MODE="1")
+    with sim(tmp_path, env=env) as s, \
+            socket.create_connection(("127.0.0.1", s.port), timeout=30) as c:
+        c.sendall(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while not data.endswith(b'{"version":"0.32.0"}'):
+            data += c.recv(65536)
+        assert c.recv(65536) == b"", "an idle keep-alive connection should be closed"
