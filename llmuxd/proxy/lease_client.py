@@ -154,10 +154,10 @@ class LeaseClient:
                 conn.close()
                 if reused and attempt == 0:
                     continue
-                raise DaemonUnavailable(f"{type(exc).__name__}: {exc}") from None
+                raise DaemonUnavailable(self._describe(exc)) from None
             except (OSError, ValueError) as exc:
                 conn.close()
-                raise DaemonUnavailable(f"{type(exc).__name__}: {exc}") from None
+                raise DaemonUnavailable(self._describe(exc)) from None
             if not conn.reusable:
                 conn.close()
             return _decode(head.status, raw)
@@ -201,10 +201,14 @@ class LeaseClient:
             conn.close()
             if isinstance(exc, PeerClosed):  # a stale kept-alive connection
                 return self._call_raw(request, self.lease_timeout)
-            raise DaemonUnavailable(f"{type(exc).__name__}: {exc}") from None
+            raise DaemonUnavailable(self._describe(exc)) from None
         if not conn.reusable:
             conn.close()
         return _decode(head.status, raw)
+
+    def _describe(self, exc: BaseException) -> str:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return f"{self.socket_path}: {detail or type(exc).__name__}"
 
     def _conn(self) -> Connection:
         conn: Connection | None = getattr(self._local, "conn", None)
