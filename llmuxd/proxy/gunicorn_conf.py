@@ -4,6 +4,12 @@ gthread, not sync: a sync worker's heartbeat kills a long stream, and one thread
 per open request is what a streaming proxy needs. Workers and threads come from
 ``[proxy]``; ``threads`` bounds the open requests per worker, streams included.
 The access log is off: the app writes one structured line per request itself.
+
+llmuxd starts this itself (llmuxd/frontend.py). To run the front end on its own
+(e.g. a separate systemd unit next to ``llmuxd --no-frontend``):
+
+    LLMUX_CONFIG=/etc/llmux.toml LLMUX_SOCKET=/run/llmux/llmuxd.sock \
+        gunicorn -c python:llmuxd.proxy.gunicorn_conf 'llmuxd.proxy.app:get_app()'
 """
 
 from __future__ import annotations
