@@ -104,15 +104,17 @@ def llmux() -> Iterator[Llmux]:
                             sleep_level=1, aliases=["a-alias"], extra_args=FAST),
         "chat-b": sim_model(model_path="sim/chat-b-8b", gpu_memory_utilization=0.8,
                             sleep_level=2, extra_args=FAST),
-        "embed": sim_model(model_path="sim/e5-embed-1b", gpu_memory_utilization=0.03,
+        "embed": sim_model(model_path="sim/e5-embed-1b", gpu_memory_utilization=0.02,
                            extra_args=FAST),
-        "streamer": sim_model(model_path="sim/streamer-1b", gpu_memory_utilization=0.03,
+        "streamer": sim_model(model_path="sim/streamer-1b", gpu_memory_utilization=0.02,
                               extra_args=SLOW_TOKENS),
-        "victim": sim_model(model_path="sim/victim-1b", gpu_memory_utilization=0.03,
+        "victim": sim_model(model_path="sim/victim-1b", gpu_memory_utilization=0.02,
                             extra_args=SLOW_TOKENS),
-        "never-ready": sim_model(model_path="sim/slow-1b", gpu_memory_utilization=0.03,
+        "never-ready": sim_model(model_path="sim/slow-1b", gpu_memory_utilization=0.02,
                                  extra_args=[*FAST, "--sim-fault", "never_healthy"]),
-        "broken": sim_model(model_path="sim/broken-1b", gpu_memory_utilization=0.03,
+        "waits": sim_model(model_path="sim/waits-1b", gpu_memory_utilization=0.02,
+                           extra_args=[*FAST, "--sim-fault", "never_healthy"]),
+        "broken": sim_model(model_path="sim/broken-1b", gpu_memory_utilization=0.02,
                             extra_args=[*FAST, "--sim-fault", "crash_at_start"]),
     }
     config = {"proxy": {"host": "127.0.0.1", "workers": 2, "threads": 16,
@@ -325,13 +327,14 @@ def test_kill9_worker_lease_reclaimed_and_serving_goes_on(llmux: Llmux) -> None:
 
 
 def test_client_hanging_up_while_waiting_leaves_the_queue(llmux: Llmux) -> None:
-    # never-ready never becomes active, so the request waits for its lease; when
-    # the client hangs up, the front end drops the wait and the daemon's queue empties.
+    # "waits" never becomes active, so the request waits for its lease; when the
+    # client hangs up, the front end drops the wait and the daemon's queue empties
+    # (long before request_timeout_secs, 8 s, would have).
     def queued() -> int:
-        return int(llmux.daemon.status("never-ready")["queued"])
+        return int(llmux.daemon.status("waits")["queued"])
 
     wait_for(lambda: queued() == 0, 30, "no earlier waiters")
-    body = json.dumps({"model": "never-ready", "prompt": "x"})
+    body = json.dumps({"model": "waits", "prompt": "x"})
     sock = socket.create_connection(("127.0.0.1", llmux.port), timeout=30)
     sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}"
                   f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
