@@ -661,9 +661,12 @@ class Supervisor:
             if in_flight and now < m.drain_deadline:
                 continue
             drained = now - (m.drain_started or now)
-            if in_flight:
+            if in_flight and m.drain_deadline > (m.drain_started or 0.0):
                 log.warning("drain_timeout", model=m.name, in_flight=in_flight,
                             waited_s=round(drained, 3))
+            elif in_flight:
+                log.info("no_drain", model=m.name, in_flight=in_flight,
+                         reason="drain_before_switch = false")
             if m.switch is not None:
                 m.switch.add("drain", drained)
             m.drain_deadline = None

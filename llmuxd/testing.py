@@ -221,9 +221,11 @@ class DaemonProcess:
             raise
 
     def __exit__(self, *exc: Any) -> None:
+        """SIGTERM (bounded), then kill whatever is left; never raises (cleanup only)."""
         try:
             if self.proc is not None and self.proc.poll() is None:
-                self.stop()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.stop(timeout=30)
         finally:
             self.kill()
 

@@ -203,3 +203,12 @@ def test_reload_route_adds_a_model(make_daemon):
     code, body = d.request("POST", "/v1/reload")
     assert code == 200 and body == {"added": ["n"], "removed": [], "changed": []}
     leased_chat(d, "n")
+
+
+def test_sighup_with_a_bad_config_keeps_the_old_one(make_daemon):
+    d = make_daemon({"a": sim_model()})
+    d.config_path.write_text("[models.a]\nport = 'x'\n")
+    os.kill(d.pid, signal.SIGHUP)
+    d.wait_for(lambda: d.log_events("reload_rejected"), what="the rejection")
+    assert "models.a.model_path: is required" in d.log_events("reload_rejected")[0]["errors"]
+    leased_chat(d, "a")

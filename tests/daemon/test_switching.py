@@ -108,3 +108,46 @@ def test_drain_is_bounded_by_the_drain_timeout(make_daemon):
     assert code == 200, grant
     assert d.status("a")["state"] == "sleeping"
     assert d.log_events("drain_timeout")[0]["in_flight"] == 1
+
+
+def test_min_active_secs_keeps_the_active_model_before_switching(make_daemon):
+    d = make_daemon({"a": sim_model(sleep_level=1), "b": sim_model(sleep_level=1)},
+                    config={"policy": {"min_active_secs": 2.0}})
+    leased_chat(d, "a")
+    leased_chat(d, "b")
+    events = d.log_events("transition")
+    active = next(e for e in events if e["model"] == "a" and e["to_state"] == "active")
+    draining = next(e for e in events if e["model"] == "a" and e["to_state"] == "draining")
+    from datetime import datetime
+    held = (datetime.fromisoformat(draining["timestamp"].replace("Z", "+00:00"))
+            - datetime.fromisoformat(active["timestamp"].replace("Z", "+00:00")))
+    assert held.total_seconds() >= 2.0
+
+
+def test_without_drain_before_switch_the_model_sleeps_under_its_leases(make_daemon):
+    from .daemon_helpers import lease, release
+    d = make_daemon({"a": sim_model(sleep_level=1), "b": sim_model(sleep_level=1)},
+                    config={"policy": {"drain_before_switch": False},
+                            "daemon": {"drain_timeout_secs": 120}})
+    code, held = lease(d, "a")                  # would block a drain for 120 s
+    assert code == 200
+    code, grant = lease(d, "b")
+    assert code == 200, grant
+    assert d.status("a")["state"] == "sleeping"
+    assert not d.log_events("drain_timeout")
+    assert d.log_events("no_drain")[0]["in_flight"] == 1
+    release(d, held["lease_id"])
+    release(d, grant["lease_id"])
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(make_daemon):
+    d = make_daemon({"a": sim_model(sleep_level=3, extra_args=["--sim-fault", "ignore_sigterm"]),
+                     "b": sim_model(sleep_level=3)},
+                    config={"daemon": {"stop_timeout_secs": 1.0}})
+    leased_chat(d, "a")
+    a_pid = d.status("a")["pid"]
+    leased_chat(d, "b")
+    assert d.status("a")["state"] == "stopped"
+    assert model_gpu_mib(d, a_pid) == 0
+    leased_chat(d, "a")
+    assert d.stop() == 0
