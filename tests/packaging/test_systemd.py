@@ -216,6 +216,17 @@ def test_security_exposure_within_target(container: Container) -> None:
     assert score <= SECURITY_TARGET, r.stdout
 
 
+def test_gpu_devices_stay_reachable(container: Container) -> None:
+    require("install")
+    # No device ACL: any DeviceAllow (explicit, or implied by ProtectClock on some
+    # systemd versions) would close /dev/nvidia*, /dev/dri and /dev/kfd to the daemon.
+    show = container.run(["systemctl", "show", "llmux", "--all", "-p",
+                          "DevicePolicy,DeviceAllow,PrivateDevices"]).stdout
+    props = dict(line.split("=", 1) for line in show.strip().splitlines())
+    props.setdefault("DeviceAllow", "")  # systemctl leaves an empty list out
+    assert props == {"DevicePolicy": "auto", "DeviceAllow": "", "PrivateDevices": "no"}, props
+
+
 # -- the service ----------------------------------------------------------------------
 
 
