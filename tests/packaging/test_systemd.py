@@ -104,8 +104,11 @@ def deb() -> Path:
     """The .deb under test: LLMUX_DEB, or a fresh build for RELEASE."""
     if os.environ.get("LLMUX_DEB"):
         return Path(os.environ["LLMUX_DEB"]).resolve()
-    subprocess.run([str(TOP / "packaging/deb/build.sh"), RELEASE], check=True, timeout=1800,
-                   stdout=subprocess.DEVNULL if not os.environ.get("LLMUX_VERBOSE") else None)
+    r = subprocess.run([str(TOP / "packaging/deb/build.sh"), RELEASE], timeout=1800,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if os.environ.get("LLMUX_VERBOSE"):
+        print(r.stdout)
+    assert r.returncode == 0, f"packaging/deb/build.sh {RELEASE} failed:\n{r.stdout[-6000:]}"
     debs = sorted((TOP / "packaging/deb/out" / RELEASE).glob("llmux_*.deb"))
     assert len(debs) == 1, debs
     return debs[0]
