@@ -243,7 +243,9 @@ class ProxyResource:
         headers["content-length"] = str(length)
         headers["x-request-id"] = req.context.request_id
         if req.remote_addr:
-            headers["x-forwarded-for"] = req.remote_addr
+            earlier = headers.get("x-forwarded-for")
+            headers["x-forwarded-for"] = (f"{earlier}, {req.remote_addr}" if earlier
+                                          else req.remote_addr)
         return headers
 
 
