@@ -65,13 +65,16 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def llmux_pids(daemon: DaemonProcess) -> list[int]:
-    """The daemon, the gunicorn master and its workers (not the model children)."""
+    """The daemon and its own helpers (gunicorn master and workers, the guardian), not
+    the model children (``... serve``) and their engine processes."""
     pids = [daemon.pid]
     for p in psutil.Process(daemon.pid).children():
         try:
-            if "gunicorn" in " ".join(p.cmdline()):
-                pids.append(p.pid)
-                pids += [c.pid for c in p.children(recursive=True)]
+            cmd = " ".join(p.cmdline())
+            if " serve " in cmd:
+                continue
+            pids.append(p.pid)
+            pids += [c.pid for c in p.children(recursive=True)]
         except psutil.NoSuchProcess:
             continue
     return pids
