@@ -104,19 +104,36 @@ class Container:
         self.debs_inside = inside
         # Before boot, with the host's network: apt fills /var/cache/apt/archives, so the
         # install inside (no network) still resolves the dependencies from the archive.
-        self.nspawn_run(["apt-get", "update", "-qq"], timeout=600)
+        self.nspawn_run(["apt-get", "update", "-qq"], timeout=600, tries=3)
         self.nspawn_run(["apt-get", "install", "-y", "-q", "--download-only", *inside],
-                        timeout=600)
+                        timeout=600, tries=3)
+        # Keep what was downloaded in the cached rootfs: later runs need no mirror for it.
+        cached = self.cached_root / "var/cache/apt/archives"
+        for deb in (self.root / "var/cache/apt/archives").glob("*.deb"):
+            if deb.name not in {d.name for d in debs} and not (cached / deb.name).exists():
+                shutil.copy2(deb, cached / deb.name)
         return inside
 
-    def nspawn_run(self, argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
-        """Run one command in the (not booted) rootfs copy, with the host's network."""
-        return subprocess.run(
-            ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--as-pid2",
-             "-D", str(self.root), *[f"--setenv={k}={v}" for k, v in CLEAN_ENV.items()],
-             *argv],
-            check=True, timeout=timeout, text=True, capture_output=True, env=CLEAN_ENV,
-        )
+    def nspawn_run(self, argv: Sequence[str], timeout: float,
+                   tries: int = 1) -> subprocess.CompletedProcess[str]:
+        """Run one command in the (not booted) rootfs copy, with the host's network.
+
+        ``tries`` > 1 retries a failure (a mirror's hiccup should not fail the proof).
+        """
+        for attempt in range(1, tries + 1):
+            r = subprocess.run(
+                ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--as-pid2",
+                 "-D", str(self.root), *[f"--setenv={k}={v}" for k, v in CLEAN_ENV.items()],
+                 *argv],
+                timeout=timeout, text=True, capture_output=True, env=CLEAN_ENV,
+            )
+            if r.returncode == 0 or attempt == tries:
+                break
+            time.sleep(5)  # back off before asking the mirror again
+        if r.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} (before boot) exited {r.returncode}\n"
+                                 f"{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+        return r
 
     def boot(self, timeout: float = 180.0) -> None:
         """Boot systemd in the copy and wait until the system is up."""
