@@ -61,6 +61,7 @@ SRC
 rm -f "$root/etc/apt/apt.conf.d/docker-clean"
 echo 'APT::Install-Recommends "false";' >"$root/etc/apt/apt.conf.d/90llmux-norecommends"
 chroot "$root" apt-get update -q >&2
+# shellcheck disable=SC2086  # a list of package names, split on purpose
 chroot "$root" apt-get install -y -q $packages >&2
 chroot "$root" apt-get clean
 if [[ $kind == test ]]; then
