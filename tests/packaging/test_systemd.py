@@ -403,6 +403,21 @@ def test_stop_leaves_no_process(container: Container) -> None:
 # -- removal --------------------------------------------------------------------------
 
 
+def test_remove_keeps_the_config_and_a_reinstall_runs(container: Container) -> None:
+    require("start")
+    config = container.run(["cat", "/etc/llmux.toml"]).stdout
+    container.run(["dpkg", "--remove", "llmux"], timeout=300)
+    assert container.run(["dpkg-query", "-W", "-f=${db:Status-Abbrev}", "llmux"]) \
+        .stdout.strip() == "rc"
+    assert container.run(["test", "!", "-e", "/usr/lib/llmux"], check=False).returncode == 0
+    assert container.run(["cat", "/etc/llmux.toml"]).stdout == config
+    container.run(["dpkg", "-i", *container.debs_inside], timeout=600)
+    assert container.run(["cat", "/etc/llmux.toml"]).stdout == config
+    container.run(["systemctl", "start", "llmux"], timeout=300)
+    assert container.run(["systemctl", "is-active", "llmux"]).stdout.strip() == "active"
+    container.run(["systemctl", "stop", "llmux"], timeout=300)
+
+
 def test_purge_removes_everything(container: Container) -> None:
     require("install")
     container.run(["systemctl", "stop", "llmux"], check=False, timeout=300)
