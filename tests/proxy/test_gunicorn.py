@@ -55,7 +55,7 @@ def test_stream_chunks_arrive_as_produced(gunicorn_stack: tuple[Stack, FrontEnd]
     stack, _ = gunicorn_stack
     conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
     conn.request("POST", "/v1/chat/completions",
-                 json.dumps({"model": "model-a", "stream": True, "chunks": 5, "delay": 0.3}),
+                 json.dumps({"model": "model-a", "stream": True, "chunks": 5, "delay": 0.4}),
                  {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200
@@ -67,9 +67,10 @@ def test_stream_chunks_arrive_as_produced(gunicorn_stack: tuple[Stack, FrontEnd]
             break
         arrivals.append(time.monotonic())
     conn.close()
-    # Five events 0.3 s apart: unbuffered means they arrive spread out, not at once.
+    # Five events 0.4 s apart (1.6 s): unbuffered means they arrive spread out, not
+    # at once at the end (generous margin for a loaded machine).
     assert len(arrivals) >= 5
-    assert arrivals[-1] - arrivals[0] >= 0.9
+    assert arrivals[-1] - arrivals[0] >= 0.8
 
 
 def test_client_disconnect_mid_stream_ends_upstream_and_releases(
