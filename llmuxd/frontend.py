@@ -16,18 +16,25 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from llmuxd.config import Config
 
 GUNICORN_CONF = str(Path(__file__).parent / "proxy" / "gunicorn_conf.py")
 APP = "llmuxd.proxy.app:get_app()"
 _PR_SET_PDEATHSIG = 1
+# Looked up here, before any fork: the child of a threaded daemon must not dlopen.
+_prctl: Any
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _prctl = None
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child after fork
     """Ask the kernel to SIGTERM gunicorn when the thread that forked it exits."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class FrontEnd:

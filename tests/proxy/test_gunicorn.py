@@ -6,11 +6,14 @@ client that goes away mid-stream, a child that dies mid-stream, a killed worker.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import psutil
@@ -164,3 +167,45 @@ def test_front_end_exits_nonzero_when_its_port_is_taken(stack: Stack) -> None:
             assert fe.poll() != 0
         finally:
             fe.stop(timeout=10)
+
+
+def test_front_end_dies_with_the_process_that_started_it(stack: Stack) -> None:
+    # A stand-in daemon starts the front end and is then SIGKILLed: PR_SET_PDEATHSIG
+    # must take gunicorn down with it (llmuxd's guardian is the second line).
+    script = (
+        "import sys, time\n"
+        "from llmuxd.config import load_config\n"
+        "from llmuxd.frontend import FrontEnd\n"
+        f"fe = FrontEnd(load_config({str(stack.config_path)!r}), {str(stack.config_path)!r},"
+        f" {stack.socket_path!r})\n"
+        "fe.start()\n"
+        "print(fe.pid, flush=True)\n"
+        "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              start_new_session=True)
+    gunicorn_pid = 0
+    try:
+        assert parent.stdout is not None
+        gunicorn_pid = int(parent.stdout.readline())
+        wait_for(lambda: post(stack.port, "/v1/completions", {"model": "model-a"})[0] == 200
+                 if _listening(stack.port) else False, what="the front end to serve")
+        parent.kill()
+        parent.wait(30)
+        wait_for(lambda: not psutil.pid_exists(gunicorn_pid)
+                 or psutil.Process(gunicorn_pid).status() == psutil.STATUS_ZOMBIE,
+                 what="gunicorn to exit after its parent died")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(30)
+        if gunicorn_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(gunicorn_pid, signal.SIGKILL)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
