@@ -650,6 +650,7 @@ class Supervisor:
         m.drain_deadline = now + (self.config.daemon.drain_timeout_secs if drain else 0.0)
         m.drain_level = level
         m.enter(S.DRAINING, f"{reason} (level {level}, {in_flight} in flight)")
+        self.kick()  # progress the drain on the next pass, not a TICK later (0 in flight)
 
     def _progress_drains(self, now: float) -> None:
         gates = self.leases.view()
