@@ -157,6 +157,9 @@ class Engine:
             "gpus": self.gpus,
             "util": self.opts.gpu_memory_utilization,
             "host_bytes": int(self.timing.size_gib * (1 << 30) * self.opts.host_ram_factor),
+            "real_cuda": self.opts.real_cuda,
+            "size_gib": self.timing.size_gib,
+            "tp": self.opts.tensor_parallel_size,
         })
         reply = await self.core.call({"op": "init"})
         if not reply.get("ok"):
@@ -178,7 +181,8 @@ class Engine:
             raise internal_error("EngineCore encountered an issue. See stack trace.")
         try:
             reply = await self.core.call(
-                {"op": "set", "usage": self.usage(weights, kv), "check": check, "host": host}
+                {"op": "set", "usage": self.usage(weights, kv), "check": check, "host": host,
+                 "weights": weights, "kv": kv}
             )
         except EngineDead:
             raise internal_error("EngineCore encountered an issue.") from None

@@ -9,7 +9,8 @@ is orphaned.
 
 Protocol: one JSON object per line on stdin, one reply per line on stdout.
   {"op": "init"}                           -> allocate the full amount (start-up check)
-  {"op": "set", "usage": {idx: mib}, "check": bool, "host": bool}
+  {"op": "set", "usage": {idx: mib}, "check": bool, "host": bool,
+   "weights": bool, "kv": bool}          (the last two drive --sim-real-cuda)
   {"op": "exit"}
 Replies: {"ok": true, "usage": {...}} or {"ok": false, "error": "..."}.
 """
@@ -23,8 +24,12 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from llmuxd.sim.gpustate import GpuState, InsufficientMemory
+
+if TYPE_CHECKING:
+    from llmuxd.sim.realcuda import RealCuda
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -67,8 +72,39 @@ class Core:
         self.host: bytearray | None = None
         self.pid = os.getpid()
         self.pgid = os.getpgid(0)
+        self.real_cfg = cfg if cfg.get("real_cuda") else None
+        self.real: RealCuda | None = None
+
+    def _init_real(self) -> str | None:
+        """--sim-real-cuda: take the share of the real GPU too; an error text on failure."""
+        if self.real_cfg is None:
+            return None
+        from llmuxd.sim.realcuda import RealCuda, RealCudaError  # imports torch
+
+        cfg = self.real_cfg
+        try:
+            self.real = RealCuda(self.util, float(str(cfg.get("size_gib", 2))),
+                                 int(str(cfg.get("tp", 1))), max(1, len(self.gpus)))
+            self.real.init()
+        except RealCudaError as e:
+            return str(e)
+        return None
+
+    def _set_real(self, weights: bool, kv: bool) -> str | None:
+        if self.real is None:
+            return None
+        from llmuxd.sim.realcuda import RealCudaError
+
+        try:
+            self.real.set(weights, kv)
+        except RealCudaError as e:
+            return str(e)
+        return None
 
     def init(self) -> dict[str, object]:
+        error = self._init_real()
+        if error is not None:
+            return {"ok": False, "error": error}
         if self.state is None:
             return {"ok": True, "usage": {}}
         self.state.ensure()
@@ -97,8 +133,12 @@ class Core:
             }
         return {"ok": True, "usage": {str(k): v for k, v in want.items()}}
 
-    def set(self, usage: dict[str, int], check: bool, host: bool) -> dict[str, object]:
+    def set(self, usage: dict[str, int], check: bool, host: bool,
+            real: tuple[bool, bool] = (True, True)) -> dict[str, object]:
         want = {int(k): int(v) for k, v in usage.items()}
+        error = self._set_real(*real)
+        if error is not None:
+            return {"ok": False, "error": error}
         if self.state is not None:
             try:
                 if check:
@@ -125,6 +165,8 @@ class Core:
         return {"ok": True, "usage": {str(k): v for k, v in want.items()}}
 
     def release(self) -> None:
+        if self.real is not None:
+            self.real.release()
         if self.state is not None:
             self.state.clear(self.pid)
 
@@ -150,7 +192,8 @@ def main() -> None:
                     print(f"(EngineCore pid={core.pid}) {reply['error']}", file=sys.stderr)
             elif op == "set":
                 reply = core.set(
-                    msg.get("usage", {}), bool(msg.get("check")), bool(msg.get("host"))
+                    msg.get("usage", {}), bool(msg.get("check")), bool(msg.get("host")),
+                    (bool(msg.get("weights", True)), bool(msg.get("kv", True))),
                 )
             elif op == "exit":
                 break

@@ -64,6 +64,7 @@ class SimOptions:
     embedding_dims: int = 256
     faults: Faults = field(default_factory=Faults)
     fault_api: bool = False
+    real_cuda: bool = False
     dev_mode: bool = False
     keep_alive_s: float = 5.0
     unknown_args: list[str] = field(default_factory=list)
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inject a fault (repeatable) [env LLMUX_SIM_FAULTS, comma list]")
     p.add_argument("--sim-fault-api", action="store_true",
                    help="enable POST /_sim/faults and GET /_sim/state [env LLMUX_SIM_FAULT_API=1]")
+    p.add_argument("--sim-real-cuda", action="store_true",
+                   help="the engine child really allocates its GPU share with torch "
+                   "[env LLMUX_SIM_REAL_CUDA=1]")
     return p
 
 
@@ -181,6 +185,7 @@ def parse_serve(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Si
         embedding_dims=int(knobs["sim_embedding_dims"]),  # type: ignore[call-overload]
         faults=faults,
         fault_api=ns.sim_fault_api or _truthy(env.get("LLMUX_SIM_FAULT_API")),
+        real_cuda=ns.sim_real_cuda or _truthy(env.get("LLMUX_SIM_REAL_CUDA")),
         dev_mode=_truthy(env.get("VLLM_SERVER_DEV_MODE")),
         keep_alive_s=float(env.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE") or 5),
         unknown_args=unknown,
