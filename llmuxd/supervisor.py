@@ -19,13 +19,12 @@ import itertools
 import os
 import queue
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ import structlog
 from llmuxd import __version__ as VERSION
 from llmuxd.config import Config, ModelConfig, load_config
 from llmuxd.control.errors import ApiError, model_not_found, shutting_down
+from llmuxd.frontend_keeper import FrontEndKeeper
 from llmuxd.leases import LeaseTable
 from llmuxd.metrics import Metrics
 from llmuxd.model import ModelRuntime, OpContext, SwitchRecord, ValidateJob
@@ -51,9 +51,7 @@ PID_SWEEP = 1.0            # check lease-holding client pids this often
 GPU_SAMPLE = 2.0           # GPU memory per model for status and metrics
 VERIFY_WINDOW = 3.0        # a sleeping child's memory may take a moment to drop
 TAIL_LINES = 20
-FRONTEND_BACKOFF_MAX = 30.0
 COST_ALPHA = 0.3
-READY_WAIT = 60.0          # READY=1 even if the front end never listens
 
 
 class OpFailed(Exception):
@@ -67,17 +65,6 @@ class ShutdownState:
     hard_deadline: float
     stage: str = "drain"      # drain -> stopping -> done
     stopper: threading.Thread | None = None
-
-
-@dataclass
-class FrontEndState:
-    handle: Any = None
-    next_start: float = 0.0
-    backoff: float = 1.0
-    ready: bool = False
-    failures: int = 0
-    started_mono: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
 
 class Supervisor:
@@ -100,7 +87,7 @@ class Supervisor:
         self.guardian: Any = None
         self.server: Any = None
         self.want_frontend = frontend
-        self.fe = FrontEndState()
+        self.fe = FrontEndKeeper(self)
         self.shutdown: ShutdownState | None = None
         self.done = False
         self.exit_code = 0
@@ -247,11 +234,11 @@ class Supervisor:
                  version=VERSION, models=sorted(self.models),
                  metrics_port=self.config.metrics_port)
         if self.want_frontend:
-            self._start_frontend()
+            self.fe.start()
         else:
-            self._mark_ready()
+            self.mark_ready()
 
-    def _mark_ready(self) -> None:
+    def mark_ready(self) -> None:
         if not self.ready:
             self.ready = True
             self.notifier.ready(self._active_status())
@@ -267,7 +254,7 @@ class Supervisor:
             self._refuse_failed()
             self._progress_validations(now)
             self._schedule(now)
-            self._check_frontend(now)
+            self.fe.check(now)
         if now >= self._next_sweep:
             self._next_sweep = now + PID_SWEEP
             self._sweep_pids()
@@ -926,70 +913,6 @@ class Supervisor:
                                       gate.queued if gate else 0)
 
     # ------------------------------------------------------------------
-    # Front end
-
-    def _start_frontend(self) -> None:
-        from llmuxd.frontend import FrontEnd
-        cfg = self.config
-        try:
-            fe = FrontEnd(cfg, self.config_path, cfg.daemon.socket)
-            fe.start()     # returns at once; called on the loop thread (PDEATHSIG)
-        except Exception as exc:
-            self.fe.failures += 1
-            self.fe.next_start = time.monotonic() + self.fe.backoff
-            self.fe.backoff = min(FRONTEND_BACKOFF_MAX, self.fe.backoff * 2)
-            log.error("frontend_start_failed", error=repr(exc))
-            return
-        self.fe.handle = fe
-        self.fe.started_mono = time.monotonic()
-        if fe.pgid is not None and self.guardian is not None:
-            with contextlib.suppress(Exception):
-                self.guardian.register(fe.pgid)
-        log.info("frontend_started", pid=fe.pid, port=cfg.proxy.port)
-
-    def _check_frontend(self, now: float) -> None:
-        if not self.want_frontend:
-            return
-        fe = self.fe.handle
-        if fe is None:
-            if now >= self.fe.next_start:
-                self._start_frontend()
-            return
-        rc = fe.poll()
-        if rc is None:
-            if now - self.fe.started_mono > 60:
-                self.fe.backoff = 1.0
-            if not self.ready:
-                if self._proxy_listening():
-                    self._mark_ready()
-                elif now - self.fe.started_mono > READY_WAIT:
-                    log.warning("frontend_not_listening", waited_s=READY_WAIT)
-                    self._mark_ready()
-            return
-        log.error("frontend_exited", pid=fe.pid, code=rc, restart_in_s=self.fe.backoff)
-        if fe.pgid is not None:
-            # Workers of a dead master would keep the port: the whole group goes.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(fe.pgid, signal.SIGKILL)
-            if self.guardian is not None:
-                with contextlib.suppress(Exception):
-                    self.guardian.unregister(fe.pgid)
-        self.fe.handle = None
-        self.fe.next_start = now + self.fe.backoff
-        self.fe.backoff = min(FRONTEND_BACKOFF_MAX, self.fe.backoff * 2)
-
-    def _proxy_listening(self) -> bool:
-        """True once the front end accepts TCP connections on the proxy port."""
-        host = self.config.proxy.host
-        if host in ("0.0.0.0", "", "::"):
-            host = "127.0.0.1" if host != "::" else "::1"
-        try:
-            with socket.create_connection((host, self.config.proxy.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    # ------------------------------------------------------------------
     # Reload
 
     def reload(self, new: Config) -> dict[str, list[str]]:
@@ -1036,10 +959,7 @@ class Supervisor:
                 log.warning("reload_needs_restart", key=f"daemon.{key}")
         if old.metrics_port != new.metrics_port:
             log.warning("reload_needs_restart", key="metrics_port")
-        fe = self.fe.handle
-        if fe is not None and fe.pid is not None and fe.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(fe.pid, signal.SIGHUP)   # gunicorn re-reads and restarts workers
+        self.fe.reload()
         result = {"added": added, "removed": removed, "changed": changed}
         log.info("reloaded", **result)
         self.notifier.ready(self._active_status())
@@ -1171,7 +1091,7 @@ class Supervisor:
                 "config": self.config_path, "socket": self.config.daemon.socket,
                 "ready": self.ready, "shutting_down": self.shutdown is not None,
                 "policy": self.policy.name,
-                "frontend_pid": self.fe.handle.pid if self.fe.handle is not None else None,
+                "frontend_pid": self.fe.pid,
                 "probe": getattr(self.probe, "name", None),
                 "active": sorted(m.name for m in self.models.values()
                                  if m.state is S.ACTIVE),
