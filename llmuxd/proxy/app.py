@@ -156,7 +156,9 @@ class ProxyResource:
             raise errors.bad_request("you must provide a model parameter", "model")
         ctx = req.context
         ctx.model = model
+        asked = time.monotonic()
         lease = self._lease(model, req.env.get("gunicorn.socket"))
+        lease_ms = round((time.monotonic() - asked) * 1000.0, 3)
         ctx.waited_ms = lease.waited_ms
         ctx.switched = lease.switched
         if lease.served_model_name != model:
@@ -190,7 +192,8 @@ class ProxyResource:
             self.log.info("request", request_id=request_id, method="POST", path=req.path,
                           model=model, served_model=lease.served_model_name,
                           status=result.status, error=result.error,
-                          waited_ms=lease.waited_ms, switched=lease.switched,
+                          waited_ms=lease.waited_ms, lease_ms=lease_ms,
+                          switched=lease.switched,
                           bytes=result.bytes, ttfb_ms=result.ttfb_ms,
                           upstream_ms=round(result.duration_ms, 3),
                           duration_ms=round((time.monotonic() - ctx.started) * 1000.0, 3))

@@ -2,8 +2,9 @@
 
 Why it is built this way:
 
-* Connection reuse: each worker thread keeps one kept-alive connection per
-  upstream port, so a request costs no TCP handshake to the child.
+* Connection reuse: a worker's threads share kept-alive connections per upstream
+  port (most recently used first), so a request costs no TCP handshake to the
+  child, and a connection the child closed while idle is noticed before use.
 * No buffering: the answer is read piece by piece as it arrives (whatever one
   ``recv`` returned, at most one upstream chunk) and handed to gunicorn at once,
   so SSE events reach the client as the engine produces them.
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmuxd.proxy.errors import error_body
-from llmuxd.proxy.http1 import Connection, Head, PeerClosed, tcp_connector
+from llmuxd.proxy.http1 import Connection, Head, PeerClosed, Pool, tcp_connector
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus those gunicorn or we set ourselves.
 HOP_BY_HOP = frozenset({
@@ -41,32 +42,28 @@ class UpstreamError(Exception):
 
 
 class UpstreamPool:
-    """Per-thread kept-alive connections to 127.0.0.1:<port> of the children."""
+    """Kept-alive connections to 127.0.0.1:<port> of the children, shared by threads."""
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self._local = threading.local()
+        self._pools: dict[tuple[str, int], Pool] = {}
+        self._lock = threading.Lock()
 
-    def _conns(self) -> dict[tuple[str, int], Connection]:
-        conns: dict[tuple[str, int], Connection] | None = getattr(self._local, "conns", None)
-        if conns is None:
-            conns = {}
-            self._local.conns = conns
-        return conns
+    def _pool(self, host: str, port: int) -> Pool:
+        pool = self._pools.get((host, port))
+        if pool is None:
+            with self._lock:
+                pool = self._pools.setdefault(
+                    (host, port), Pool(tcp_connector(host, port, self.timeout)))
+        return pool
 
     def take(self, host: str, port: int) -> Connection:
-        """This thread's connection to host:port (kept alive from an earlier request)."""
-        conn = self._conns().pop((host, port), None)
-        if conn is None:
-            conn = Connection(tcp_connector(host, port, self.timeout))
-        return conn
+        """An idle kept-alive connection to host:port, or a new one."""
+        return self._pool(host, port).take()
 
     def give_back(self, host: str, port: int, conn: Connection) -> None:
         """Keep a connection whose last response was read to its end."""
-        old = self._conns().pop((host, port), None)
-        if old is not None and old is not conn:
-            old.close()
-        self._conns()[(host, port)] = conn
+        self._pool(host, port).give_back(conn)
 
 
 @dataclass

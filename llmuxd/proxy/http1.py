@@ -11,7 +11,9 @@ loopback) and is strict: anything unexpected closes the connection.
 
 from __future__ import annotations
 
+import select
 import socket
+import threading
 from collections.abc import Callable
 
 MAX_HEAD = 65536
@@ -51,7 +53,7 @@ class Connection:
     """One kept-alive connection; a single request/response at a time."""
 
     __slots__ = ("_chunk_left", "_crlf_due", "_remaining", "buf", "connect", "done",
-                 "head", "sock")
+                 "head", "pending", "sock")
 
     def __init__(self, connect: Callable[[], socket.socket]) -> None:
         self.connect = connect
@@ -59,9 +61,26 @@ class Connection:
         self.buf = bytearray()
         self.head: Head | None = None
         self.done = True
+        # A request sent whose answer is still to be read (pipelining; see LeaseClient).
+        self.pending: bytes | None = None
         self._remaining = 0
         self._chunk_left = 0
         self._crlf_due = False
+
+    def idle_ok(self) -> bool:
+        """Whether an idle kept-alive connection still looks usable: connected, and
+        neither closed by the peer nor holding unexpected bytes (one cheap peek)."""
+        if self.sock is None:
+            return False
+        if self.pending is not None:
+            return True  # its answer is expected; reading it will tell
+        # select, not a MSG_DONTWAIT recv: a socket with a timeout polls before recv.
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        # Readable while idle means closed by the peer (EOF) or bytes nobody asked for.
+        return not readable
 
     # -- request ------------------------------------------------------------
 
@@ -252,6 +271,45 @@ class Connection:
             self.sock = None
         self.buf.clear()
         self.done = True
+        self.pending = None
+
+
+class Pool:
+    """Idle kept-alive connections to one peer, shared by a process's threads.
+
+    Most recently used first, so a few connections stay warm and busy instead of one
+    per thread going stale (children close idle connections after a few seconds,
+    and every connection to llmuxd is a thread there)."""
+
+    def __init__(self, connect: Callable[[], socket.socket], max_idle: int = 256) -> None:
+        self.connect = connect
+        self.max_idle = max_idle
+        self._idle: list[Connection] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> Connection:
+        """An idle connection that still looks usable, else a new (unconnected) one."""
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return Connection(self.connect)
+            if conn.idle_ok():
+                return conn
+            conn.close()
+
+    def give_back(self, conn: Connection) -> None:
+        with self._lock:
+            if conn.sock is not None and len(self._idle) < self.max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
 
 def tcp_connector(host: str, port: int, timeout: float) -> Callable[[], socket.socket]:

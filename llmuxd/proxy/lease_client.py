@@ -2,10 +2,12 @@
 
 Every proxied request costs two calls here (lease, release), so the client is
 built for cost: a minimal HTTP/1.1 client over AF_UNIX (``http1.py``; far less
-CPU than ``requests`` or even ``http.client``), one persistent keep-alive connection per thread (no
-locking, no connect per call), and a reconnect when a kept-alive connection turns
-out to be dead. Leases belong to the peer pid (SO_PEERCRED), so a worker that dies
-loses its leases in the daemon without any help from here.
+CPU than ``requests`` or even ``http.client``), kept-alive connections shared by the
+process's threads (most recently used first: no connect per call, and few
+connections, each of which is a thread in llmuxd), and a reconnect when a kept-alive
+connection turns out to be dead. Leases belong to the peer pid (SO_PEERCRED), not to
+a connection, so any thread may use any connection, and a worker that dies loses its
+leases in the daemon without any help from here.
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ import contextlib
 import json
 import select
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from llmuxd.proxy.http1 import Connection, PeerClosed, unix_connector
+from llmuxd.proxy.http1 import Connection, PeerClosed, Pool, unix_connector
 
 
 class DaemonUnavailable(Exception):
@@ -55,7 +56,7 @@ class Lease:
 
 
 class LeaseClient:
-    """Thread-safe by being per-thread: each thread owns one kept-alive connection."""
+    """Thread-safe: calls take a kept-alive connection from a shared pool and put it back."""
 
     def __init__(self, socket_path: str, lease_timeout: float, call_timeout: float = 10.0
                  ) -> None:
@@ -63,7 +64,7 @@ class LeaseClient:
         # A lease may legitimately block for the whole request timeout (a switch).
         self.lease_timeout = lease_timeout
         self.call_timeout = call_timeout
-        self._local = threading.local()
+        self.pool = Pool(unix_connector(socket_path, call_timeout))
 
     # -- the routes the front end uses -------------------------------------
 
@@ -90,38 +91,21 @@ class LeaseClient:
     def release(self, lease_id: str, outcome: dict[str, Any]) -> None:
         """Hand a lease back with the request's outcome (for metrics and drain).
 
-        Sent without waiting for the answer (HTTP/1.1 pipelining): the answer is read
-        before this thread's next call, so the worker thread, and with it the client's
-        kept-alive connection, is free at once. Should that answer never come, the
-        release is sent again on a fresh connection (the daemon treats a second
-        release of the same lease as a no-op)."""
+        Sent without waiting for the answer (HTTP/1.1 pipelining): the connection goes
+        back to the pool with the answer unread, and whoever takes it next reads it
+        first, so the worker thread, and with it the client's kept-alive connection,
+        is free at once. Should that answer never come, the release is sent again on a
+        fresh connection (the daemon treats a second release of a lease as a no-op)."""
         request = _request("POST", f"/v1/leases/{lease_id}/release", outcome)
-        conn = self._conn()
-        self._settle(conn)
+        conn = self._take()
         try:
             conn.send(request, self.call_timeout)
         except OSError:
             conn.close()
             self._call_raw(request, self.call_timeout)
             return
-        self._local.pending = request
-
-    def _settle(self, conn: Connection) -> None:
-        """Read the answer to a pipelined release, or resend that release."""
-        request: bytes | None = getattr(self._local, "pending", None)
-        if request is None:
-            return
-        self._local.pending = None
-        try:
-            conn.read_head()
-            conn.read_all()
-            if not conn.reusable:
-                conn.close()
-        except (OSError, ValueError):
-            conn.close()
-            # If this fails too, the daemon reclaims our leases when the worker ends.
-            with contextlib.suppress(DaemonUnavailable, DaemonError):
-                self._call_raw(request, self.call_timeout)
+        conn.pending = request
+        self.pool.give_back(conn)
 
     def status(self) -> dict[str, Any]:
         return self._call("GET", "/v1/status", None, self.call_timeout)
@@ -130,22 +114,45 @@ class LeaseClient:
         return self._call("GET", "/v1/health", None, self.call_timeout)
 
     def close(self) -> None:
-        conn: Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
+        self.pool.close()
 
     # -- transport ----------------------------------------------------------
+
+    def _take(self) -> Connection:
+        """A pooled connection, with any pipelined release on it settled."""
+        conn = self.pool.take()
+        request = conn.pending
+        if request is None:
+            return conn
+        conn.pending = None
+        try:
+            conn.read_head()
+            conn.read_all()
+        except (OSError, ValueError):
+            conn.close()
+            # If this fails too, the daemon reclaims our leases when the worker ends.
+            with contextlib.suppress(DaemonUnavailable, DaemonError):
+                self._call_raw(request, self.call_timeout)
+            return Connection(self.pool.connect)
+        if not conn.reusable:
+            conn.close()
+        return conn
+
+    def _done(self, conn: Connection) -> None:
+        if conn.reusable:
+            self.pool.give_back(conn)
+        else:
+            conn.close()
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None,
               timeout: float) -> Any:
         return self._call_raw(_request(method, path, body), timeout)
 
     def _call_raw(self, request: bytes, timeout: float) -> Any:
-        conn = self._conn()
-        self._settle(conn)
+        conn = self._take()
         for attempt in (0, 1):
+            reused = conn.sock is not None
             try:
-                reused = conn.sock is not None
                 conn.send(request, timeout)
                 head = conn.read_head()
                 raw = conn.read_all()
@@ -158,14 +165,12 @@ class LeaseClient:
             except (OSError, ValueError) as exc:
                 conn.close()
                 raise DaemonUnavailable(self._describe(exc)) from None
-            if not conn.reusable:
-                conn.close()
+            self._done(conn)
             return _decode(head.status, raw)
         raise AssertionError("unreachable")
 
     def _call_watching(self, request: bytes, client: socket.socket) -> Any:
-        conn = self._conn()
-        self._settle(conn)
+        conn = self._take()
         try:
             conn.send(request, self.lease_timeout)
         except OSError:
@@ -202,20 +207,12 @@ class LeaseClient:
             if isinstance(exc, PeerClosed):  # a stale kept-alive connection
                 return self._call_raw(request, self.lease_timeout)
             raise DaemonUnavailable(self._describe(exc)) from None
-        if not conn.reusable:
-            conn.close()
+        self._done(conn)
         return _decode(head.status, raw)
 
     def _describe(self, exc: BaseException) -> str:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return f"{self.socket_path}: {detail or type(exc).__name__}"
-
-    def _conn(self) -> Connection:
-        conn: Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = Connection(unix_connector(self.socket_path, self.call_timeout))
-            self._local.conn = conn
-        return conn
 
 
 def _request(method: str, path: str, body: dict[str, Any] | None) -> bytes:

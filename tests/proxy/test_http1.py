@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from llmuxd.proxy.http1 import Connection, PeerClosed, ProtocolError
+from llmuxd.proxy.http1 import Connection, PeerClosed, Pool, ProtocolError
 
 
 def pair() -> tuple[Connection, socket.socket]:
@@ -108,3 +108,29 @@ def test_large_body_split_across_reads() -> None:
     conn.read_head()
     assert conn.read_all() == payload
     writer.join(10)
+
+
+def test_pool_reuses_the_latest_idle_connection_and_drops_dead_ones() -> None:
+    peers: list[socket.socket] = []
+
+    def connect() -> socket.socket:
+        ours, theirs = socket.socketpair()
+        peers.append(theirs)
+        return ours
+
+    pool = Pool(connect)
+    a, b = pool.take(), pool.take()
+    for conn, body in ((a, b"x"), (b, b"y")):
+        conn.send(body, 5)
+    for conn, peer in ((a, peers[0]), (b, peers[1])):
+        peer.recv(10)
+        peer.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        conn.read_head()
+        assert conn.reusable
+    pool.give_back(a)
+    pool.give_back(b)
+    assert pool.take() is b  # most recently used first
+    peers[0].close()  # a's peer hangs up while a sits idle in the pool
+    fresh = pool.take()
+    assert fresh is not a and fresh.sock is None
+    assert a.sock is None  # closed, not handed out
