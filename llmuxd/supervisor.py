@@ -42,13 +42,13 @@ from llmuxd.policy import make_policy
 from llmuxd.policy.base import Activate, Deactivate, ModelView, PolicyInput
 from llmuxd.sdnotify import SdNotify
 from llmuxd.states import HAS_PROCESS, ModelState
+from llmuxd.status import GpuSampler, active_line, daemon_status, model_status, update_gauges
 
 log = structlog.get_logger("llmuxd.supervisor")
 S = ModelState
 
 TICK = 0.2                 # reap / drain / schedule at least this often
 PID_SWEEP = 1.0            # check lease-holding client pids this often
-GPU_SAMPLE = 2.0           # GPU memory per model for status and metrics
 VERIFY_WINDOW = 3.0        # a sleeping child's memory may take a moment to drop
 TAIL_LINES = 20
 COST_ALPHA = 0.3
@@ -98,12 +98,10 @@ class Supervisor:
         self._workers: set[threading.Thread] = set()
         self._workers_lock = threading.Lock()
         self._next_sweep = 0.0
-        self._next_sample = 0.0
-        self._sampling = False
         self._next_watchdog = 0.0
         self._watchdog_every = self.notifier.watchdog_interval()
         self._status_line = ""
-        self._gpus: list[dict[str, Any]] = []
+        self.gpu_sampler = GpuSampler()
         self.ready = False
         self.loop_thread: threading.Thread | None = None
 
@@ -241,7 +239,7 @@ class Supervisor:
     def mark_ready(self) -> None:
         if not self.ready:
             self.ready = True
-            self.notifier.ready(self._active_status())
+            self.notifier.ready(active_line(self))
             log.info("ready")
 
     def _tick(self) -> None:
@@ -258,23 +256,15 @@ class Supervisor:
         if now >= self._next_sweep:
             self._next_sweep = now + PID_SWEEP
             self._sweep_pids()
-            self._update_gauges()
-        if now >= self._next_sample and not self._sampling:
-            self._next_sample = now + GPU_SAMPLE
-            self._sample_gpus()
+            update_gauges(self)
+        self.gpu_sampler.maybe_sample(self, now)
         if self._watchdog_every and now >= self._next_watchdog:
             self._next_watchdog = now + self._watchdog_every
             self.notifier.watchdog()
-        status = self._active_status()
+        status = active_line(self)
         if status != self._status_line:
             self._status_line = status
             self.notifier.status(status)
-
-    def _active_status(self) -> str:
-        if self.shutdown is not None:
-            return "stopping"
-        active = [m.name for m in self.models.values() if m.state is S.ACTIVE]
-        return "active: " + (", ".join(sorted(active)) if active else "none")
 
     # ------------------------------------------------------------------
     # Models: add, views, policy
@@ -873,45 +863,6 @@ class Supervisor:
                         models=sorted({lease.model for lease in gone}))
         return len(gone)
 
-    def _sample_gpus(self) -> None:
-        probe = self.probe
-        if probe is None:
-            return
-        children = {m.name: m.child for m in self.models.values() if m.child is not None}
-        self._sampling = True
-
-        def work() -> None:
-            from llmuxd.gpu.memory import child_usage
-            gpus: list[dict[str, Any]] = []
-            usage: dict[str, dict[int, int]] = {}
-            try:
-                gpus = [{"index": g.index, "name": g.name, "total_mib": g.total_mib,
-                         "used_mib": g.used_mib} for g in probe.gpus()]
-                for name, child in children.items():
-                    u = child_usage(probe, child.group_pids())
-                    if u is not None:
-                        usage[name] = u
-            except Exception as exc:
-                log.warning("gpu_sample_failed", error=repr(exc))
-
-            def apply() -> None:
-                self._sampling = False
-                self._gpus = gpus
-                for name, m in self.models.items():
-                    m.gpu_memory_mib = usage.get(name, {}) if m.child is not None else {}
-                for g in gpus:
-                    self.metrics.gpu_memory(g["index"], g["used_mib"])
-            self.post(apply)
-
-        threading.Thread(target=work, name="gpu-sample", daemon=True).start()
-
-    def _update_gauges(self) -> None:
-        gates = self.leases.view()
-        for name, m in self.models.items():
-            gate = gates.get(name)
-            self.metrics.model_gauges(name, str(m.state), gate.in_flight if gate else 0,
-                                      gate.queued if gate else 0)
-
     # ------------------------------------------------------------------
     # Reload
 
@@ -962,7 +913,7 @@ class Supervisor:
         self.fe.reload()
         result = {"added": added, "removed": removed, "changed": changed}
         log.info("reloaded", **result)
-        self.notifier.ready(self._active_status())
+        self.notifier.ready(active_line(self))
         return result
 
     # ------------------------------------------------------------------
@@ -1064,42 +1015,12 @@ class Supervisor:
     # Control commands (run on the loop thread; see control/commands.py)
 
     def status_of(self, m: ModelRuntime) -> dict[str, Any]:
-        gate = self.leases.view().get(m.name)
-        mc = m.config
-        return {
-            "name": m.name, "state": str(m.state),
-            "sleep_level": m.sleep_level if m.state is S.SLEEPING else None,
-            "configured_sleep_level": mc.sleep_level,
-            "pid": m.child.pid if m.child is not None else None,
-            "port": mc.port, "upstream": f"http://127.0.0.1:{mc.port}",
-            "in_flight": gate.in_flight if gate else 0,
-            "queued": (gate.queued if gate else 0) + len(m.demands),
-            "gpus": list(mc.gpu_indices),
-            "gpu_memory_mib": {str(k): v for k, v in sorted(m.gpu_memory_mib.items())},
-            "gpu_memory_utilization": mc.gpu_memory_utilization,
-            "state_since": m.state_since, "aliases": list(mc.aliases),
-            "restarts": m.restarts, "last_error": m.last_error,
-            "last_switch": m.last_switch.to_dict() if m.last_switch else None,
-            "failures": m.failures, "operation": m.op.kind if m.op else None,
-        }
+        """``ModelStatus`` of one model (see status.py)."""
+        return model_status(m, self.leases.view().get(m.name))
 
     def status(self) -> dict[str, Any]:
-        return {
-            "daemon": {
-                "pid": os.getpid(), "version": VERSION, "started_at": self.started_at,
-                "uptime_s": round(time.time() - self.started_at, 3),
-                "config": self.config_path, "socket": self.config.daemon.socket,
-                "ready": self.ready, "shutting_down": self.shutdown is not None,
-                "policy": self.policy.name,
-                "frontend_pid": self.fe.pid,
-                "probe": getattr(self.probe, "name", None),
-                "active": sorted(m.name for m in self.models.values()
-                                 if m.state is S.ACTIVE),
-            },
-            "gpus": list(self._gpus),
-            "models": {n: self.status_of(m) for n, m in self.models.items()
-                       if not m.removed},
-        }
+        """The ``/v1/status`` document (see status.py)."""
+        return daemon_status(self)
 
     def _model(self, name: str) -> ModelRuntime:
         m = self.models.get(name)

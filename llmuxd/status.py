@@ -1,0 +1,137 @@
+"""What the daemon reports about itself: status documents, the systemd line, GPU samples.
+
+All of it reads the supervisor's state on the loop thread (the control API asks
+through ``sup.query``), so a status is one consistent picture. The shapes are the
+control API's ``ModelStatus`` and ``/v1/status`` (docs/interfaces.md §5).
+
+GPU memory per model is sampled every ``GPU_SAMPLE`` seconds in a thread of its
+own (NVML reads may be slow) and applied back on the loop thread, so a status
+request never waits on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from llmuxd import __version__ as VERSION
+from llmuxd.leases import GateView
+from llmuxd.model import ModelRuntime
+from llmuxd.states import ModelState
+
+if TYPE_CHECKING:
+    from llmuxd.supervisor import Supervisor
+
+log = structlog.get_logger("llmuxd.supervisor")
+S = ModelState
+
+GPU_SAMPLE = 2.0           # GPU memory per model for status and metrics
+
+
+def model_status(m: ModelRuntime, gate: GateView | None) -> dict[str, Any]:
+    """One model's ``ModelStatus``."""
+    mc = m.config
+    return {
+        "name": m.name, "state": str(m.state),
+        "sleep_level": m.sleep_level if m.state is S.SLEEPING else None,
+        "configured_sleep_level": mc.sleep_level,
+        "pid": m.child.pid if m.child is not None else None,
+        "port": mc.port, "upstream": f"http://127.0.0.1:{mc.port}",
+        "in_flight": gate.in_flight if gate else 0,
+        "queued": (gate.queued if gate else 0) + len(m.demands),
+        "gpus": list(mc.gpu_indices),
+        "gpu_memory_mib": {str(k): v for k, v in sorted(m.gpu_memory_mib.items())},
+        "gpu_memory_utilization": mc.gpu_memory_utilization,
+        "state_since": m.state_since, "aliases": list(mc.aliases),
+        "restarts": m.restarts, "last_error": m.last_error,
+        "last_switch": m.last_switch.to_dict() if m.last_switch else None,
+        "failures": m.failures, "operation": m.op.kind if m.op else None,
+    }
+
+
+def daemon_status(sup: Supervisor) -> dict[str, Any]:
+    """The whole ``/v1/status`` document: the daemon, the GPUs, every model."""
+    gates = sup.leases.view()
+    return {
+        "daemon": {
+            "pid": os.getpid(), "version": VERSION, "started_at": sup.started_at,
+            "uptime_s": round(time.time() - sup.started_at, 3),
+            "config": sup.config_path, "socket": sup.config.daemon.socket,
+            "ready": sup.ready, "shutting_down": sup.shutdown is not None,
+            "policy": sup.policy.name,
+            "frontend_pid": sup.fe.pid,
+            "probe": getattr(sup.probe, "name", None),
+            "active": sorted(m.name for m in sup.models.values() if m.state is S.ACTIVE),
+        },
+        "gpus": list(sup.gpu_sampler.gpus),
+        "models": {n: model_status(m, gates.get(n)) for n, m in sup.models.items()
+                   if not m.removed},
+    }
+
+
+def active_line(sup: Supervisor) -> str:
+    """systemd's STATUS= line: which models are active (or that the daemon is stopping)."""
+    if sup.shutdown is not None:
+        return "stopping"
+    active = [m.name for m in sup.models.values() if m.state is S.ACTIVE]
+    return "active: " + (", ".join(sorted(active)) if active else "none")
+
+
+def update_gauges(sup: Supervisor) -> None:
+    """Per-model state, in-flight and queue gauges for /metrics."""
+    gates = sup.leases.view()
+    for name, m in sup.models.items():
+        gate = gates.get(name)
+        sup.metrics.model_gauges(name, str(m.state), gate.in_flight if gate else 0,
+                                 gate.queued if gate else 0)
+
+
+class GpuSampler:
+    """The latest GPU list and per-model memory, refreshed by a thread now and then."""
+
+    def __init__(self) -> None:
+        self.gpus: list[dict[str, Any]] = []
+        self.next_at = 0.0
+        self.running = False
+
+    def maybe_sample(self, sup: Supervisor, now: float) -> None:
+        """Start a sample when one is due and none is running (loop thread)."""
+        if now >= self.next_at and not self.running:
+            self.next_at = now + GPU_SAMPLE
+            self.sample(sup)
+
+    def sample(self, sup: Supervisor) -> None:
+        probe = sup.probe
+        if probe is None:
+            return
+        children = {m.name: m.child for m in sup.models.values() if m.child is not None}
+        self.running = True
+
+        def work() -> None:
+            from llmuxd.gpu.memory import child_usage
+            gpus: list[dict[str, Any]] = []
+            usage: dict[str, dict[int, int]] = {}
+            try:
+                gpus = [{"index": g.index, "name": g.name, "total_mib": g.total_mib,
+                         "used_mib": g.used_mib} for g in probe.gpus()]
+                for name, child in children.items():
+                    u = child_usage(probe, child.group_pids())
+                    if u is not None:
+                        usage[name] = u
+            except Exception as exc:
+                log.warning("gpu_sample_failed", error=repr(exc))
+
+            def apply() -> None:
+                self.running = False
+                self.gpus = gpus
+                for name, m in sup.models.items():
+                    m.gpu_memory_mib = usage.get(name, {}) if m.child is not None else {}
+                for g in gpus:
+                    sup.metrics.gpu_memory(g["index"], g["used_mib"])
+            sup.post(apply)
+
+        threading.Thread(target=work, name="gpu-sample", daemon=True).start()
