@@ -127,3 +127,20 @@ class ModelRuntime:
     @property
     def busy(self) -> bool:
         return self.op is not None
+
+
+def settle(futures: list[Future[Any]], error: Exception | None,
+           m: ModelRuntime | None = None) -> None:
+    """Answer every future in ``futures`` (and empty it): ``error``, or else ``m``.
+
+    A model's ``demands`` (waiting for ACTIVE) and ``sleepers`` (waiting for it to
+    leave its GPUs) are answered this way; futures already answered are skipped.
+    """
+    pending, futures[:] = list(futures), []
+    for fut in pending:
+        if fut.done():
+            continue
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(m)

@@ -37,7 +37,7 @@ from llmuxd.control.errors import ApiError, model_not_found, shutting_down
 from llmuxd.frontend_keeper import FrontEndKeeper
 from llmuxd.leases import LeaseTable
 from llmuxd.metrics import Metrics
-from llmuxd.model import ModelRuntime, OpContext, SwitchRecord, ValidateJob
+from llmuxd.model import ModelRuntime, OpContext, SwitchRecord, ValidateJob, settle
 from llmuxd.policy import make_policy
 from llmuxd.policy.base import Activate, Deactivate, ModelView, PolicyInput
 from llmuxd.sdnotify import SdNotify
@@ -79,7 +79,7 @@ class Supervisor:
         self.leases = LeaseTable(config.daemon.max_queue_per_model, self.kick)
         self.models: dict[str, ModelRuntime] = {}
         for mc in config.models.values():
-            self._add_model(mc)
+            self.add_model(mc)
         self.policy = make_policy(config.policy.policy_type)
         self.probe = probe
         self.notifier = notifier or SdNotify()
@@ -269,7 +269,7 @@ class Supervisor:
     # ------------------------------------------------------------------
     # Models: add, views, policy
 
-    def _add_model(self, mc: ModelConfig) -> ModelRuntime:
+    def add_model(self, mc: ModelConfig) -> ModelRuntime:
         m = ModelRuntime(mc)
         self.models[mc.name] = m
         self.leases.add_model(mc.name, f"http://127.0.0.1:{mc.port}", mc.name)
@@ -329,7 +329,7 @@ class Supervisor:
                             and m.name not in target.switch.from_:
                         target.switch.from_.append(m.name)
                     m.switch = target.switch if target is not None else None
-                    self._deactivate(m, d.level, d.drain, d.reason)
+                    self.deactivate(m, d.level, d.drain, d.reason)
             elif isinstance(d, Activate):
                 self._activate(m, d.reason)
 
@@ -338,7 +338,7 @@ class Supervisor:
             if m.state is S.FAILED:
                 err = self._failed_error(m)
                 self.leases.refuse(m.name, err)
-                self._resolve(m.demands, err)
+                settle(m.demands, err)
                 m.demand_since = None
 
     def _failed_error(self, m: ModelRuntime) -> ApiError:
@@ -353,9 +353,14 @@ class Supervisor:
     # ------------------------------------------------------------------
     # Operations (each runs in a worker thread and reports back)
 
-    def _launch(self, m: ModelRuntime, kind: str, work: Callable[[OpContext], Any],
+    def launch(self, m: ModelRuntime, kind: str, work: Callable[[OpContext], Any],
                 done: Callable[[ModelRuntime, OpContext, Any, BaseException | None], None]
                 ) -> OpContext:
+        """Run ``work`` in a worker thread as ``m``'s one operation.
+
+        ``done`` gets the result on the loop thread, unless the operation was
+        detached meanwhile (``m.op`` replaced, e.g. by a stop): then it is ignored.
+        """
         ctx = OpContext(op_id=next(self._op_ids), kind=kind)
         m.op = ctx
 
@@ -400,7 +405,7 @@ class Supervisor:
                 return fits(probe, gpus, util)
             return wake_fits(probe, gpus, util, child_usage(probe, child.group_pids(), gpus))
 
-        self._launch(m, "preflight", check, self._preflight_done)
+        self.launch(m, "preflight", check, self._preflight_done)
 
     def _preflight_done(self, m: ModelRuntime, _ctx: OpContext, result: Any,
                         error: BaseException | None) -> None:
@@ -437,7 +442,7 @@ class Supervisor:
             other.switch = m.switch
             if m.switch is not None:
                 m.switch.from_.append(other.name)
-            self._deactivate(other, other.config.sleep_level,
+            self.deactivate(other, other.config.sleep_level,
                              self.config.policy.drain_before_switch,
                              f"making room for {m.name}: {why}")
         if actives:
@@ -445,7 +450,7 @@ class Supervisor:
         sleepers = [o for o in others if o.state is S.SLEEPING]
         for other in sleepers:
             log.info("making_room", model=m.name, stop=other.name, why=why)
-            self._stop(other, f"stopping a sleeper to make room for {m.name}: {why}")
+            self.stop_model(other, f"stopping a sleeper to make room for {m.name}: {why}")
         return bool(sleepers)
 
     def _start(self, m: ModelRuntime) -> None:
@@ -503,7 +508,7 @@ class Supervisor:
                 raise OpFailed(msg) from None
             return child, client, phases
 
-        self._launch(m, "start", work, self._start_done)
+        self.launch(m, "start", work, self._start_done)
 
     def _child_logger(self, model: str) -> Callable[[str], None]:
         child_log = structlog.get_logger("vllm")
@@ -535,13 +540,13 @@ class Supervisor:
             for phase, secs in phases.items():
                 m.switch.add(phase, secs)
         m.enter(S.ACTIVE, f"healthy (pid {child.pid})")
-        self._became_active(m)
+        self.became_active(m)
 
     def _start_failed(self, m: ModelRuntime, msg: str) -> None:
         m.last_error = msg
         err = ApiError("model_failed", msg, model=m.name)
         self.leases.refuse(m.name, err)
-        self._resolve(m.demands, err)
+        settle(m.demands, err)
         m.demand_since = None
         self._finish_switch(m, "failed")
         if m.state is S.SLEEPING:       # no room to wake it: it stays asleep
@@ -559,7 +564,7 @@ class Supervisor:
             m.backoff_until = time.monotonic() + delay
             if m.state is not S.BACKOFF:
                 m.enter(S.BACKOFF, f"start failed; next try in {delay:g}s")
-        self._apply_pending(m)
+        self.apply_pending(m)
 
     def _wake(self, m: ModelRuntime) -> None:
         cfg = self.config
@@ -586,7 +591,7 @@ class Supervisor:
                                ) from None
             return phases
 
-        self._launch(m, "wake", work, self._wake_done)
+        self.launch(m, "wake", work, self._wake_done)
 
     def _wake_done(self, m: ModelRuntime, ctx: OpContext, result: Any,
                    error: BaseException | None) -> None:
@@ -597,27 +602,28 @@ class Supervisor:
             err = ApiError("model_failed", msg + "; the model was stopped, the next "
                            "request starts it cold", model=m.name)
             self.leases.refuse(m.name, err)
-            self._resolve(m.demands, err)
+            settle(m.demands, err)
             m.demand_since = None
             self._finish_switch(m, "failed")
-            self._stop(m, "wake failed: stopping (L3)")
+            self.stop_model(m, "wake failed: stopping (L3)")
             return
         if m.switch is not None:
             for phase, secs in result.items():
                 m.switch.add(phase, secs)
         m.enter(S.ACTIVE, "awake")
-        self._became_active(m)
+        self.became_active(m)
 
-    def _became_active(self, m: ModelRuntime) -> None:
+    def became_active(self, m: ModelRuntime) -> None:
+        """m is ACTIVE: open its gate (grants its waiters), answer demands, end the switch."""
         self.leases.set_hold(m.name, None)
         granted = self.leases.open_gate(m.name)
-        self._resolve(m.demands, None, m)
+        settle(m.demands, None, m)
         m.demand_since = None
         self._finish_switch(m, "ok")
         log.info("model_active", model=m.name, granted=granted)
-        self._apply_pending(m)
+        self.apply_pending(m)
 
-    def _deactivate(self, m: ModelRuntime, level: int, drain: bool, reason: str) -> None:
+    def deactivate(self, m: ModelRuntime, level: int, drain: bool, reason: str) -> None:
         """ACTIVE → DRAINING: close the gate; the drain ends at 0 in flight or the timeout."""
         if m.state is not S.ACTIVE or m.busy:
             return
@@ -649,7 +655,7 @@ class Supervisor:
                 m.switch.add("drain", drained)
             m.drain_deadline = None
             if m.drain_level == 3 or self.shutdown is not None:
-                self._stop(m, f"level 3 after drain ({in_flight} still in flight)")
+                self.stop_model(m, f"level 3 after drain ({in_flight} still in flight)")
             else:
                 self._sleep(m, m.drain_level)
 
@@ -685,7 +691,7 @@ class Supervisor:
             phases["verify"] = time.monotonic() - t1
             return phases
 
-        self._launch(m, f"sleep{level}", work,
+        self.launch(m, f"sleep{level}", work,
                      lambda mm, ctx, res, err: self._sleep_done(mm, level, res, err))
 
     def _sleep_done(self, m: ModelRuntime, level: int, result: Any,
@@ -694,7 +700,7 @@ class Supervisor:
             msg = f"{error}; escalating to level 3 (stop)"
             m.last_error = msg
             log.warning("sleep_failed", model=m.name, level=level, error=str(error))
-            self._stop(m, msg)
+            self.stop_model(m, msg)
             return
         if m.switch is not None:
             for phase, secs in result.items():
@@ -703,7 +709,7 @@ class Supervisor:
         m.sleep_level = level
         self._left_gpu(m)
 
-    def _stop(self, m: ModelRuntime, reason: str, kill: bool = False) -> None:
+    def stop_model(self, m: ModelRuntime, reason: str, kill: bool = False) -> None:
         """Any state with a process → STOPPING → (worker: SIGTERM, grace, SIGKILL) → STOPPED."""
         child = m.child
         if m.op is not None:
@@ -728,7 +734,7 @@ class Supervisor:
                 rc = child.kill() if kill else child.stop(grace)
             return time.monotonic() - t0, rc
 
-        self._launch(m, "stop", work, self._stop_done)
+        self.launch(m, "stop", work, self._stop_done)
 
     def _stop_done(self, m: ModelRuntime, ctx: OpContext, result: Any,
                    error: BaseException | None) -> None:
@@ -744,7 +750,7 @@ class Supervisor:
 
     def _left_gpu(self, m: ModelRuntime) -> None:
         """m no longer holds its GPUs: close a switch it was the only subject of."""
-        self._resolve(m.sleepers, None, m)
+        settle(m.sleepers, None, m)
         sw = m.switch
         m.switch = None
         if sw is not None and sw.to is None:
@@ -753,7 +759,7 @@ class Supervisor:
             m.last_switch = sw
         elif sw is not None:
             m.last_switch = sw
-        self._apply_pending(m)
+        self.apply_pending(m)
 
     def _finish_switch(self, m: ModelRuntime, result: str) -> None:
         sw = m.switch
@@ -780,37 +786,25 @@ class Supervisor:
         self.metrics.switch(d["from"] or "", d["to"] or "", d["result"],
                             (d["total_ms"] or 0.0) / 1000, sw.phases_ms)
 
-    def _apply_pending(self, m: ModelRuntime) -> None:
+    def apply_pending(self, m: ModelRuntime) -> None:
         """After an operation: removed/changed by a reload? act now that it is idle."""
         if m.busy:
             return
         if m.removed:
             if m.state in HAS_PROCESS:
-                self._stop(m, "removed by reload")
+                self.stop_model(m, "removed by reload")
             else:
                 self.models.pop(m.name, None)
-                self._resolve(m.sleepers, None, m)
+                settle(m.sleepers, None, m)
                 log.info("model_removed", model=m.name)
             return
         if m.pending_config is not None:
             if m.state in HAS_PROCESS:
-                self._stop(m, "config changed by reload")
+                self.stop_model(m, "config changed by reload")
             else:
                 m.config, m.pending_config = m.pending_config, None
                 self.leases.add_model(m.name, f"http://127.0.0.1:{m.config.port}", m.name)
                 log.info("model_config_applied", model=m.name)
-
-    @staticmethod
-    def _resolve(futures: list[Future[Any]], error: ApiError | None,
-                 m: ModelRuntime | None = None) -> None:
-        pending, futures[:] = list(futures), []
-        for fut in pending:
-            if fut.done():
-                continue
-            if error is not None:
-                fut.set_exception(error)
-            else:
-                fut.set_result(m)
 
     # ------------------------------------------------------------------
     # Reaping, sweeping, sampling
@@ -837,7 +831,7 @@ class Supervisor:
             err = ApiError("model_failed", msg + "; the next request restarts it",
                            model=m.name)
             self.leases.refuse(m.name, err)
-            self._resolve(m.demands, err)
+            settle(m.demands, err)
             m.demand_since = None
             m.drain_deadline = None
             if revoked:
@@ -885,7 +879,7 @@ class Supervisor:
                 old_rt.pending_config = new.models[name]
                 self.leases.set_hold(name, None)
             else:
-                self._add_model(new.models[name])
+                self.add_model(new.models[name])
         for name in removed:
             m = self.models[name]
             m.removed = True
@@ -893,13 +887,13 @@ class Supervisor:
                            model=name)
             self.leases.set_hold(name, err)
             self.leases.refuse(name, err)
-            self._resolve(m.demands, err)
+            settle(m.demands, err)
             m.demand_since = None
-            self._apply_pending(m)
+            self.apply_pending(m)
         for name in changed:
             m = self.models[name]
             m.pending_config = new.models[name]
-            self._apply_pending(m)
+            self.apply_pending(m)
         for m in self.models.values():
             if m.state is S.FAILED and not m.removed:
                 m.failures = 0
@@ -933,8 +927,8 @@ class Supervisor:
         self.notifier.stopping()
         refused = self.leases.shut()
         for m in self.models.values():
-            self._resolve(m.demands, shutting_down())
-            self._resolve(m.sleepers, shutting_down())
+            settle(m.demands, shutting_down())
+            settle(m.sleepers, shutting_down())
             if m.validate_job is not None and not m.validate_job.reply.done():
                 m.validate_job.reply.set_exception(shutting_down())
             m.demand_since = None
@@ -1022,7 +1016,8 @@ class Supervisor:
         """The ``/v1/status`` document (see status.py)."""
         return daemon_status(self)
 
-    def _model(self, name: str) -> ModelRuntime:
+    def model_named(self, name: str) -> ModelRuntime:
+        """The live model called ``name`` (not an alias), or model_not_found."""
         m = self.models.get(name)
         if m is None or m.removed:
             raise model_not_found(name)
@@ -1032,7 +1027,7 @@ class Supervisor:
         """start / wake / switch: make ``name`` ACTIVE (others leave as placement needs)."""
         if self.shutdown is not None:
             raise shutting_down()
-        m = self._model(name)
+        m = self.model_named(name)
         if m.state is S.FAILED:
             m.failures = 0
             m.enter(S.STOPPED, "start requested: clearing the failure hold")
@@ -1053,17 +1048,17 @@ class Supervisor:
     def cmd_sleep(self, name: str, level: int, fut: Future[Any], wait: bool) -> None:
         if self.shutdown is not None:
             raise shutting_down()
-        m = self._model(name)
+        m = self.model_named(name)
         if m.state in (S.STOPPED, S.BACKOFF, S.FAILED) or (
                 m.state is S.SLEEPING and level != 3):
             fut.set_result(m)
             return
         if m.state is S.SLEEPING and level == 3 and not m.busy:
             m.switch = self._new_switch(None, [m.name])
-            self._stop(m, "sleep level 3 requested")
+            self.stop_model(m, "sleep level 3 requested")
         elif m.state is S.ACTIVE and not m.busy:
             m.switch = self._new_switch(None, [m.name])
-            self._deactivate(m, level, True, "sleep requested")
+            self.deactivate(m, level, True, "sleep requested")
         else:
             raise ApiError("conflict", f"model '{name}' is {m.state} "
                            f"({m.op.kind if m.op else 'busy'}); try again when it settles",
@@ -1073,18 +1068,18 @@ class Supervisor:
             fut.set_result(m)
 
     def cmd_kill(self, name: str, fut: Future[Any], wait: bool) -> None:
-        m = self._model(name)
+        m = self.model_named(name)
         if m.state not in HAS_PROCESS:
             fut.set_result(m)
             return
         err = ApiError("model_failed", f"model '{name}' was killed by an operator",
                        model=name)
         self.leases.refuse(name, err)
-        self._resolve(m.demands, err)
+        settle(m.demands, err)
         m.demand_since = None
         if m.switch is not None and m.switch.to == m.name:
             self._finish_switch(m, "failed")
-        self._stop(m, "kill requested", kill=True)
+        self.stop_model(m, "kill requested", kill=True)
         m.sleepers.append(fut if wait else Future())
         if not wait:
             fut.set_result(m)
@@ -1094,7 +1089,7 @@ class Supervisor:
         """Validate a supervised model: it runs alone on its GPUs with leases held back."""
         if self.shutdown is not None:
             raise shutting_down()
-        m = self._model(name)
+        m = self.model_named(name)
         if m.validate_job is not None:
             raise ApiError("conflict", f"a validate run on '{name}' is already going on",
                            model=name)
@@ -1131,7 +1126,7 @@ class Supervisor:
                                                      S.WAKING, S.STOPPING))]
                 for o in others:
                     if o.state is S.ACTIVE and not o.busy:
-                        self._deactivate(o, o.config.sleep_level,
+                        self.deactivate(o, o.config.sleep_level,
                                          self.config.policy.drain_before_switch,
                                          f"validate of {m.name} needs the GPUs to itself")
                 if not others and m.state is S.ACTIVE:
@@ -1167,7 +1162,7 @@ class Supervisor:
                  error: BaseException | None) -> None:
             self._end_validate(mm, report=report, error=error)
 
-        self._launch(m, "validate", work, done)
+        self.launch(m, "validate", work, done)
 
     def _end_validate(self, m: ModelRuntime, report: Any = None,
                       error: BaseException | None = None) -> None:
@@ -1179,9 +1174,9 @@ class Supervisor:
         if m.state is S.DRAINING:
             if awake:
                 m.enter(S.ACTIVE, "validate done")
-                self._became_active(m)
+                self.became_active(m)
             else:
-                self._stop(m, "validate left the model unusable: stopping (L3)")
+                self.stop_model(m, "validate left the model unusable: stopping (L3)")
         if job.reply.done():
             return
         if error is not None:

@@ -175,7 +175,7 @@ def _status_answer(sup: Any, m: Any, wait: bool) -> tuple[int, Any]:
 @route("GET", "/v1/models/{m}")
 def model_status(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
     name = sup.resolve(p["m"])
-    return 200, sup.query(lambda: sup.status_of(sup._model(name)))
+    return 200, sup.query(lambda: sup.status_of(sup.model_named(name)))
 
 
 def _activate(sup: Any, req: Request, p: dict[str, str], op: str) -> tuple[int, Any]:
