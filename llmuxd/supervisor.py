@@ -37,12 +37,13 @@ from llmuxd.control.errors import ApiError, model_not_found, shutting_down
 from llmuxd.frontend_keeper import FrontEndKeeper
 from llmuxd.leases import LeaseTable
 from llmuxd.metrics import Metrics
-from llmuxd.model import ModelRuntime, OpContext, SwitchRecord, ValidateJob, settle
+from llmuxd.model import ModelRuntime, OpContext, SwitchRecord, settle
 from llmuxd.policy import make_policy
 from llmuxd.policy.base import Activate, Deactivate, ModelView, PolicyInput
 from llmuxd.sdnotify import SdNotify
 from llmuxd.states import HAS_PROCESS, ModelState
 from llmuxd.status import GpuSampler, active_line, daemon_status, model_status, update_gauges
+from llmuxd.validate_jobs import ValidateJobs
 
 log = structlog.get_logger("llmuxd.supervisor")
 S = ModelState
@@ -88,6 +89,7 @@ class Supervisor:
         self.server: Any = None
         self.want_frontend = frontend
         self.fe = FrontEndKeeper(self)
+        self.validations = ValidateJobs(self)
         self.shutdown: ShutdownState | None = None
         self.done = False
         self.exit_code = 0
@@ -250,7 +252,7 @@ class Supervisor:
             self._progress_shutdown(now)
         else:
             self._refuse_failed()
-            self._progress_validations(now)
+            self.validations.progress(now)
             self._schedule(now)
             self.fe.check(now)
         if now >= self._next_sweep:
@@ -1086,111 +1088,8 @@ class Supervisor:
 
     def cmd_validate(self, name: str, levels: list[int], fut: Future[Any],
                      verbose: bool = False) -> None:
-        """Validate a supervised model: it runs alone on its GPUs with leases held back."""
-        if self.shutdown is not None:
-            raise shutting_down()
-        m = self.model_named(name)
-        if m.validate_job is not None:
-            raise ApiError("conflict", f"a validate run on '{name}' is already going on",
-                           model=name)
-        if m.state is S.FAILED:
-            m.failures = 0
-            m.enter(S.STOPPED, "validate requested: clearing the failure hold")
-            self.leases.set_hold(m.name, None)
-        demand: Future[Any] = Future()
-        m.validate_job = ValidateJob(levels=levels, reply=fut, demand=demand, verbose=verbose)
-        if m.state is S.ACTIVE:
-            demand.set_result(m)
-        else:
-            m.demands.append(demand)
-            if m.demand_since is None:
-                m.demand_since = time.monotonic()
-        self.kick()
-
-    def _progress_validations(self, now: float) -> None:
-        for m in list(self.models.values()):
-            job = m.validate_job
-            if job is None or m.busy:
-                continue
-            if job.stage == "activate":
-                if job.demand.done() and job.demand.exception() is not None:
-                    self._end_validate(m, error=job.demand.exception())
-                elif m.state is S.ACTIVE:
-                    m.pinned = True
-                    job.stage = "exclusive"
-            if job.stage == "exclusive":
-                gpus = set(m.config.gpu_indices)
-                others = [o for o in self.models.values() if o is not m
-                          and gpus & set(o.config.gpu_indices)
-                          and (o.busy or o.state in (S.ACTIVE, S.DRAINING, S.STARTING,
-                                                     S.WAKING, S.STOPPING))]
-                for o in others:
-                    if o.state is S.ACTIVE and not o.busy:
-                        self.deactivate(o, o.config.sleep_level,
-                                         self.config.policy.drain_before_switch,
-                                         f"validate of {m.name} needs the GPUs to itself")
-                if not others and m.state is S.ACTIVE:
-                    in_flight = self.leases.close_gate(m.name)
-                    m.drain_deadline = None
-                    m.enter(S.DRAINING, f"validate: holding back leases ({in_flight} "
-                            "in flight)")
-                    job.drain_deadline = now + self.config.daemon.drain_timeout_secs
-                    job.stage = "drain"
-            if job.stage == "drain":
-                gate = self.leases.view().get(m.name)
-                if gate is not None and gate.in_flight and now < job.drain_deadline:
-                    continue
-                job.stage = "running"
-                self._run_validate(m, job)
-
-    def _run_validate(self, m: ModelRuntime, job: ValidateJob) -> None:
-        cfg = self.config
-        client, child, probe = m.client, m.child, self.probe
-        gpus = list(m.config.gpu_indices)
-        name = m.name
-
-        def work(_ctx: OpContext) -> Any:
-            from llmuxd.validate import run_validate_on
-            return run_validate_on(
-                client, child.group_pids, probe, job.levels, cfg.daemon.sleep_residue_mib,
-                job.steps.append if job.verbose else None, gpu_indices=gpus,
-                sleep_timeout=cfg.daemon.sleep_timeout_secs,
-                wake_timeout=cfg.daemon.wake_timeout_secs,
-                request_timeout=cfg.policy.request_timeout_secs, model_name=name)
-
-        def done(mm: ModelRuntime, _ctx: OpContext, report: Any,
-                 error: BaseException | None) -> None:
-            self._end_validate(mm, report=report, error=error)
-
-        self.launch(m, "validate", work, done)
-
-    def _end_validate(self, m: ModelRuntime, report: Any = None,
-                      error: BaseException | None = None) -> None:
-        job, m.validate_job = m.validate_job, None
-        m.pinned = False
-        if job is None:
-            return
-        awake = report is not None and report.left_awake
-        if m.state is S.DRAINING:
-            if awake:
-                m.enter(S.ACTIVE, "validate done")
-                self.became_active(m)
-            else:
-                self.stop_model(m, "validate left the model unusable: stopping (L3)")
-        if job.reply.done():
-            return
-        if error is not None:
-            if isinstance(error, ApiError):
-                job.reply.set_exception(error)
-            else:
-                log.error("validate_failed", model=m.name, error=repr(error))
-                job.reply.set_exception(ApiError("internal", f"validate failed: {error}",
-                                                 model=m.name))
-        else:
-            answer = report.to_dict()
-            if job.verbose:
-                answer["steps"] = list(job.steps)
-            job.reply.set_result(answer)
+        """Validate a supervised model (see validate_jobs.py)."""
+        self.validations.request(name, levels, fut, verbose)
 
     def wait_timeout(self, name: str, op: str) -> float:
         """How long a control call may wait for ``op`` on ``name`` (generous, bounded)."""

@@ -1,0 +1,155 @@
+"""``llmuxctl validate`` on a supervised model: a job that walks it through four stages.
+
+The run itself (sleep/wake at each level, memory checks, the deterministic probe)
+is ``validate.run_validate_on``, the same code as ``llmuxd --validate``. What the
+daemon adds is getting the model alone on its GPUs first, because a validate
+measures memory and must not race real traffic:
+
+* activate: the model is demanded like a ``start`` (the policy makes room);
+* exclusive: pinned (never evicted), every other model on its GPUs is put to sleep;
+* drain: its gate is closed (leases wait) and in-flight leases finish, bounded by
+  ``drain_timeout_secs``;
+* running: one ``validate`` operation in a worker; at the end the model is ACTIVE
+  again (gate open, waiters granted) or, if the run left it unusable, stopped.
+
+Every method runs on the supervisor's loop thread.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from llmuxd.control.errors import ApiError, shutting_down
+from llmuxd.model import ModelRuntime, OpContext, ValidateJob
+from llmuxd.states import ModelState
+
+if TYPE_CHECKING:
+    from llmuxd.supervisor import Supervisor
+
+log = structlog.get_logger("llmuxd.supervisor")
+S = ModelState
+
+
+class ValidateJobs:
+    """The validate jobs of the supervisor's models (``ModelRuntime.validate_job``)."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def request(self, name: str, levels: list[int], fut: Future[Any],
+                verbose: bool = False) -> None:
+        """Start a validate run on ``name``; ``fut`` gets the report (or the error)."""
+        sup = self.sup
+        if sup.shutdown is not None:
+            raise shutting_down()
+        m = sup.model_named(name)
+        if m.validate_job is not None:
+            raise ApiError("conflict", f"a validate run on '{name}' is already going on",
+                           model=name)
+        if m.state is S.FAILED:
+            m.failures = 0
+            m.enter(S.STOPPED, "validate requested: clearing the failure hold")
+            sup.leases.set_hold(m.name, None)
+        demand: Future[Any] = Future()
+        m.validate_job = ValidateJob(levels=levels, reply=fut, demand=demand, verbose=verbose)
+        if m.state is S.ACTIVE:
+            demand.set_result(m)
+        else:
+            m.demands.append(demand)
+            if m.demand_since is None:
+                m.demand_since = time.monotonic()
+        sup.kick()
+
+    def progress(self, now: float) -> None:
+        """Move every job on by a stage when its model is idle (each loop pass)."""
+        sup = self.sup
+        for m in list(sup.models.values()):
+            job = m.validate_job
+            if job is None or m.busy:
+                continue
+            if job.stage == "activate":
+                if job.demand.done() and job.demand.exception() is not None:
+                    self._end(m, error=job.demand.exception())
+                elif m.state is S.ACTIVE:
+                    m.pinned = True
+                    job.stage = "exclusive"
+            if job.stage == "exclusive":
+                gpus = set(m.config.gpu_indices)
+                others = [o for o in sup.models.values() if o is not m
+                          and gpus & set(o.config.gpu_indices)
+                          and (o.busy or o.state in (S.ACTIVE, S.DRAINING, S.STARTING,
+                                                     S.WAKING, S.STOPPING))]
+                for o in others:
+                    if o.state is S.ACTIVE and not o.busy:
+                        sup.deactivate(o, o.config.sleep_level,
+                                       sup.config.policy.drain_before_switch,
+                                       f"validate of {m.name} needs the GPUs to itself")
+                if not others and m.state is S.ACTIVE:
+                    in_flight = sup.leases.close_gate(m.name)
+                    m.drain_deadline = None
+                    m.enter(S.DRAINING, f"validate: holding back leases ({in_flight} "
+                            "in flight)")
+                    job.drain_deadline = now + sup.config.daemon.drain_timeout_secs
+                    job.stage = "drain"
+            if job.stage == "drain":
+                gate = sup.leases.view().get(m.name)
+                if gate is not None and gate.in_flight and now < job.drain_deadline:
+                    continue
+                job.stage = "running"
+                self._run(m, job)
+
+    def _run(self, m: ModelRuntime, job: ValidateJob) -> None:
+        sup = self.sup
+        cfg = sup.config
+        client, child, probe = m.client, m.child, sup.probe
+        gpus = list(m.config.gpu_indices)
+        name = m.name
+
+        def work(_ctx: OpContext) -> Any:
+            from llmuxd.validate import run_validate_on
+            return run_validate_on(
+                client, child.group_pids, probe, job.levels, cfg.daemon.sleep_residue_mib,
+                job.steps.append if job.verbose else None, gpu_indices=gpus,
+                sleep_timeout=cfg.daemon.sleep_timeout_secs,
+                wake_timeout=cfg.daemon.wake_timeout_secs,
+                request_timeout=cfg.policy.request_timeout_secs, model_name=name)
+
+        def done(mm: ModelRuntime, _ctx: OpContext, report: Any,
+                 error: BaseException | None) -> None:
+            self._end(mm, report=report, error=error)
+
+        sup.launch(m, "validate", work, done)
+
+    def _end(self, m: ModelRuntime, report: Any = None,
+             error: BaseException | None = None) -> None:
+        """Unpin m, leave it ACTIVE (or stop it if validate left it unusable), answer."""
+        sup = self.sup
+        job, m.validate_job = m.validate_job, None
+        m.pinned = False
+        if job is None:
+            return
+        awake = report is not None and report.left_awake
+        if m.state is S.DRAINING:
+            if awake:
+                m.enter(S.ACTIVE, "validate done")
+                sup.became_active(m)
+            else:
+                sup.stop_model(m, "validate left the model unusable: stopping (L3)")
+        if job.reply.done():
+            return
+        if error is not None:
+            if isinstance(error, ApiError):
+                job.reply.set_exception(error)
+            else:
+                log.error("validate_failed", model=m.name, error=repr(error))
+                job.reply.set_exception(ApiError("internal", f"validate failed: {error}",
+                                                 model=m.name))
+        else:
+            answer = report.to_dict()
+            if job.verbose:
+                answer["steps"] = list(job.steps)
+            job.reply.set_result(answer)
