@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,12 @@ import psutil
 import structlog
 
 from llmuxd import __version__ as VERSION
+from llmuxd import lifecycle
 from llmuxd.config import Config, ModelConfig, load_config
 from llmuxd.control.errors import ApiError, model_not_found, shutting_down
 from llmuxd.frontend_keeper import FrontEndKeeper
 from llmuxd.leases import LeaseTable
+from llmuxd.lifecycle import ShutdownState
 from llmuxd.metrics import Metrics
 from llmuxd.model import ModelRuntime, OpContext, SwitchRecord, settle
 from llmuxd.policy import make_policy
@@ -57,15 +58,6 @@ COST_ALPHA = 0.3
 
 class OpFailed(Exception):
     """An operation on a child failed; the message is what clients and logs see."""
-
-
-@dataclass
-class ShutdownState:
-    reason: str
-    drain_deadline: float
-    hard_deadline: float
-    stage: str = "drain"      # drain -> stopping -> done
-    stopper: threading.Thread | None = None
 
 
 class Supervisor:
@@ -177,7 +169,7 @@ class Supervisor:
                 self._tick()
             except Exception:
                 log.exception("tick_failed")
-        self._finish()
+        lifecycle.finish(self)
         return self.exit_code
 
     def _handle(self, ev: Any) -> None:
@@ -249,7 +241,7 @@ class Supervisor:
         self._reap()
         self._progress_drains(now)
         if self.shutdown is not None:
-            self._progress_shutdown(now)
+            lifecycle.progress_shutdown(self, now)
         else:
             self._refuse_failed()
             self.validations.progress(now)
@@ -389,6 +381,11 @@ class Supervisor:
             self._workers.add(t)
         t.start()
         return ctx
+
+    def running_workers(self) -> list[threading.Thread]:
+        """The operation threads still running (shutdown waits for them)."""
+        with self._workers_lock:
+            return list(self._workers)
 
     def _activate(self, m: ModelRuntime, reason: str) -> None:
         """Start or wake ``m``: first check that its memory is free (in a worker)."""
@@ -860,152 +857,15 @@ class Supervisor:
         return len(gone)
 
     # ------------------------------------------------------------------
-    # Reload
+    # Reload and shutdown (lifecycle.py)
 
     def reload(self, new: Config) -> dict[str, list[str]]:
         """Apply a checked new config (loop thread): added, removed, changed models."""
-        self.notifier.reloading()
-        old = self.config
-        added = sorted(n for n in new.models if n not in old.models)
-        removed = sorted(n for n in old.models if n not in new.models)
-        changed = sorted(n for n in new.models
-                         if n in old.models and new.models[n] != old.models[n])
-        self.config = new
-        self.leases.max_queue = new.daemon.max_queue_per_model
-        if new.policy.policy_type != old.policy.policy_type:
-            self.policy = make_policy(new.policy.policy_type)
-        for name in added:
-            old_rt = self.models.get(name)
-            if old_rt is not None and old_rt.removed:   # removed, then re-added
-                old_rt.removed = False
-                old_rt.pending_config = new.models[name]
-                self.leases.set_hold(name, None)
-            else:
-                self.add_model(new.models[name])
-        for name in removed:
-            m = self.models[name]
-            m.removed = True
-            err = ApiError("model_not_found", f"model '{name}' was removed by a reload",
-                           model=name)
-            self.leases.set_hold(name, err)
-            self.leases.refuse(name, err)
-            settle(m.demands, err)
-            m.demand_since = None
-            self.apply_pending(m)
-        for name in changed:
-            m = self.models[name]
-            m.pending_config = new.models[name]
-            self.apply_pending(m)
-        for m in self.models.values():
-            if m.state is S.FAILED and not m.removed:
-                m.failures = 0
-                m.enter(S.STOPPED, "reload clears the failure hold")
-                self.leases.set_hold(m.name, None)
-        for key in ("socket", "socket_mode", "socket_group"):
-            if getattr(old.daemon, key) != getattr(new.daemon, key):
-                log.warning("reload_needs_restart", key=f"daemon.{key}")
-        if old.metrics_port != new.metrics_port:
-            log.warning("reload_needs_restart", key="metrics_port")
-        self.fe.reload()
-        result = {"added": added, "removed": removed, "changed": changed}
-        log.info("reloaded", **result)
-        self.notifier.ready(active_line(self))
-        return result
-
-    # ------------------------------------------------------------------
-    # Shutdown
+        return lifecycle.reload(self, new)
 
     def begin_shutdown(self, reason: str) -> None:
-        now = time.monotonic()
-        d = self.config.daemon
-        if self.shutdown is not None:
-            log.info("shutdown_hurry", reason=reason)
-            self.shutdown.drain_deadline = now
-            return
-        self.shutdown = ShutdownState(
-            reason=reason, drain_deadline=now + d.drain_timeout_secs,
-            hard_deadline=now + d.drain_timeout_secs + 2 * d.stop_timeout_secs + 30)
-        log.info("shutting_down", reason=reason, in_flight=self.leases.total_in_flight())
-        self.notifier.stopping()
-        refused = self.leases.shut()
-        for m in self.models.values():
-            settle(m.demands, shutting_down())
-            settle(m.sleepers, shutting_down())
-            if m.validate_job is not None and not m.validate_job.reply.done():
-                m.validate_job.reply.set_exception(shutting_down())
-            m.demand_since = None
-        if refused:
-            log.info("waiters_refused", count=refused)
-
-    def _progress_shutdown(self, now: float) -> None:
-        sd = self.shutdown
-        assert sd is not None
-        if sd.stage == "drain":
-            in_flight = self.leases.total_in_flight()
-            if in_flight and now < sd.drain_deadline:
-                return
-            if in_flight:
-                log.warning("shutdown_drain_timeout", in_flight=in_flight)
-            sd.stage = "stopping"
-            self._stop_everything(sd)
-        elif sd.stage == "stopping":
-            stopper = sd.stopper
-            if stopper is not None and stopper.is_alive() and now < sd.hard_deadline:
-                return
-            if stopper is not None and stopper.is_alive():
-                log.error("shutdown_hard_deadline")
-                self.exit_code = 1
-            sd.stage = "done"
-            self.done = True
-
-    def _stop_everything(self, sd: ShutdownState) -> None:
-        children = []
-        for m in self.models.values():
-            child = m.child
-            if m.op is not None:
-                m.op.cancelled = True
-                child = child or m.op.child
-                m.op = None
-            if child is not None:
-                children.append((m.name, child))
-            m.child = None          # the stopper owns it now; the reaper must not report it
-            if m.state in HAS_PROCESS and m.state is not S.STOPPING:
-                m.enter(S.STOPPING, "daemon shutting down")
-        fe = self.fe.handle
-        grace = self.config.daemon.stop_timeout_secs
-
-        def work() -> None:
-            threads = []
-            if fe is not None:
-                t = threading.Thread(target=lambda: fe.stop(grace), daemon=True)
-                t.start()
-                threads.append(t)
-            for _name, child in children:
-                t = threading.Thread(target=child.stop, args=(grace,), daemon=True)
-                t.start()
-                threads.append(t)
-            for t in threads:
-                t.join(timeout=grace + 15)
-            # Ops cancelled mid-flight clean up their own children; wait for them.
-            with self._workers_lock:
-                workers = list(self._workers)
-            for w in workers:
-                w.join(timeout=grace + 15)
-
-        sd.stopper = threading.Thread(target=work, name="shutdown", daemon=True)
-        sd.stopper.start()
-
-    def _finish(self) -> None:
-        for m in self.models.values():
-            if m.state is S.STOPPING:
-                m.child = None
-                m.enter(S.STOPPED, "daemon stopped")
-        if self.server is not None:
-            self.server.close()
-        if self.guardian is not None:
-            with contextlib.suppress(Exception):
-                self.guardian.close()
-        log.info("stopped", exit_code=self.exit_code)
+        """Refuse new work and start draining; a second call skips the drain."""
+        lifecycle.begin_shutdown(self, reason)
 
     # ------------------------------------------------------------------
     # Control commands (run on the loop thread; see control/commands.py)
