@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +17,7 @@ SIM_ENV = {"LLMUX_SIM_TIME_SCALE": "0.01", "LLMUX_SIM_FAULT_API": "1"}
 
 
 @pytest.fixture
-def make_daemon() -> Iterator[Any]:
+def make_daemon(request: pytest.FixtureRequest) -> Iterator[Any]:
     """``make_daemon(models, config=..., env=...)`` -> a started DaemonProcess (cleaned up)."""
     started: list[DaemonProcess] = []
 
@@ -27,8 +29,14 @@ def make_daemon() -> Iterator[Any]:
         return d
 
     yield make
-    for d in started:
+    keep = os.environ.get("LLMUX_TEST_KEEP_LOGS")   # a dir: keep each daemon's log there
+    for i, d in enumerate(started):
         try:
             d.__exit__(None, None, None)
         finally:
+            if keep:
+                os.makedirs(keep, exist_ok=True)
+                name = request.node.name.replace("/", "_")
+                with contextlib.suppress(OSError):
+                    shutil.copy(d.stdout_path, os.path.join(keep, f"{name}-{os.getpid()}-{i}.out"))
             shutil.rmtree(d.tmp, ignore_errors=True)
