@@ -233,6 +233,7 @@ def main() -> int:
     args = ap.parse_args()
     q = args.quick
     started = time.monotonic()
+    loadavg = os.getloadavg()
     hard_deadline = started + (240 if q else 600)
 
     models = {
@@ -304,7 +305,7 @@ def main() -> int:
                 nginx.stop()
     report["seconds"] = time.monotonic() - started
     report["config"] = {"workers": args.workers, "threads": args.threads, "quick": q,
-                        "nginx": nginx_bin is not None}
+                        "nginx": nginx_bin is not None, "loadavg": loadavg}
     text = render(report)
     print(text)
     (tmp / "report.json").write_text(json.dumps(report, default=str, indent=1))
@@ -319,8 +320,10 @@ def verdict(ok: bool) -> str:
 
 
 def render(r: dict[str, Any]) -> str:
+    load = r["config"].get("loadavg") or (0.0, 0.0, 0.0)
     lines = [f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"{platform.node() and 'this machine'}: {os.cpu_count()} CPUs, "
+             f"{os.cpu_count()} CPUs (load average {load[0]:.1f} / {load[1]:.1f} / "
+             f"{load[2]:.1f} at the start, from other work on the machine), "
              f"Python {platform.python_version()}, gunicorn gthread "
              f"{r['config']['workers']} workers x {r['config']['threads']} threads, "
              f"{r['seconds']:.0f} s in all.", ""]
