@@ -32,6 +32,15 @@ import structlog
 
 from llmuxd import __version__ as VERSION
 from llmuxd import lifecycle
+from llmuxd.child_ops import (
+    TAIL_LINES,
+    OpFailed,
+    memory_free_for,
+    sleep_child,
+    start_child,
+    stop_child,
+    wake_child,
+)
 from llmuxd.config import Config, ModelConfig, load_config
 from llmuxd.control.errors import ApiError, model_not_found, shutting_down
 from llmuxd.frontend_keeper import FrontEndKeeper
@@ -51,13 +60,7 @@ S = ModelState
 
 TICK = 0.2                 # reap / drain / schedule at least this often
 PID_SWEEP = 1.0            # check lease-holding client pids this often
-VERIFY_WINDOW = 3.0        # a sleeping child's memory may take a moment to drop
-TAIL_LINES = 20
 COST_ALPHA = 0.3
-
-
-class OpFailed(Exception):
-    """An operation on a child failed; the message is what clients and logs see."""
 
 
 class Supervisor:
@@ -396,15 +399,9 @@ class Supervisor:
         probe = self.probe
         gpus = m.config.gpu_indices
         util = m.config.gpu_memory_utilization
-        child = m.child if m.state is S.SLEEPING else None
-
-        def check(_ctx: OpContext) -> tuple[bool, str]:
-            from llmuxd.gpu.memory import child_usage, fits
-            if child is None:
-                return fits(probe, gpus, util)
-            return wake_fits(probe, gpus, util, child_usage(probe, child.group_pids(), gpus))
-
-        self.launch(m, "preflight", check, self._preflight_done)
+        sleeper = m.child if m.state is S.SLEEPING else None
+        self.launch(m, "preflight", lambda _ctx: memory_free_for(probe, gpus, util, sleeper),
+                    self._preflight_done)
 
     def _preflight_done(self, m: ModelRuntime, _ctx: OpContext, result: Any,
                         error: BaseException | None) -> None:
@@ -455,59 +452,13 @@ class Supervisor:
     def _start(self, m: ModelRuntime) -> None:
         cfg = self.config
         mc = m.config
-        timeout = cfg.startup_timeout(mc)
-        grace = cfg.daemon.stop_timeout_secs
-        warm = cfg.daemon.warmup
-        warm_timeout = max(30.0, cfg.policy.request_timeout_secs)
         guardian = self.guardian
         log_dir = Path(cfg.daemon.log_dir)
         on_line = self._child_logger(mc.name) if cfg.vllm_logging else None
         m.backoff_until = 0.0
         m.enter(S.STARTING, "requests waiting" if not m.demands else "start requested")
-
-        def work(ctx: OpContext) -> tuple[Any, Any, dict[str, float]]:
-            from llmuxd.child import ChildProcess
-            from llmuxd.vllm_client import ChildExited, OpTimeout, VllmClient, VllmError
-
-            t0 = time.monotonic()
-            try:
-                child = ChildProcess.spawn(cfg, mc, log_dir, on_line=on_line,
-                                           guardian=guardian)
-            except OSError as exc:
-                raise OpFailed(f"start failed: {exc}") from None
-            ctx.child = child
-            if ctx.cancelled:
-                child.stop(grace)
-                raise OpFailed("start cancelled")
-            client = VllmClient(mc.port, mc.name)
-            phases: dict[str, float] = {}
-            try:
-                client.wait_healthy(t0 + timeout,
-                                    lambda: child.poll() is None and not ctx.cancelled)
-                phases["start"] = time.monotonic() - t0
-                if warm:
-                    t1 = time.monotonic()
-                    client.warmup(timeout=warm_timeout)
-                    phases["warmup"] = time.monotonic() - t1
-            except (VllmError, OSError) as exc:
-                rc = child.poll()
-                if ctx.cancelled:
-                    why = "start cancelled"
-                elif isinstance(exc, ChildExited) or rc is not None:
-                    why = f"the child exited with code {rc} during startup"
-                elif isinstance(exc, OpTimeout) and "start" not in phases:
-                    why = f"not healthy within {timeout:g}s"
-                else:
-                    why = str(exc)
-                child.stop(grace)
-                tail = child.tail(TAIL_LINES)
-                msg = f"start of '{mc.name}' failed: {why}"
-                if tail:
-                    msg += "; last log lines:\n" + "\n".join(tail)
-                raise OpFailed(msg) from None
-            return child, client, phases
-
-        self.launch(m, "start", work, self._start_done)
+        self.launch(m, "start", lambda ctx: start_child(ctx, cfg, mc, log_dir, on_line, guardian),
+                    self._start_done)
 
     def _child_logger(self, model: str) -> Callable[[str], None]:
         child_log = structlog.get_logger("vllm")
@@ -569,28 +520,10 @@ class Supervisor:
         cfg = self.config
         level = m.sleep_level or m.config.sleep_level
         client = m.client
-        timeout = cfg.daemon.wake_timeout_secs
-        warm = cfg.daemon.warmup
-        warm_timeout = max(30.0, cfg.policy.request_timeout_secs)
+        name = m.name
         m.enter(S.WAKING, f"waking from level {level}")
-
-        def work(_ctx: OpContext) -> dict[str, float]:
-            from llmuxd.vllm_client import VllmError
-            phases: dict[str, float] = {}
-            t0 = time.monotonic()
-            try:
-                client.wake(level, timeout)
-                phases["wake"] = time.monotonic() - t0
-                if warm:
-                    t1 = time.monotonic()
-                    client.warmup(timeout=warm_timeout)
-                    phases["warmup"] = time.monotonic() - t1
-            except (VllmError, OSError) as exc:
-                raise OpFailed(f"wake of '{m.name}' from level {level} failed: {exc}"
-                               ) from None
-            return phases
-
-        self.launch(m, "wake", work, self._wake_done)
+        self.launch(m, "wake", lambda _ctx: wake_child(client, name, level, cfg),
+                    self._wake_done)
 
     def _wake_done(self, m: ModelRuntime, ctx: OpContext, result: Any,
                    error: BaseException | None) -> None:
@@ -664,34 +597,9 @@ class Supervisor:
         timeout = cfg.daemon.sleep_timeout_secs
         residue = cfg.daemon.sleep_residue_mib
         gpus = m.config.gpu_indices
-
-        def work(_ctx: OpContext) -> dict[str, float]:
-            from llmuxd.gpu.memory import child_usage, sleep_problem, sleep_verified
-            from llmuxd.vllm_client import VllmError
-            phases: dict[str, float] = {}
-            t0 = time.monotonic()
-            try:
-                client.sleep(level, timeout)
-            except (VllmError, OSError) as exc:
-                phases["sleep"] = time.monotonic() - t0
-                raise OpFailed(f"sleep at level {level} failed: {exc}") from None
-            phases["sleep"] = time.monotonic() - t0
-            t1 = time.monotonic()
-            deadline = t1 + VERIFY_WINDOW
-            while True:
-                usage = child_usage(probe, child.group_pids(), gpus)
-                if usage is None or sleep_verified(usage, residue):
-                    break
-                if time.monotonic() >= deadline:
-                    phases["verify"] = time.monotonic() - t1
-                    raise OpFailed(f"sleep at level {level} was ineffective: "
-                                   f"{sleep_problem(usage, residue)}")
-                time.sleep(0.1)
-            phases["verify"] = time.monotonic() - t1
-            return phases
-
-        self.launch(m, f"sleep{level}", work,
-                     lambda mm, ctx, res, err: self._sleep_done(mm, level, res, err))
+        self.launch(m, f"sleep{level}",
+                    lambda _ctx: sleep_child(client, child, probe, gpus, level, timeout, residue),
+                    lambda mm, ctx, res, err: self._sleep_done(mm, level, res, err))
 
     def _sleep_done(self, m: ModelRuntime, level: int, result: Any,
                     error: BaseException | None) -> None:
@@ -725,15 +633,7 @@ class Supervisor:
         if revoked:
             log.warning("leases_revoked", model=m.name, count=len(revoked), reason=reason)
         grace = 0.0 if kill else self.config.daemon.stop_timeout_secs
-
-        def work(_ctx: OpContext) -> tuple[float, int | None]:
-            t0 = time.monotonic()
-            rc = None
-            if child is not None:
-                rc = child.kill() if kill else child.stop(grace)
-            return time.monotonic() - t0, rc
-
-        self.launch(m, "stop", work, self._stop_done)
+        self.launch(m, "stop", lambda _ctx: stop_child(child, grace, kill), self._stop_done)
 
     def _stop_done(self, m: ModelRuntime, ctx: OpContext, result: Any,
                    error: BaseException | None) -> None:
@@ -960,25 +860,6 @@ class Supervisor:
         if op in ("start", "wake", "switch", "validate"):
             return base + startup + d.wake_timeout_secs
         return base
-
-
-def wake_fits(probe: Any, gpus: tuple[int, ...], util: float,
-              own: dict[int, int] | None) -> tuple[bool, str]:
-    """Like memory.fits, but a sleeper's own residue counts as free: it reuses it on wake."""
-    from llmuxd.gpu.memory import fits, needed_mib
-    if own is None:
-        return fits(probe, gpus, util)
-    infos = {g.index: g for g in probe.gpus()}
-    for index in gpus:
-        gpu = infos.get(index)
-        if gpu is None:
-            return fits(probe, gpus, util)
-        need = needed_mib(gpu.total_mib, util)
-        free = gpu.free_mib + own.get(index, 0)
-        if free < need:
-            return False, (f"GPU {index} has {free} MiB free (counting the sleeper's own "
-                           f"{own.get(index, 0)} MiB), needs {need} MiB")
-    return True, "fits"
 
 
 def pid_alive(pid: int) -> bool:
