@@ -14,6 +14,8 @@ import structlog
 
 log = structlog.get_logger("llmuxd.sdnotify")
 
+SEND_TIMEOUT = 1.0          # seconds one message may wait for room in the queue
+
 
 class SdNotify:
     """Talks to systemd when NOTIFY_SOCKET is set; does nothing otherwise."""
@@ -47,6 +49,10 @@ class SdNotify:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                # The supervisor's loop thread sends these: when the receiver's queue is
+                # full (it holds net.unix.max_dgram_qlen, 10 by default), wait a little,
+                # then give this message up rather than stop the loop until someone reads.
+                self._sock.settimeout(SEND_TIMEOUT)
             self._sock.sendto("\n".join(lines).encode(), self.address)
             return True
         except OSError as exc:

@@ -259,9 +259,9 @@ class Supervisor:
             self._next_watchdog = now + self._watchdog_every
             self.notifier.watchdog()
         status = active_line(self)
-        if status != self._status_line:
-            self._status_line = status
-            self.notifier.status(status)
+        if status != self._status_line and (self.notifier.status(status)
+                                            or not self.notifier.enabled):
+            self._status_line = status      # a message that found no room is sent again
 
     # ------------------------------------------------------------------
     # Models: add, views, policy

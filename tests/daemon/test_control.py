@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 import urllib.request
 
@@ -64,26 +65,44 @@ def test_sd_notify_ready_status_watchdog_stopping(make_daemon, tmp_path):
     path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
-    sock.settimeout(30)
+    sock.settimeout(0.2)
+    seen: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:
+        """Read every datagram as it comes, like systemd: an unread socket holds only 10
+        (net.unix.max_dgram_qlen), and then the daemon's next send would wait for us."""
+        while not done.is_set():
+            try:
+                seen.append(sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def collect(pred) -> bool:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if any(pred(m) for m in list(seen)):
+                return True
+            time.sleep(0.05)
+        return False
+
     try:
         d = make_daemon({"a": sim_model()},
                         env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
         leased_chat(d, "a")
-        seen: list[str] = []
-
-        def collect(pred) -> bool:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                if any(pred(m) for m in seen):
-                    return True
-                seen.append(sock.recv(4096).decode())
-            return False
         assert collect(lambda m: "READY=1" in m)
         assert collect(lambda m: m == "WATCHDOG=1")
         assert collect(lambda m: "STATUS=active: a" in m)
         assert d.stop() == 0
         assert collect(lambda m: "STOPPING=1" in m)
     finally:
+        done.set()
+        reader.join(10)
         sock.close()
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import socket
+import threading
 
 import structlog
 
@@ -26,6 +27,28 @@ def test_sd_notify_abstract_socket_and_watchdog_interval():
         assert sock.recv(1024) == b"READY=1\nSTATUS=active: a"
         assert n.stopping()
         assert sock.recv(1024) == b"STOPPING=1\nSTATUS=stopping"
+    finally:
+        sock.close()
+
+
+def test_sd_notify_to_a_socket_nobody_reads_gives_up_instead_of_hanging():
+    """The loop thread sends these: a full notify queue must not stop it for good."""
+    name = f"llmux-test-full-{os.getpid()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(b"\0" + name.encode())
+    results: list[bool] = []
+    try:
+        n = SdNotify({"NOTIFY_SOCKET": "@" + name})
+        # net.unix.max_dgram_qlen datagrams fit (10 by default); then the queue is full
+        with open("/proc/sys/net/unix/max_dgram_qlen") as f:
+            fit = int(f.read())
+        sender = threading.Thread(target=lambda: results.extend(n.watchdog()
+                                                                for _ in range(fit + 2)))
+        sender.start()
+        sender.join(60)
+        assert not sender.is_alive(), "sd_notify blocked on a full queue"
+        assert results[0] and not results[-1]
+        assert sock.recv(1024) == b"WATCHDOG=1"    # what fitted was delivered
     finally:
         sock.close()
 
