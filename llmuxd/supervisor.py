@@ -304,7 +304,7 @@ class Supervisor:
             rt = self.models[name]
             if (rt.switch is not None and rt.switch.to == name and not v.queued
                     and not rt.busy and v.state in (S.STOPPED, S.SLEEPING, S.BACKOFF)):
-                self._finish_switch(rt, "abandoned")    # its waiters gave up
+                self.finish_switch(rt, "abandoned")    # its waiters gave up
         if not any(v.queued for v in views.values()):
             return
         inp = PolicyInput(models=views, now=now,
@@ -321,7 +321,7 @@ class Supervisor:
                 if m.state is S.ACTIVE:
                     target = self.models.get(d.for_model or "")
                     if target is not None and target.switch is None:
-                        target.switch = self._new_switch(target.name)
+                        target.switch = self.new_switch(target.name)
                     if target is not None and target.switch is not None \
                             and m.name not in target.switch.from_:
                         target.switch.from_.append(m.name)
@@ -343,7 +343,8 @@ class Supervisor:
                         f"{m.failures} failed starts (clear with start or reload): "
                         f"{m.last_error}", model=m.name)
 
-    def _new_switch(self, to: str | None, from_: list[str] | None = None) -> SwitchRecord:
+    def new_switch(self, to: str | None, from_: list[str] | None = None) -> SwitchRecord:
+        """A switch starting now: to ``to`` (None: a model only leaves), from ``from_``."""
         return SwitchRecord(to=to, from_=list(from_ or []), started_at=time.time(),
                             started_mono=time.monotonic())
 
@@ -395,7 +396,7 @@ class Supervisor:
         if m.state not in (S.STOPPED, S.BACKOFF, S.SLEEPING):
             return
         if m.switch is None:
-            m.switch = self._new_switch(m.name)
+            m.switch = self.new_switch(m.name)
         probe = self.probe
         gpus = m.config.gpu_indices
         util = m.config.gpu_memory_utilization
@@ -498,7 +499,7 @@ class Supervisor:
         self.leases.refuse(m.name, err)
         settle(m.demands, err)
         m.demand_since = None
-        self._finish_switch(m, "failed")
+        self.finish_switch(m, "failed")
         if m.state is S.SLEEPING:       # no room to wake it: it stays asleep
             log.error("wake_refused", model=m.name, error=msg)
             return
@@ -536,7 +537,7 @@ class Supervisor:
             self.leases.refuse(m.name, err)
             settle(m.demands, err)
             m.demand_since = None
-            self._finish_switch(m, "failed")
+            self.finish_switch(m, "failed")
             self.stop_model(m, "wake failed: stopping (L3)")
             return
         if m.switch is not None:
@@ -551,7 +552,7 @@ class Supervisor:
         granted = self.leases.open_gate(m.name)
         settle(m.demands, None, m)
         m.demand_since = None
-        self._finish_switch(m, "ok")
+        self.finish_switch(m, "ok")
         log.info("model_active", model=m.name, granted=granted)
         self.apply_pending(m)
 
@@ -660,7 +661,8 @@ class Supervisor:
             m.last_switch = sw
         self.apply_pending(m)
 
-    def _finish_switch(self, m: ModelRuntime, result: str) -> None:
+    def finish_switch(self, m: ModelRuntime, result: str) -> None:
+        """End m's switch: record it (log, metrics, last_switch) and learn its cost."""
         sw = m.switch
         m.switch = None
         if sw is None:
@@ -740,7 +742,7 @@ class Supervisor:
             if m.state is not S.STOPPING:
                 m.enter(S.STOPPED, f"child exited with code {rc}")
             if m.switch is not None and m.switch.to == m.name:
-                self._finish_switch(m, "failed")
+                self.finish_switch(m, "failed")
             self._left_gpu(m)
 
     def _sweep_pids(self) -> None:
@@ -768,7 +770,7 @@ class Supervisor:
         lifecycle.begin_shutdown(self, reason)
 
     # ------------------------------------------------------------------
-    # Control commands (run on the loop thread; see control/commands.py)
+    # Status and lookups for the control API (model_commands.py has the commands)
 
     def status_of(self, m: ModelRuntime) -> dict[str, Any]:
         """``ModelStatus`` of one model (see status.py)."""
@@ -784,82 +786,6 @@ class Supervisor:
         if m is None or m.removed:
             raise model_not_found(name)
         return m
-
-    def cmd_activate(self, name: str, fut: Future[Any], wait: bool) -> None:
-        """start / wake / switch: make ``name`` ACTIVE (others leave as placement needs)."""
-        if self.shutdown is not None:
-            raise shutting_down()
-        m = self.model_named(name)
-        if m.state is S.FAILED:
-            m.failures = 0
-            m.enter(S.STOPPED, "start requested: clearing the failure hold")
-            self.leases.set_hold(m.name, None)
-        elif m.state is S.BACKOFF:
-            m.failures = 0
-            m.backoff_until = 0.0
-        if m.state is S.ACTIVE:
-            fut.set_result(m)
-            return
-        m.demands.append(fut if wait else Future())
-        if m.demand_since is None:
-            m.demand_since = time.monotonic()
-        if not wait:
-            fut.set_result(m)
-        self.kick()
-
-    def cmd_sleep(self, name: str, level: int, fut: Future[Any], wait: bool) -> None:
-        if self.shutdown is not None:
-            raise shutting_down()
-        m = self.model_named(name)
-        if m.state in (S.STOPPED, S.BACKOFF, S.FAILED) or (
-                m.state is S.SLEEPING and level != 3):
-            fut.set_result(m)
-            return
-        if m.state is S.SLEEPING and level == 3 and not m.busy:
-            m.switch = self._new_switch(None, [m.name])
-            self.stop_model(m, "sleep level 3 requested")
-        elif m.state is S.ACTIVE and not m.busy:
-            m.switch = self._new_switch(None, [m.name])
-            self.deactivate(m, level, True, "sleep requested")
-        else:
-            raise ApiError("conflict", f"model '{name}' is {m.state} "
-                           f"({m.op.kind if m.op else 'busy'}); try again when it settles",
-                           model=name, state=str(m.state))
-        m.sleepers.append(fut if wait else Future())
-        if not wait:
-            fut.set_result(m)
-
-    def cmd_kill(self, name: str, fut: Future[Any], wait: bool) -> None:
-        m = self.model_named(name)
-        if m.state not in HAS_PROCESS:
-            fut.set_result(m)
-            return
-        err = ApiError("model_failed", f"model '{name}' was killed by an operator",
-                       model=name)
-        self.leases.refuse(name, err)
-        settle(m.demands, err)
-        m.demand_since = None
-        if m.switch is not None and m.switch.to == m.name:
-            self._finish_switch(m, "failed")
-        self.stop_model(m, "kill requested", kill=True)
-        m.sleepers.append(fut if wait else Future())
-        if not wait:
-            fut.set_result(m)
-
-    def cmd_validate(self, name: str, levels: list[int], fut: Future[Any],
-                     verbose: bool = False) -> None:
-        """Validate a supervised model (see validate_jobs.py)."""
-        self.validations.request(name, levels, fut, verbose)
-
-    def wait_timeout(self, name: str, op: str) -> float:
-        """How long a control call may wait for ``op`` on ``name`` (generous, bounded)."""
-        d = self.config.daemon
-        mc = self.config.resolve_model(name)
-        startup = self.config.startup_timeout(mc) if mc else d.startup_timeout_secs
-        base = d.drain_timeout_secs + d.sleep_timeout_secs + d.stop_timeout_secs + 30
-        if op in ("start", "wake", "switch", "validate"):
-            return base + startup + d.wake_timeout_secs
-        return base
 
 
 def pid_alive(pid: int) -> bool:

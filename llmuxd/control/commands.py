@@ -21,8 +21,10 @@ from urllib.parse import unquote
 import structlog
 
 from llmuxd import __version__ as VERSION
+from llmuxd import model_commands
 from llmuxd.config import ConfigError, load_config
 from llmuxd.control.errors import ApiError
+from llmuxd.model_commands import wait_timeout
 
 log = structlog.get_logger("llmuxd.control")
 
@@ -181,7 +183,8 @@ def model_status(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
 def _activate(sup: Any, req: Request, p: dict[str, str], op: str) -> tuple[int, Any]:
     name = sup.resolve(p["m"])
     wait = req.flag("wait", True)
-    m = sup.call(lambda fut: sup.cmd_activate(name, fut, wait), sup.wait_timeout(name, op))
+    m = sup.call(lambda fut: model_commands.activate(sup, name, fut, wait),
+                 wait_timeout(sup.config, name, op))
     return _status_answer(sup, m, wait)
 
 
@@ -208,8 +211,8 @@ def sleep(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
     if level not in (1, 2, 3) or isinstance(level, bool):
         raise ApiError("bad_request", "level must be 1, 2 or 3", model=name)
     wait = req.flag("wait", True)
-    m = sup.call(lambda fut: sup.cmd_sleep(name, level, fut, wait),
-                 sup.wait_timeout(name, "sleep"))
+    m = sup.call(lambda fut: model_commands.sleep(sup, name, level, fut, wait),
+                 wait_timeout(sup.config, name, "sleep"))
     return _status_answer(sup, m, wait)
 
 
@@ -217,7 +220,8 @@ def sleep(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
 def kill(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
     name = sup.resolve(p["m"])
     wait = req.flag("wait", True)
-    m = sup.call(lambda fut: sup.cmd_kill(name, fut, wait), sup.wait_timeout(name, "kill"))
+    m = sup.call(lambda fut: model_commands.kill(sup, name, fut, wait),
+                 wait_timeout(sup.config, name, "kill"))
     return _status_answer(sup, m, wait)
 
 
@@ -244,8 +248,8 @@ def validate(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
     verbose = body.get("verbose", False)
     if not isinstance(verbose, bool):
         raise ApiError("bad_request", "verbose must be true or false", model=name)
-    report = sup.call(lambda fut: sup.cmd_validate(name, list(levels), fut, verbose),
-                      sup.wait_timeout(name, "validate") * (1 + len(levels)))
+    report = sup.call(lambda fut: sup.validations.request(name, list(levels), fut, verbose),
+                      wait_timeout(sup.config, name, "validate") * (1 + len(levels)))
     return 200, report
 
 
