@@ -10,6 +10,11 @@ reports back with another callable, so the loop itself never waits on a child.
 
 The one exception is the lease table (see leases.py): a lock-protected fast
 path, so a request for an ACTIVE model never waits for this loop.
+
+This module keeps the loop, scheduling and the switch operations' decisions. The
+rest runs on the same thread from its own module: child_ops.py (the blocking work
+of each operation), lifecycle.py (reload, shutdown), model_commands.py (start,
+sleep, kill as asked), validate_jobs.py, status.py, frontend_keeper.py.
 """
 
 from __future__ import annotations
@@ -708,7 +713,7 @@ class Supervisor:
                 log.info("model_config_applied", model=m.name)
 
     # ------------------------------------------------------------------
-    # Reaping, sweeping, sampling
+    # Reaping and sweeping
 
     def _reap(self) -> None:
         for m in list(self.models.values()):
