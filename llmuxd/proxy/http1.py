@@ -14,10 +14,15 @@ from __future__ import annotations
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 MAX_HEAD = 65536
 RECV = 65536
+# An idle connection younger than this is used without the liveness check (a select):
+# servers close idle ones after seconds (uvicorn: 5), and a send that still meets a
+# closed one is retried on a fresh connection anyway.
+FRESH_SECS = 1.0
 
 
 class ProtocolError(OSError):
@@ -53,7 +58,7 @@ class Connection:
     """One kept-alive connection; a single request/response at a time."""
 
     __slots__ = ("_chunk_left", "_crlf_due", "_remaining", "buf", "connect", "done",
-                 "head", "pending", "sock")
+                 "head", "idle_since", "pending", "sock")
 
     def __init__(self, connect: Callable[[], socket.socket]) -> None:
         self.connect = connect
@@ -63,6 +68,7 @@ class Connection:
         self.done = True
         # A request sent whose answer is still to be read (pipelining; see LeaseClient).
         self.pending: bytes | None = None
+        self.idle_since = 0.0
         self._remaining = 0
         self._chunk_left = 0
         self._crlf_due = False
@@ -74,6 +80,8 @@ class Connection:
             return False
         if self.pending is not None:
             return True  # its answer is expected; reading it will tell
+        if time.monotonic() - self.idle_since < FRESH_SECS:
+            return True  # peers close idle connections after seconds, not sooner
         # select, not a MSG_DONTWAIT recv: a socket with a timeout polls before recv.
         try:
             readable, _, _ = select.select([self.sock], [], [], 0)
@@ -299,6 +307,7 @@ class Pool:
             conn.close()
 
     def give_back(self, conn: Connection) -> None:
+        conn.idle_since = time.monotonic()
         with self._lock:
             if conn.sock is not None and len(self._idle) < self.max_idle:
                 self._idle.append(conn)

@@ -131,6 +131,7 @@ def test_pool_reuses_the_latest_idle_connection_and_drops_dead_ones() -> None:
     pool.give_back(b)
     assert pool.take() is b  # most recently used first
     peers[0].close()  # a's peer hangs up while a sits idle in the pool
+    a.idle_since -= 10  # ... long enough to be checked before use
     fresh = pool.take()
     assert fresh is not a and fresh.sock is None
     assert a.sock is None  # closed, not handed out
