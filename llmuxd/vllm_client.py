@@ -238,13 +238,23 @@ class VllmClient:
     # -- requests --------------------------------------------------------------
 
     def warmup(self, timeout: float = 60.0) -> None:
-        """A 1-token completion: the first request after a wake is slow, pay it here."""
-        body = {"model": self.served_model_name, "prompt": "Hi", "max_tokens": 1,
-                "temperature": 0}
+        """A 1-token completion: the first request after a wake is slow, pay it here.
+
+        An embedding (pooling) model serves no /v1/completions (404), so it is
+        warmed with a one-word embedding instead; any other answer but 200 fails.
+        """
+        deadline = time.monotonic() + timeout
+        body: dict[str, Any] = {"model": self.served_model_name, "prompt": "Hi",
+                                "max_tokens": 1, "temperature": 0}
         resp = self.request("POST", "/v1/completions", body, timeout=timeout)
+        what = "completion"
+        if resp.status == 404:
+            body = {"model": self.served_model_name, "input": "Hi"}
+            left = max(1.0, deadline - time.monotonic())
+            resp = self.request("POST", "/v1/embeddings", body, timeout=left)
+            what = "embedding"
         if resp.status != 200:
-            raise RequestFailed(f"warm-up completion answered {resp.status}: "
-                                f"{resp.excerpt()}")
+            raise RequestFailed(f"warm-up {what} answered {resp.status}: {resp.excerpt()}")
 
     def probe_completion(self, timeout: float = 60.0) -> str:
         """The deterministic request of validate; returns the answer's text."""

@@ -110,6 +110,15 @@ def test_wait_healthy_raises_op_timeout_at_the_deadline(tmp_path: Path, reaper: 
     assert child.is_alive()
 
 
+def test_warmup_of_an_embedding_model_uses_an_embedding(sim: SimStarter) -> None:
+    # A pooling model serves no /v1/completions (404): warm-up must not fail it.
+    _, client, _ = sim(extra=("--runner", "pooling"))
+    status = client.request("POST", "/v1/completions",
+                            {"model": client.served_model_name, "prompt": "Hi"}).status
+    assert status == 404
+    client.warmup(timeout=30)
+
+
 def test_warmup_and_probe_completion_answer(sim: SimStarter) -> None:
     _, client, _ = sim()
     client.warmup(timeout=30)
