@@ -58,7 +58,7 @@ class ProxyConfig:
     host: str = "0.0.0.0"
     port: int = 3000
     workers: int = 2
-    threads: int = 64
+    threads: int = 128
     max_body_bytes: int = 16 * 1024 * 1024
     api_keys: tuple[str, ...] = ()
     upstream_timeout_secs: float = 600.0
