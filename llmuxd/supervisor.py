@@ -612,7 +612,7 @@ class Supervisor:
         if error is not None:
             msg = f"{error}; escalating to level 3 (stop)"
             m.last_error = msg
-            log.warning("sleep_failed", model=m.name, level=level, error=str(error))
+            log.warning("sleep_failed", model=m.name, sleep_level=level, error=str(error))
             self.stop_model(m, msg)
             return
         if m.switch is not None:

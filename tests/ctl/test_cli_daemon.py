@@ -213,12 +213,16 @@ def test_logs_prints_the_childs_log(daemon: DaemonProcess) -> None:
 
 def test_logs_follow_shows_what_the_child_writes_next(daemon: DaemonProcess) -> None:
     ok(daemon, "wake", "alpha")
+    # -n 1: the first line printed proves the follower has taken its baseline, so
+    # everything the sleep writes afterwards must come out of it (a loaded box may
+    # start it late; with -n 0 the sleep's lines could land in its baseline).
     proc = subprocess.Popen([sys.executable, "-m", "llmuxctl", "-s", daemon.socket, "logs",
-                             "alpha", "-f", "-n", "0"], cwd=REPO, env=ctl_env(),
+                             "alpha", "-f", "-n", "1"], cwd=REPO, env=ctl_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stderr is not None
         lines = Lines(proc.stdout)
+        assert lines.next(timeout=60) is not None, "llmuxctl logs -f printed nothing"
         before = ok(daemon, "logs", "alpha", "-n", "1000").stdout.splitlines()
         ok(daemon, "sleep", "alpha")
         after = ok(daemon, "logs", "alpha", "-n", "1000").stdout.splitlines()
@@ -226,8 +230,12 @@ def test_logs_follow_shows_what_the_child_writes_next(daemon: DaemonProcess) -> 
 
         expected = new_lines(before, after)
         assert expected, "sleeping wrote nothing to the child's log"
-        got = [lines.next(timeout=60) for _ in expected]
-        assert got == expected
+        # Lines the child wrote between the follower's baseline and `before` come
+        # first; the sleep's lines must follow, in order, as the last ones.
+        got: list[str | None] = []
+        while got[-len(expected):] != expected:
+            got.append(lines.next(timeout=60))
+            assert got[-1] is not None, f"llmuxctl stopped; printed {got[:-1]}"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
         assert proc.stderr.read() == ""

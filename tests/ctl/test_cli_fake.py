@@ -260,7 +260,7 @@ class Lines:
         try:
             return self.queue.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError("no output from llmuxctl within 30s") from None
+            raise AssertionError(f"no output from llmuxctl within {timeout:g}s") from None
 
 
 def test_logs_follow_prints_new_lines_until_ctrl_c(fake: FakeDaemon) -> None:
