@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
 from llmuxd import __version__ as VERSION
+from llmuxd import tomlout
 from llmuxd.config import Config, ConfigError, load_config
 
 DEFAULT_CONFIG = "/etc/llmux.toml"
@@ -104,35 +104,4 @@ def render_toml(config: Config) -> str:
     """The resolved config in TOML form (every default filled in)."""
     data = config.to_dict()
     data.pop("source", None)
-    models = data.pop("models")
-    lines = [f"# resolved from {config.source}"]
-    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
-    for key, value in data.items():
-        if key not in tables:
-            lines.append(f"{key} = {_toml_value(value)}")
-    for name, table in tables.items():
-        lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    for name, table in models.items():
-        lines += ["", f"[models.{_toml_key(name)}]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    return "\n".join(lines)
-
-
-def _toml_key(name: str) -> str:
-    ok = name and all(c.isalnum() or c in "-_" for c in name)
-    return name if ok else json.dumps(name)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}"
-                               for k, v in value.items()) + "}"
-    return json.dumps(str(value))
+    return f"# resolved from {config.source}\n" + tomlout.dumps(data)

@@ -28,6 +28,8 @@ from typing import Any
 
 import psutil
 
+from llmuxd import tomlout
+
 SIM_COMMAND = "llmux-sim-vllm"
 
 
@@ -70,36 +72,9 @@ def unix_request(path: str, method: str, url: str, body: Any = None,
         conn.close()
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}"
-                               for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
 def write_toml(path: Path, data: dict[str, Any]) -> None:
     """Write a nested dict as TOML (top-level scalars, then tables, then models.*)."""
-    lines: list[str] = []
-    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
-    for k, v in data.items():
-        if k not in tables:
-            lines.append(f"{k} = {_toml_value(v)}")
-    for name, table in tables.items():
-        if name == "models":
-            continue
-        lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    for mname, table in tables.get("models", {}).items():
-        lines += ["", f"[models.{json.dumps(mname)}]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(tomlout.dumps(data))
 
 
 def sim_model(port: int | None = None, **extra: Any) -> dict[str, Any]:
