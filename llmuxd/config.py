@@ -129,7 +129,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (for --check-config and the control API)."""
         data = asdict(self)
-        data["daemon"]["socket_mode"] = oct(self.daemon.socket_mode)
+        data["daemon"]["socket_mode"] = f"{self.daemon.socket_mode:04o}"
         data["models"] = {name: _model_dict(m) for name, m in self.models.items()}
         return data
 

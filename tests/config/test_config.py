@@ -112,3 +112,11 @@ def test_aliases_resolve_to_their_model(tmp_path: Path) -> None:
     model = cfg.resolve_model("gpt-4")
     assert model is not None and model.name == "a"
     assert cfg.resolve_model("nope") is None
+
+
+def test_resolved_config_printed_by_check_config_loads_back_the_same(tmp_path: Path) -> None:
+    from llmuxd.cli import render_toml
+
+    original = load_config(ROOT / "etc" / "llmux.toml")
+    again = load_config(write(tmp_path, "resolved.toml", render_toml(original)))
+    assert again.to_dict() | {"source": ""} == original.to_dict() | {"source": ""}
