@@ -104,6 +104,10 @@ class GpuSampler:
             self.next_at = now + GPU_SAMPLE
             self.sample(sup)
 
+    def soon(self) -> None:
+        """Sample at the next tick: a model's memory just changed (active, asleep, gone)."""
+        self.next_at = 0.0
+
     def sample(self, sup: Supervisor) -> None:
         probe = sup.probe
         if probe is None:

@@ -558,6 +558,7 @@ class Supervisor:
         settle(m.demands, None, m)
         m.demand_since = None
         self.finish_switch(m, "ok")
+        self.gpu_sampler.soon()
         log.info("model_active", model=m.name, granted=granted)
         self.apply_pending(m)
 
@@ -656,6 +657,7 @@ class Supervisor:
     def _left_gpu(self, m: ModelRuntime) -> None:
         """m no longer holds its GPUs: close a switch it was the only subject of."""
         settle(m.sleepers, None, m)
+        self.gpu_sampler.soon()
         sw = m.switch
         m.switch = None
         if sw is not None and sw.to is None:
