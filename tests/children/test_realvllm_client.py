@@ -25,27 +25,15 @@ pytestmark = pytest.mark.realvllm
 
 
 def real_config(tmp_path: Path) -> Config:
-    from realvllm.fixtures import MAX_MODEL_LEN, require_realvllm
+    from realvllm.fixtures import llmuxd_model_table, require_realvllm
 
     vllm, model = require_realvllm()
-    work = tmp_path / "work"
-    work.mkdir()
     return build_config({
         "vllm_command": str(vllm),
         "daemon": {"log_dir": str(tmp_path / "logs"), "gpu_probe": "none",
                    "startup_timeout_secs": 300.0, "sleep_timeout_secs": 120.0,
                    "wake_timeout_secs": 120.0, "stop_timeout_secs": 15.0},
-        "models": {"tiny": {
-            "model_path": str(model), "port": free_port(), "dtype": "float32",
-            "enable_sleep_mode": False,
-            "extra_args": ["--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
-                           "--distributed-executor-backend", "uni"],
-            "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                    "VLLM_HOST_IP": "127.0.0.1", "TMPDIR": str(work),
-                    "VLLM_CACHE_ROOT": str(work / "cache"),
-                    "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"),
-                    "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"},
-        }},
+        "models": {"tiny": llmuxd_model_table(model, free_port(), tmp_path / "work")},
     })
 
 

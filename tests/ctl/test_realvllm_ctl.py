@@ -25,23 +25,11 @@ pytestmark = pytest.mark.realvllm
 
 @pytest.fixture(scope="module")
 def real_daemon() -> Iterator[DaemonProcess]:
-    from realvllm.fixtures import MAX_MODEL_LEN, require_realvllm
+    from realvllm.fixtures import llmuxd_model_table, require_realvllm
 
     vllm, model = require_realvllm()
     tmp = Path(tempfile.mkdtemp(prefix="ctl-r-", dir="/tmp"))
-    work = tmp / "work"
-    work.mkdir()
-    models = {"tiny": {
-        "model_path": str(model), "port": free_port(), "dtype": "float32",
-        "sleep_level": 1, "enable_sleep_mode": False,
-        "extra_args": ["--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
-                       "--distributed-executor-backend", "uni"],
-        "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                "VLLM_HOST_IP": "127.0.0.1", "TMPDIR": str(work),
-                "VLLM_CACHE_ROOT": str(work / "cache"),
-                "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"),
-                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"},
-    }}
+    models = {"tiny": llmuxd_model_table(model, free_port(), tmp / "work", sleep_level=1)}
     config = {"vllm_command": str(vllm),
               "daemon": {"gpu_probe": "none", "startup_timeout_secs": 300.0,
                          "sleep_timeout_secs": 120.0, "wake_timeout_secs": 120.0,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from realvllm.fixtures import FAST_START_ARGS, FAST_START_ENV, require_realvllm
+from realvllm.fixtures import llmuxd_model_table, require_realvllm
 
-from llmuxd.testing import sim_model
+from llmuxd.testing import free_port
 
 from .daemon_helpers import leased_chat
 
@@ -16,14 +16,8 @@ def test_llmuxd_switches_two_real_models_at_l1_and_l2(make_daemon, tmp_path):
     vllm, model_dir = require_realvllm()
     models = {}
     for name, level in (("a", 1), ("b", 2)):
-        scratch = tmp_path / name
-        scratch.mkdir()
-        env = {**FAST_START_ENV, "TMPDIR": str(scratch),
-               "VLLM_CACHE_ROOT": str(scratch / "vllm-cache"),
-               "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor")}
-        models[name] = sim_model(model_path=str(model_dir), sleep_level=level,
-                                 enable_sleep_mode=False, extra_args=FAST_START_ARGS,
-                                 env=env, startup_timeout_secs=600.0)
+        models[name] = llmuxd_model_table(model_dir, free_port(), tmp_path / name,
+                                          sleep_level=level, startup_timeout_secs=600.0)
     d = make_daemon(models, config={
         "vllm_command": str(vllm),
         "daemon": {"gpu_probe": "none", "sleep_timeout_secs": 120.0,

@@ -47,8 +47,22 @@ FAST_START_ENV = {
     "DO_NOT_TRACK": "1",
     "HF_HUB_OFFLINE": "1",
 }
-FAST_START_ARGS = ["--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32",
-                   "--enforce-eager", "--distributed-executor-backend", "uni"]
+# llmuxd passes --dtype itself (from the model's `dtype`), so its extra_args omit it.
+LLMUXD_EXTRA_ARGS = ["--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
+                     "--distributed-executor-backend", "uni"]
+FAST_START_ARGS = [*LLMUXD_EXTRA_ARGS, "--dtype", "float32"]
+
+
+def llmuxd_model_table(model: Path, port: int, work: Path, **overrides: object
+                       ) -> dict[str, object]:
+    """A [models.X] table that makes llmuxd start the tiny model with the fast-start
+    settings, keeping vLLM's files under ``work``; ``overrides`` win."""
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**FAST_START_ENV, "TMPDIR": str(work), "VLLM_CACHE_ROOT": str(work / "cache"),
+           "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
+    return {"model_path": str(model), "port": port, "dtype": "float32",
+            "enable_sleep_mode": False, "extra_args": LLMUXD_EXTRA_ARGS, "env": env,
+            **overrides}
 
 
 def realvllm_home() -> Path:
