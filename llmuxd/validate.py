@@ -244,6 +244,17 @@ def _judge_memory(row: ValidateRow, before: dict[int, int] | None,
     return ""
 
 
+def _timed(step: Callable[[], object],
+           errors: type[BaseException] = VllmError) -> tuple[float, BaseException | None]:
+    """Run one timed step: its duration (a failure's included) and the error it raised."""
+    started = time.monotonic()
+    try:
+        step()
+    except errors as exc:
+        return time.monotonic() - started, exc
+    return time.monotonic() - started, None
+
+
 def _cycle(client: VllmClient, meter: _Meter, level: int, baseline: str,
            residue_mib: int, timeouts: _Timeouts, verbose_print: VerbosePrint | None
            ) -> ValidateRow:
@@ -253,15 +264,11 @@ def _cycle(client: VllmClient, meter: _Meter, level: int, baseline: str,
     row.gpu_before_mib = _total(before)
     _say(verbose_print, level, f"GPU before sleep: {_mib(row.gpu_before_mib)}")
     _say(verbose_print, level, f"POST /sleep?level={level}")
-    started = time.monotonic()
-    try:
-        client.sleep(level, timeouts.sleep)
-    except VllmError as exc:
-        row.sleep_s = time.monotonic() - started
-        row.reason = f"sleep failed: {exc}"
+    row.sleep_s, error = _timed(lambda: client.sleep(level, timeouts.sleep))
+    if error is not None:
+        row.reason = f"sleep failed: {error}"
         _say(verbose_print, level, row.reason)
         return row
-    row.sleep_s = time.monotonic() - started
     after = _read_freed(meter, residue_mib, timeouts.settle)
     row.gpu_after_mib = _total(after)
     row.gpu_after_by_gpu = after
@@ -270,15 +277,11 @@ def _cycle(client: VllmClient, meter: _Meter, level: int, baseline: str,
     sequence = ("/wake_up?tags=weights, /collective_rpc reload_weights, "
                 "/wake_up?tags=kv_cache, /reset_prefix_cache") if level == 2 else "/wake_up"
     _say(verbose_print, level, f"wake: {sequence}")
-    started = time.monotonic()
-    try:
-        client.wake(level, timeouts.wake)
-    except VllmError as exc:
-        row.wake_s = time.monotonic() - started
-        row.reason = f"wake failed: {exc}"
+    row.wake_s, error = _timed(lambda: client.wake(level, timeouts.wake))
+    if error is not None:
+        row.reason = f"wake failed: {error}"
         _say(verbose_print, level, row.reason)
         return row
-    row.wake_s = time.monotonic() - started
     woke = meter.read()
     row.gpu_wake_mib = _total(woke)
     _say(verbose_print, level, f"awake after {row.wake_s:.2f}s; GPU after wake: "
@@ -342,15 +345,12 @@ def run_validate_on(client: VllmClient, pids_fn: Callable[[], Iterable[int]],
             row = ValidateRow(level=3)
             before = meter.read()
             row.gpu_before_mib = _total(before)
-            started = time.monotonic()
-            try:
-                restart()
-            except Exception as exc:  # the callback's own errors, reported in the row
-                row.wake_s = time.monotonic() - started
-                row.reason = f"restart failed: {exc}"
+            # the callback's own errors, whatever they are, are reported in the row
+            row.wake_s, error = _timed(restart, Exception)
+            if error is not None:
+                row.reason = f"restart failed: {error}"
                 report.rows.append(row)
                 break
-            row.wake_s = time.monotonic() - started
             woke = meter.read()
             row.gpu_wake_mib = _total(woke)
             _compare(row, client, report.baseline, request_timeout)
