@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import Result, percentile, run_load
 from nginx import Nginx, find_nginx
 
+from llmux_testkit.daemon import DaemonProcess, free_port, sim_model
 from llmuxd.config import load_config
-from llmuxd.testing import DaemonProcess, free_port, sim_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"

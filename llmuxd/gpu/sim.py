@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from llmuxd.gpu.base import GpuInfo
-from llmuxd.sim.gpustate import GpuState
+from vllmsim.gpustate import GpuState
 
 
 class SimGpuProbe:

@@ -11,7 +11,6 @@ import pytest
 from llmuxd.config import Config
 from llmuxd.gpu.none import NoGpuProbe
 from llmuxd.gpu.sim import SimGpuProbe
-from llmuxd.sim.gpustate import GpuState
 from llmuxd.validate import (
     ValidateError,
     ValidateReport,
@@ -20,6 +19,7 @@ from llmuxd.validate import (
     run_validate,
     run_validate_on,
 )
+from vllmsim.gpustate import GpuState
 
 from .conftest import SimStarter
 from .simfix import sim_config

@@ -15,7 +15,6 @@ from llmuxd.child import ChildProcess
 from llmuxd.config import Config
 from llmuxd.gpu.memory import child_usage
 from llmuxd.gpu.select import make_probe
-from llmuxd.sim.gpustate import GpuState
 from llmuxd.vllm_client import (
     ChildExited,
     OpTimeout,
@@ -26,6 +25,7 @@ from llmuxd.vllm_client import (
     sleep_operation_seconds,
     sum_by_name,
 )
+from vllmsim.gpustate import GpuState
 
 from .conftest import Reaper, SimStarter
 from .simfix import free_port, sim_config, start_sim

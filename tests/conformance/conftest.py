@@ -14,7 +14,7 @@ import pytest
 import requests
 from realvllm.fixtures import MAX_MODEL_LEN, SERVED_NAME, start_real_vllm
 
-from llmuxd.sim.testing import SimProcess, init_gpus
+from llmux_testkit.sim import SimProcess, init_gpus
 
 # Sim settings that behave like the real tiny model on CPU, with streams long enough
 # (50 tokens/s) to be caught mid-way by /sleep, and a quick start.

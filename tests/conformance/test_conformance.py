@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 
-from llmuxd.sim.gpustate import GpuState
+from vllmsim.gpustate import GpuState
 
 from .conftest import Backend
 from .sse import events, parse_stream

@@ -26,7 +26,7 @@ import pytest
 import requests
 from realvllm.fixtures import SERVED_NAME, start_real_vllm
 
-from llmuxd.sim.testing import SimProcess
+from llmux_testkit.sim import SimProcess
 
 from .conftest import SIM_ARGS
 

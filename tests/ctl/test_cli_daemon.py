@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from llmuxd.testing import DaemonProcess, sim_model
+from llmux_testkit.daemon import DaemonProcess, sim_model
 
 from .conftest import REPO, Outsider, ctl_env, group_of, run_ctl
 from .test_cli_fake import Lines

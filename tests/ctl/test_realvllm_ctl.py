@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llmuxd.testing import DaemonProcess, free_port
+from llmux_testkit.daemon import DaemonProcess, free_port
 
 from .conftest import run_ctl
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from llmuxd.testing import DaemonProcess
+from llmux_testkit.daemon import DaemonProcess
 
 # 100x faster simulated durations; runtime fault injection on every child.
 SIM_ENV = {"LLMUX_SIM_TIME_SCALE": "0.01", "LLMUX_SIM_FAULT_API": "1"}

@@ -6,10 +6,10 @@ import http.client
 import json
 from typing import Any
 
+from llmux_testkit.daemon import DaemonProcess
 from llmuxd.child import pids_in_group
 from llmuxd.gpu.memory import child_usage
 from llmuxd.gpu.sim import SimGpuProbe
-from llmuxd.testing import DaemonProcess
 
 
 def lease(d: DaemonProcess, model: str, timeout: float = 120.0) -> tuple[int, Any]:

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmuxd.testing import DaemonProcess, sim_model
+from llmux_testkit.daemon import DaemonProcess, sim_model
 
 HOG = ("import sys, time, torch\n"
        "free, total = torch.cuda.mem_get_info()\n"
@@ -30,7 +30,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="llmuxd-dev-"))
     wrapper = tmp / "sim-vllm"
     wrapper.write_text("#!/bin/sh\nexec " + sys.executable
-                       + " -c 'import sys; from llmuxd.sim.cli import main; "
+                       + " -c 'import sys; from vllmsim.cli import main; "
                        "sys.exit(main())' \"$@\"\n")
     wrapper.chmod(0o755)
     (tmp / "gpus").mkdir()

@@ -32,8 +32,8 @@ from typing import Any
 
 import requests
 
-from llmuxd.sim.gpustate import GpuState
-from llmuxd.testing import DaemonProcess, sim_model
+from llmux_testkit.daemon import DaemonProcess, sim_model
+from vllmsim.gpustate import GpuState
 
 RESIDUE_MIB = 2048  # the daemon's sleep_residue_mib in this check
 
@@ -71,7 +71,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="llmuxd-devsleep-"))
     wrapper = tmp / "sim-vllm"
     wrapper.write_text("#!/bin/sh\nexec " + sys.executable
-                       + " -c 'import sys; from llmuxd.sim.cli import main; "
+                       + " -c 'import sys; from vllmsim.cli import main; "
                        "sys.exit(main())' \"$@\"\n")
     wrapper.chmod(0o755)
     GpuState(tmp / "gpus").init(1, 81920)

@@ -15,7 +15,7 @@ import time
 
 import psutil
 
-from llmuxd.testing import DaemonProcess, sim_model
+from llmux_testkit.daemon import DaemonProcess, sim_model
 
 ROUND_TRIPS = 3000
 

@@ -92,7 +92,7 @@ def test_seed_json_config_is_accepted(tmp_path):
 
 
 def test_a_second_daemon_on_the_same_socket_exits_1_with_one_line(make_daemon):
-    from llmuxd.testing import sim_model
+    from llmux_testkit.daemon import sim_model
     d = make_daemon({"a": sim_model()})
     r = subprocess.run([*LLMUXD, "-c", str(d.config_path), "--no-frontend"],
                        capture_output=True, text=True, timeout=60, env=d.env())

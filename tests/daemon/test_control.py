@@ -7,7 +7,7 @@ import threading
 import time
 import urllib.request
 
-from llmuxd.testing import free_port, sim_model
+from llmux_testkit.daemon import free_port, sim_model
 
 from .daemon_helpers import lease, leased_chat, release
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from llmuxd.testing import sim_model
+from llmux_testkit.daemon import sim_model
 
 from .daemon_helpers import (
     lease,

@@ -10,7 +10,7 @@ import tomllib
 
 import psutil
 
-from llmuxd.testing import sim_model
+from llmux_testkit.daemon import sim_model
 
 
 def ask(port: int, model: str) -> tuple[int, dict]:

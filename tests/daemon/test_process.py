@@ -13,7 +13,7 @@ import time
 
 import psutil
 
-from llmuxd.testing import sim_model
+from llmux_testkit.daemon import sim_model
 
 from .daemon_helpers import lease, leased_chat, release
 

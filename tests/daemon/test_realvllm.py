@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from realvllm.fixtures import llmuxd_model_table, require_realvllm
 
-from llmuxd.testing import free_port
+from llmux_testkit.daemon import free_port
 
 from .daemon_helpers import leased_chat
 

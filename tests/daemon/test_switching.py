@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmuxd.testing import sim_model
+from llmux_testkit.daemon import sim_model
 
 from .daemon_helpers import gpu_used_mib, leased_chat, model_gpu_mib
 

@@ -24,8 +24,8 @@ import openai
 import psutil
 import pytest
 
+from llmux_testkit.daemon import DaemonProcess, sim_model
 from llmuxd.config import load_config
-from llmuxd.testing import DaemonProcess, sim_model
 
 KEY = "test-key"
 FAST = ["--sim-time-scale", "0.02"]

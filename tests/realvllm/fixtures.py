@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from llmuxd.sim.testing import kill_group
+from llmux_testkit.sim import kill_group
 
 REALVLLM_ENV = "LLMUX_REALVLLM"
 SETUP_HINT = "run `bash tests/realvllm/setup.sh` and set LLMUX_REALVLLM=1"

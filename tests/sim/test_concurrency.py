@@ -6,7 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from llmuxd.sim.testing import SimProcess
+from llmux_testkit.sim import SimProcess
 
 STREAMS = 128
 TOKENS = 20

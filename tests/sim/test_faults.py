@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import requests
 
-from llmuxd.sim.gpustate import GpuState
-from llmuxd.sim.testing import SimProcess, init_gpus, wait_for
+from llmux_testkit.sim import SimProcess, init_gpus, wait_for
+from vllmsim.gpustate import GpuState
 
 FULL = int(0.9 * 81920)
 

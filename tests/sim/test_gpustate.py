@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llmuxd.gpu.sim import SimGpuProbe
-from llmuxd.sim.gpustate import GpuState, InsufficientMemory
+from vllmsim.gpustate import GpuState, InsufficientMemory
 
 
 @pytest.fixture

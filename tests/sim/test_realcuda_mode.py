@@ -14,8 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from llmuxd.sim.options import parse_serve
-from llmuxd.sim.testing import SimProcess, wait_for
+from llmux_testkit.sim import SimProcess, wait_for
+from vllmsim.options import parse_serve
 
 FAKE = str(Path(__file__).parent / "faketorch")
 GIB = 1 << 30
@@ -45,8 +45,8 @@ def test_off_by_default_and_switched_on_by_flag_or_env() -> None:
 
 
 def test_simulator_modules_do_not_import_torch() -> None:
-    code = ("import sys, llmuxd.sim.cli, llmuxd.sim.server, llmuxd.sim.enginecore, "
-            "llmuxd.sim.realcuda; print('torch' in sys.modules)")
+    code = ("import sys, vllmsim.cli, vllmsim.server, vllmsim.enginecore, "
+            "vllmsim.realcuda; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "False"

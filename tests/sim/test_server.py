@@ -20,8 +20,8 @@ import psutil
 import pytest
 import requests
 
-from llmuxd.sim.gpustate import GpuState
-from llmuxd.sim.testing import SimProcess, free_port, init_gpus, wait_for
+from llmux_testkit.sim import SimProcess, free_port, init_gpus, wait_for
+from vllmsim.gpustate import GpuState
 
 FULL = int(0.9 * 81920)
 RESIDUE = 1341
@@ -192,7 +192,7 @@ def test_sleep_leaves_the_residue_and_wake_restores(tmp_path: Path) -> None:
             assert s.post("/wake_up").status_code == 200
             assert state.usage_by_pid()[engine] == {0: FULL}
         # the CLI shows the same
-        out = subprocess.run([sys.executable, "-m", "llmuxd.sim.cli", "gpus", "show",
+        out = subprocess.run([sys.executable, "-m", "vllmsim.cli", "gpus", "show",
                               str(state.dir), "--json"], capture_output=True, text=True,
                              timeout=60, check=True).stdout
         assert json.loads(out)["gpus"][0]["used_mib"] == FULL
@@ -280,14 +280,14 @@ def test_port_in_use_is_a_failed_start(tmp_path: Path) -> None:
 
 
 def test_usage_error_exits_2(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "llmuxd.sim.cli", "serve", "m", "--sim-fault",
+    r = subprocess.run([sys.executable, "-m", "vllmsim.cli", "serve", "m", "--sim-fault",
                         "bogus"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "unknown fault 'bogus'" in r.stderr
 
 
 def test_gpus_init_and_show_cli(tmp_path: Path) -> None:
-    cli = [sys.executable, "-m", "llmuxd.sim.cli", "gpus"]
+    cli = [sys.executable, "-m", "vllmsim.cli", "gpus"]
     d = str(tmp_path / "g")
     assert subprocess.run([*cli, "show", d], capture_output=True, timeout=60).returncode == 1
     subprocess.run([*cli, "init", d, "--count", "2", "--total-mib", "1000"], check=True,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from llmuxd.sim import textgen
-from llmuxd.sim.faults import FAULTS, FaultError, Faults, parse_fault
-from llmuxd.sim.options import OptionsError, parse_serve, visible_gpus
-from llmuxd.sim.timing import Timing, size_from_model_name
+from vllmsim import textgen
+from vllmsim.faults import FAULTS, FaultError, Faults, parse_fault
+from vllmsim.options import OptionsError, parse_serve, visible_gpus
+from vllmsim.timing import Timing, size_from_model_name
 
 # -- faults ------------------------------------------------------------------------------
 

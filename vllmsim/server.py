@@ -18,9 +18,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
-from llmuxd.sim import openai_api
-from llmuxd.sim.engine import Engine
-from llmuxd.sim.errors import (
+from vllmsim import openai_api
+from vllmsim.engine import Engine
+from vllmsim.errors import (
     NOT_FOUND,
     SimHttpError,
     method_not_allowed,
@@ -28,10 +28,10 @@ from llmuxd.sim.errors import (
     plain_bad_request,
     validation_error,
 )
-from llmuxd.sim.faults import FaultError
-from llmuxd.sim.httpio import BadHttp, Request, Responder, dumps, read_request
-from llmuxd.sim.metrics import SimMetrics
-from llmuxd.sim.options import SimOptions
+from vllmsim.faults import FaultError
+from vllmsim.httpio import BadHttp, Request, Responder, dumps, read_request
+from vllmsim.metrics import SimMetrics
+from vllmsim.options import SimOptions
 
 log = logging.getLogger("llmux.sim")
 

@@ -13,8 +13,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from llmuxd.sim.faults import FaultError, Faults
-from llmuxd.sim.timing import Timing, size_from_model_name
+from vllmsim.faults import FaultError, Faults
+from vllmsim.timing import Timing, size_from_model_name
 
 DEFAULT_RESIDUE_MIB = 1341
 DEFAULT_HOST_RAM_FACTOR = 1 / 1024

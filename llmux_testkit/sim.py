@@ -5,7 +5,7 @@
 SIGKILL) and reaps it, so a test can never leave a server (or its engine child)
 behind. Used by the simulator's own tests and by the daemon and front-end tests:
 
-    from llmuxd.sim.testing import SimProcess, init_gpus
+    from llmux_testkit.sim import SimProcess, init_gpus
 
     with SimProcess("Qwen/Qwen3-14B", gpu_state=init_gpus(tmp_path / "gpus")) as sim:
         sim.post("/v1/completions", {"prompt": "hi", "max_tokens": 4, "temperature": 0})
@@ -29,7 +29,7 @@ from typing import Any
 
 import requests
 
-from llmuxd.sim.gpustate import GpuState
+from vllmsim.gpustate import GpuState
 
 DEFAULT_TIME_SCALE = 0.01
 
@@ -115,7 +115,7 @@ class SimProcess:
         self.host = host
         self.port = port or free_port(host)
         self.served_model_name = served_model_name or model
-        argv = list(command or [sys.executable, "-m", "llmuxd.sim.cli"])
+        argv = list(command or [sys.executable, "-m", "vllmsim.cli"])
         argv += ["serve", model, "--host", host, "--port", str(self.port)]
         if served_model_name:
             argv += ["--served-model-name", served_model_name]

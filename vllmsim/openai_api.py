@@ -12,8 +12,8 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
-from llmuxd.sim import textgen
-from llmuxd.sim.errors import (
+from vllmsim import textgen
+from vllmsim.errors import (
     NOT_FOUND,
     SimHttpError,
     bad_request,
@@ -21,11 +21,11 @@ from llmuxd.sim.errors import (
     openai_error,
     validation_error,
 )
-from llmuxd.sim.httpio import Request, Responder, dumps
+from vllmsim.httpio import Request, Responder, dumps
 
 if TYPE_CHECKING:
-    from llmuxd.sim.engine import Engine, Handle
-    from llmuxd.sim.server import SimServer
+    from vllmsim.engine import Engine, Handle
+    from vllmsim.server import SimServer
 
 FINGERPRINT = "vllm-0.32.0-sim"
 

@@ -17,8 +17,8 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from llmuxd.sim.gpustate import DEFAULT_GPU_MIB, DEFAULT_GPU_NAME, GpuState
-from llmuxd.sim.options import OptionsError, parse_serve, visible_gpus
+from vllmsim.gpustate import DEFAULT_GPU_MIB, DEFAULT_GPU_NAME, GpuState
+from vllmsim.options import OptionsError, parse_serve, visible_gpus
 
 log = logging.getLogger("llmux.sim")
 
@@ -79,7 +79,7 @@ def serve(argv: Sequence[str]) -> int:
     except OSError as e:
         log.error("OSError: [Errno %s] %s (%s:%d)", e.errno, e.strerror, opts.host, opts.port)
         return 1
-    from llmuxd.sim.server import SimServer
+    from vllmsim.server import SimServer
 
     async def _main() -> int:
         return await SimServer(opts, gpus, sock).run()

@@ -26,10 +26,10 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from llmuxd.sim.gpustate import GpuState, InsufficientMemory
+from vllmsim.gpustate import GpuState, InsufficientMemory
 
 if TYPE_CHECKING:
-    from llmuxd.sim.realcuda import RealCuda
+    from vllmsim.realcuda import RealCuda
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -79,7 +79,7 @@ class Core:
         """--sim-real-cuda: take the share of the real GPU too; an error text on failure."""
         if self.real_cfg is None:
             return None
-        from llmuxd.sim.realcuda import RealCuda, RealCudaError  # imports torch
+        from vllmsim.realcuda import RealCuda, RealCudaError  # imports torch
 
         cfg = self.real_cfg
         try:
@@ -93,7 +93,7 @@ class Core:
     def _set_real(self, weights: bool, kv: bool) -> str | None:
         if self.real is None:
             return None
-        from llmuxd.sim.realcuda import RealCudaError
+        from vllmsim.realcuda import RealCudaError
 
         try:
             self.real.set(weights, kv)

@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llmuxd.sim.errors import internal_error
-from llmuxd.sim.faults import Faults
-from llmuxd.sim.metrics import SimMetrics
-from llmuxd.sim.options import SimOptions
+from vllmsim.errors import internal_error
+from vllmsim.faults import Faults
+from vllmsim.metrics import SimMetrics
+from vllmsim.options import SimOptions
 
 log = logging.getLogger("llmux.sim")
 
@@ -49,7 +49,7 @@ class EngineCoreClient:
     async def start(self, cfg: dict[str, object]) -> None:
         cfg = {**cfg, "parent": os.getpid()}
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "llmuxd.sim.enginecore", json.dumps(cfg),
+            sys.executable, "-m", "vllmsim.enginecore", json.dumps(cfg),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )
 
@@ -147,7 +147,7 @@ class Engine:
     async def start_core(self) -> str | None:
         """Start the child and allocate the start-up memory; an error text on failure."""
         if self.opts.gpu_state:
-            from llmuxd.sim.gpustate import GpuState
+            from vllmsim.gpustate import GpuState
 
             state = GpuState(self.opts.gpu_state)
             state.ensure()

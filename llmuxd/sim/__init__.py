@@ -1,1 +1,0 @@
-"""llmuxd.sim package."""
