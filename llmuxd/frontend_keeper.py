@@ -1,9 +1,10 @@
 """Keeping the gunicorn front end alive under llmuxd: start, watch, restart, reload.
 
 ``frontend.py`` knows how to run one gunicorn process group; this is the policy
-around it, run on the supervisor's loop thread: start it at boot, notice when it
+around it, run on the supervisor's loop thread (it gets the ``Core`` and a
+``mark_ready`` callback, not the supervisor): start it at boot, notice when it
 exits and start it again with an exponential backoff (a crash loop must not spin
-the loop), and tell the supervisor when it accepts connections, which is when
+the loop), and call ``mark_ready`` when it accepts connections, which is when
 llmuxd reports READY=1 (or after ``READY_WAIT`` even if it never listens).
 """
 
@@ -14,12 +15,12 @@ import os
 import signal
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 
-if TYPE_CHECKING:
-    from llmuxd.supervisor import Supervisor
+from llmuxd.core import Core
 
 log = structlog.get_logger("llmuxd.supervisor")
 
@@ -31,8 +32,10 @@ READY_WAIT = 60.0          # READY=1 even if the front end never listens
 class FrontEndKeeper:
     """The front end's handle and restart backoff; every method runs on the loop thread."""
 
-    def __init__(self, sup: Supervisor) -> None:
-        self.sup = sup
+    def __init__(self, core: Core, want: bool, mark_ready: Callable[[], None]) -> None:
+        self.core = core
+        self.want = want                   # False: llmuxd --no-frontend
+        self.mark_ready = mark_ready       # the daemon is ready (READY=1)
         self.handle: Any = None        # llmuxd.frontend.FrontEnd while one runs
         self.next_start = 0.0
         self.backoff = 1.0
@@ -45,10 +48,10 @@ class FrontEndKeeper:
 
     def start(self) -> None:
         from llmuxd.frontend import FrontEnd
-        sup = self.sup
-        cfg = sup.config
+        core = self.core
+        cfg = core.config
         try:
-            fe = FrontEnd(cfg, sup.config_path, cfg.daemon.socket)
+            fe = FrontEnd(cfg, core.config_path, cfg.daemon.socket)
             fe.start()     # returns at once; called on the loop thread (PDEATHSIG)
         except Exception as exc:
             self.failures += 1
@@ -58,15 +61,15 @@ class FrontEndKeeper:
             return
         self.handle = fe
         self.started_mono = time.monotonic()
-        if fe.pgid is not None and sup.guardian is not None:
+        if fe.pgid is not None and core.guardian is not None:
             with contextlib.suppress(Exception):
-                sup.guardian.register(fe.pgid)
+                core.guardian.register(fe.pgid)
         log.info("frontend_started", pid=fe.pid, port=cfg.proxy.port)
 
     def check(self, now: float) -> None:
         """Start it when due, mark the daemon ready once it listens, restart it if it died."""
-        sup = self.sup
-        if not sup.want_frontend:
+        core = self.core
+        if not self.want:
             return
         fe = self.handle
         if fe is None:
@@ -77,28 +80,28 @@ class FrontEndKeeper:
         if rc is None:
             if now - self.started_mono > STABLE_AFTER:
                 self.backoff = 1.0
-            if not sup.ready:
+            if not core.ready:
                 if self.listening():
-                    sup.mark_ready()
+                    self.mark_ready()
                 elif now - self.started_mono > READY_WAIT:
                     log.warning("frontend_not_listening", waited_s=READY_WAIT)
-                    sup.mark_ready()
+                    self.mark_ready()
             return
         log.error("frontend_exited", pid=fe.pid, code=rc, restart_in_s=self.backoff)
         if fe.pgid is not None:
             # Workers of a dead master would keep the port: the whole group goes.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(fe.pgid, signal.SIGKILL)
-            if sup.guardian is not None:
+            if core.guardian is not None:
                 with contextlib.suppress(Exception):
-                    sup.guardian.unregister(fe.pgid)
+                    core.guardian.unregister(fe.pgid)
         self.handle = None
         self.next_start = now + self.backoff
         self.backoff = min(BACKOFF_MAX, self.backoff * 2)
 
     def listening(self) -> bool:
         """True once the front end accepts TCP connections on the proxy port."""
-        proxy = self.sup.config.proxy
+        proxy = self.core.config.proxy
         host = proxy.host
         if host in ("0.0.0.0", "", "::"):
             host = "127.0.0.1" if host != "::" else "::1"

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmuxd.control.errors import ApiError, model_not_found, shutting_down
+from llmuxd.errors import ApiError, model_not_found, shutting_down
 
 _TOMBSTONES = 4096
 

@@ -8,6 +8,7 @@ the log alone tells the story of a model.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,13 +49,33 @@ class SwitchRecord:
 
 
 @dataclass
-class OpContext:
-    """What a worker thread and the supervisor share about one running operation."""
+class Operation:
+    """One running operation of a model, shared by its worker thread and the loop.
+
+    It carries its own cleanup: callables that run on the loop thread once the
+    work has ended, whether it succeeded, failed, or was detached meanwhile (a
+    stop cancels a start, a shutdown takes the child): its ``done`` report runs
+    only while it is still the model's operation, its cleanup always
+    (``workers.OpRunner``). State the operation set up on the model (a pin, a
+    reply to answer) is undone there, never only in the report.
+    """
 
     op_id: int
     kind: str
     child: Any = None             # set by the worker as soon as it spawns
     cancelled: bool = False
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
+
+    def on_cleanup(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop thread when this operation ends, whatever the path."""
+        self.cleanups.append(fn)
+
+    def detach(self) -> None:
+        """Cancel: the worker stops as soon as it can; its report will be ignored."""
+        self.cancelled = True
+
+
+OpContext = Operation       # the name the child operations knew it by
 
 
 @dataclass
@@ -82,7 +103,7 @@ class ModelRuntime:
         self.child: Any = None            # llmuxd.child.ChildProcess while a process exists
         self.client: Any = None           # llmuxd.vllm_client.VllmClient for that child
         self.sleep_level: int | None = None
-        self.op: OpContext | None = None
+        self.op: Operation | None = None
         self.failures = 0
         self.backoff_until = 0.0
         self.last_error: str | None = None

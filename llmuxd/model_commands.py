@@ -1,7 +1,8 @@
 """start / wake / switch, sleep and kill as the control API asks, on the loop thread.
 
-The control threads (control/commands.py) parse and check a request, then run one
-of these through ``Supervisor.call`` and wait for the future, at most
+The control threads (control/commands.py) parse and check a request, then the
+command port (daemon_port.py) runs one of these through the mailbox's ``call``
+and waits for the future, at most
 ``wait_timeout``. These only record what is wanted (a demand, a sleeper) or begin
 the operation; the loop does the rest and answers the future when the model got
 there (``wait``), or at once.
@@ -11,28 +12,27 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llmuxd.config import Config
-from llmuxd.control.errors import ApiError, shutting_down
+from llmuxd.core import Core
+from llmuxd.errors import ApiError, shutting_down
 from llmuxd.model import settle
 from llmuxd.states import HAS_PROCESS, ModelState
-
-if TYPE_CHECKING:
-    from llmuxd.supervisor import Supervisor
+from llmuxd.switching import Switcher
 
 S = ModelState
 
 
-def activate(sup: Supervisor, name: str, fut: Future[Any], wait: bool) -> None:
+def activate(core: Core, name: str, fut: Future[Any], wait: bool) -> None:
     """start / wake / switch: make ``name`` ACTIVE (others leave as placement needs)."""
-    if sup.shutdown is not None:
+    if core.shutdown is not None:
         raise shutting_down()
-    m = sup.model_named(name)
+    m = core.model_named(name)
     if m.state is S.FAILED:
         m.failures = 0
         m.enter(S.STOPPED, "start requested: clearing the failure hold")
-        sup.leases.set_hold(m.name, None)
+        core.leases.set_hold(m.name, None)
     elif m.state is S.BACKOFF:
         m.failures = 0
         m.backoff_until = 0.0
@@ -44,24 +44,25 @@ def activate(sup: Supervisor, name: str, fut: Future[Any], wait: bool) -> None:
         m.demand_since = time.monotonic()
     if not wait:
         fut.set_result(m)
-    sup.kick()
+    core.kick()
 
 
-def sleep(sup: Supervisor, name: str, level: int, fut: Future[Any], wait: bool) -> None:
+def sleep(core: Core, ops: Switcher, name: str, level: int, fut: Future[Any],
+          wait: bool) -> None:
     """Put ``name`` to sleep at ``level`` (3: stop it); with ``wait``, answer once it left."""
-    if sup.shutdown is not None:
+    if core.shutdown is not None:
         raise shutting_down()
-    m = sup.model_named(name)
+    m = core.model_named(name)
     if m.state in (S.STOPPED, S.BACKOFF, S.FAILED) or (
             m.state is S.SLEEPING and level != 3):
         fut.set_result(m)
         return
     if m.state is S.SLEEPING and level == 3 and not m.busy:
-        m.switch = sup.new_switch(None, [m.name])
-        sup.stop_model(m, "sleep level 3 requested")
+        m.switch = ops.new_switch(None, [m.name])
+        ops.stop_model(m, "sleep level 3 requested")
     elif m.state is S.ACTIVE and not m.busy:
-        m.switch = sup.new_switch(None, [m.name])
-        sup.deactivate(m, level, True, "sleep requested")
+        m.switch = ops.new_switch(None, [m.name])
+        ops.deactivate(m, level, True, "sleep requested")
     else:
         raise ApiError("conflict", f"model '{name}' is {m.state} "
                        f"({m.op.kind if m.op else 'busy'}); try again when it settles",
@@ -71,20 +72,20 @@ def sleep(sup: Supervisor, name: str, level: int, fut: Future[Any], wait: bool) 
         fut.set_result(m)
 
 
-def kill(sup: Supervisor, name: str, fut: Future[Any], wait: bool) -> None:
+def kill(core: Core, ops: Switcher, name: str, fut: Future[Any], wait: bool) -> None:
     """SIGKILL ``name``'s process group now; its leases are revoked, its waiters refused."""
-    m = sup.model_named(name)
+    m = core.model_named(name)
     if m.state not in HAS_PROCESS:
         fut.set_result(m)
         return
     err = ApiError("model_failed", f"model '{name}' was killed by an operator",
                    model=name)
-    sup.leases.refuse(name, err)
+    core.leases.refuse(name, err)
     settle(m.demands, err)
     m.demand_since = None
     if m.switch is not None and m.switch.to == m.name:
-        sup.finish_switch(m, "failed")
-    sup.stop_model(m, "kill requested", kill=True)
+        ops.finish_switch(m, "failed")
+    ops.stop_model(m, "kill requested", kill=True)
     m.sleepers.append(fut if wait else Future())
     if not wait:
         fut.set_result(m)

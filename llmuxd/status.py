@@ -1,7 +1,8 @@
 """What the daemon reports about itself: status documents, the systemd line, GPU samples.
 
-All of it reads the supervisor's state on the loop thread (the control API asks
-through ``sup.query``), so a status is one consistent picture. The shapes are the
+All of it reads the model table and lease gates it is handed, on the loop thread
+(the control API asks through the mailbox's ``query``), so a status is one
+consistent picture; it knows nothing of the supervisor. The shapes are the
 control API's ``ModelStatus`` and ``/v1/status`` (docs/interfaces.md §5).
 
 GPU memory per model is sampled every ``GPU_SAMPLE`` seconds in a thread of its
@@ -14,17 +15,17 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
 from llmuxd import __version__ as VERSION
 from llmuxd.leases import GateView
+from llmuxd.metrics import Metrics
 from llmuxd.model import ModelRuntime
 from llmuxd.states import ModelState
-
-if TYPE_CHECKING:
-    from llmuxd.supervisor import Supervisor
 
 log = structlog.get_logger("llmuxd.supervisor")
 S = ModelState
@@ -53,66 +54,82 @@ def model_status(m: ModelRuntime, gate: GateView | None) -> dict[str, Any]:
     }
 
 
-def daemon_status(sup: Supervisor) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DaemonFacts:
+    """The daemon-wide part of ``/v1/status``, gathered by the supervisor."""
+
+    started_at: float
+    config_path: str
+    socket: str
+    ready: bool
+    shutting_down: bool
+    policy: str
+    frontend_pid: int | None
+    probe: str | None
+
+
+def daemon_status(facts: DaemonFacts, models: Mapping[str, ModelRuntime],
+                  gates: Mapping[str, GateView], gpus: list[dict[str, Any]]) -> dict[str, Any]:
     """The whole ``/v1/status`` document: the daemon, the GPUs, every model."""
-    gates = sup.leases.view()
     return {
         "daemon": {
-            "pid": os.getpid(), "version": VERSION, "started_at": sup.started_at,
-            "uptime_s": round(time.time() - sup.started_at, 3),
-            "config": sup.config_path, "socket": sup.config.daemon.socket,
-            "ready": sup.ready, "shutting_down": sup.shutdown is not None,
-            "policy": sup.policy.name,
-            "frontend_pid": sup.fe.pid,
-            "probe": getattr(sup.probe, "name", None),
-            "active": sorted(m.name for m in sup.models.values() if m.state is S.ACTIVE),
+            "pid": os.getpid(), "version": VERSION, "started_at": facts.started_at,
+            "uptime_s": round(time.time() - facts.started_at, 3),
+            "config": facts.config_path, "socket": facts.socket,
+            "ready": facts.ready, "shutting_down": facts.shutting_down,
+            "policy": facts.policy,
+            "frontend_pid": facts.frontend_pid,
+            "probe": facts.probe,
+            "active": sorted(m.name for m in models.values() if m.state is S.ACTIVE),
         },
-        "gpus": list(sup.gpu_sampler.gpus),
-        "models": {n: model_status(m, gates.get(n)) for n, m in sup.models.items()
+        "gpus": list(gpus),
+        "models": {n: model_status(m, gates.get(n)) for n, m in models.items()
                    if not m.removed},
     }
 
 
-def active_line(sup: Supervisor) -> str:
+def active_line(shutting_down: bool, models: Mapping[str, ModelRuntime]) -> str:
     """systemd's STATUS= line: which models are active (or that the daemon is stopping)."""
-    if sup.shutdown is not None:
+    if shutting_down:
         return "stopping"
-    active = [m.name for m in sup.models.values() if m.state is S.ACTIVE]
+    active = [m.name for m in models.values() if m.state is S.ACTIVE]
     return "active: " + (", ".join(sorted(active)) if active else "none")
 
 
-def update_gauges(sup: Supervisor) -> None:
+def update_gauges(models: Mapping[str, ModelRuntime], gates: Mapping[str, GateView],
+                  metrics: Metrics) -> None:
     """Per-model state, in-flight and queue gauges for /metrics."""
-    gates = sup.leases.view()
-    for name, m in sup.models.items():
+    for name, m in models.items():
         gate = gates.get(name)
-        sup.metrics.model_gauges(name, str(m.state), gate.in_flight if gate else 0,
-                                 gate.queued if gate else 0)
+        metrics.model_gauges(name, str(m.state), gate.in_flight if gate else 0,
+                             gate.queued if gate else 0)
 
 
 class GpuSampler:
     """The latest GPU list and per-model memory, refreshed by a thread now and then."""
 
-    def __init__(self) -> None:
+    def __init__(self, post: Callable[[Callable[[], None]], None], metrics: Metrics) -> None:
+        self.post = post
+        self.metrics = metrics
         self.gpus: list[dict[str, Any]] = []
         self.next_at = 0.0
         self.running = False
 
-    def maybe_sample(self, sup: Supervisor, now: float) -> None:
+    def maybe_sample(self, probe: Any, models: dict[str, ModelRuntime], now: float) -> None:
         """Start a sample when one is due and none is running (loop thread)."""
         if now >= self.next_at and not self.running:
             self.next_at = now + GPU_SAMPLE
-            self.sample(sup)
+            self.sample(probe, models)
 
     def soon(self) -> None:
         """Sample at the next tick: a model's memory just changed (active, asleep, gone)."""
         self.next_at = 0.0
 
-    def sample(self, sup: Supervisor) -> None:
-        probe = sup.probe
+    def sample(self, probe: Any, models: dict[str, ModelRuntime]) -> None:
+        """Read the GPUs and each child's memory in a thread; apply it on the loop thread."""
         if probe is None:
             return
-        children = {m.name: m.child for m in sup.models.values() if m.child is not None}
+        children = {m.name: m.child for m in models.values() if m.child is not None}
         self.running = True
 
         def work() -> None:
@@ -132,10 +149,10 @@ class GpuSampler:
             def apply() -> None:
                 self.running = False
                 self.gpus = gpus
-                for name, m in sup.models.items():
+                for name, m in models.items():
                     m.gpu_memory_mib = usage.get(name, {}) if m.child is not None else {}
                 for g in gpus:
-                    sup.metrics.gpu_memory(g["index"], g["used_mib"])
-            sup.post(apply)
+                    self.metrics.gpu_memory(g["index"], g["used_mib"])
+            self.post(apply)
 
         threading.Thread(target=work, name="gpu-sample", daemon=True).start()

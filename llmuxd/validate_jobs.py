@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
-from llmuxd.control.errors import ApiError, shutting_down
-from llmuxd.model import ModelRuntime, OpContext, ValidateJob
+from llmuxd.core import Core
+from llmuxd.errors import ApiError, shutting_down
+from llmuxd.model import ModelRuntime, Operation, ValidateJob
 from llmuxd.states import ModelState
-
-if TYPE_CHECKING:
-    from llmuxd.supervisor import Supervisor
+from llmuxd.switching import Switcher
 
 log = structlog.get_logger("llmuxd.supervisor")
 S = ModelState
@@ -37,23 +36,24 @@ S = ModelState
 class ValidateJobs:
     """The validate jobs of the supervisor's models (``ModelRuntime.validate_job``)."""
 
-    def __init__(self, sup: Supervisor) -> None:
-        self.sup = sup
+    def __init__(self, core: Core, ops: Switcher) -> None:
+        self.core = core
+        self.ops = ops
 
     def request(self, name: str, levels: list[int], fut: Future[Any],
                 verbose: bool = False) -> None:
         """Start a validate run on ``name``; ``fut`` gets the report (or the error)."""
-        sup = self.sup
-        if sup.shutdown is not None:
+        core = self.core
+        if core.shutdown is not None:
             raise shutting_down()
-        m = sup.model_named(name)
+        m = core.model_named(name)
         if m.validate_job is not None:
             raise ApiError("conflict", f"a validate run on '{name}' is already going on",
                            model=name)
         if m.state is S.FAILED:
             m.failures = 0
             m.enter(S.STOPPED, "validate requested: clearing the failure hold")
-            sup.leases.set_hold(m.name, None)
+            core.leases.set_hold(m.name, None)
         demand: Future[Any] = Future()
         m.validate_job = ValidateJob(levels=levels, reply=fut, demand=demand, verbose=verbose)
         if m.state is S.ACTIVE:
@@ -62,12 +62,12 @@ class ValidateJobs:
             m.demands.append(demand)
             if m.demand_since is None:
                 m.demand_since = time.monotonic()
-        sup.kick()
+        core.kick()
 
     def progress(self, now: float) -> None:
         """Move every job on by a stage when its model is idle (each loop pass)."""
-        sup = self.sup
-        for m in list(sup.models.values()):
+        core, ops = self.core, self.ops
+        for m in list(core.models.values()):
             job = m.validate_job
             if job is None or m.busy:
                 continue
@@ -79,37 +79,36 @@ class ValidateJobs:
                     job.stage = "exclusive"
             if job.stage == "exclusive":
                 gpus = set(m.config.gpu_indices)
-                others = [o for o in sup.models.values() if o is not m
+                others = [o for o in core.models.values() if o is not m
                           and gpus & set(o.config.gpu_indices)
                           and (o.busy or o.state in (S.ACTIVE, S.DRAINING, S.STARTING,
                                                      S.WAKING, S.STOPPING))]
                 for o in others:
                     if o.state is S.ACTIVE and not o.busy:
-                        sup.deactivate(o, o.config.sleep_level,
-                                       sup.config.policy.drain_before_switch,
+                        ops.deactivate(o, o.config.sleep_level,
+                                       core.config.policy.drain_before_switch,
                                        f"validate of {m.name} needs the GPUs to itself")
                 if not others and m.state is S.ACTIVE:
-                    in_flight = sup.leases.close_gate(m.name)
+                    in_flight = core.leases.close_gate(m.name)
                     m.drain_deadline = None
                     m.enter(S.DRAINING, f"validate: holding back leases ({in_flight} "
                             "in flight)")
-                    job.drain_deadline = now + sup.config.daemon.drain_timeout_secs
+                    job.drain_deadline = now + core.config.daemon.drain_timeout_secs
                     job.stage = "drain"
             if job.stage == "drain":
-                gate = sup.leases.view().get(m.name)
+                gate = core.leases.view().get(m.name)
                 if gate is not None and gate.in_flight and now < job.drain_deadline:
                     continue
                 job.stage = "running"
                 self._run(m, job)
 
     def _run(self, m: ModelRuntime, job: ValidateJob) -> None:
-        sup = self.sup
-        cfg = sup.config
-        client, child, probe = m.client, m.child, sup.probe
+        cfg = self.core.config
+        client, child, probe = m.client, m.child, self.core.probe
         gpus = list(m.config.gpu_indices)
         name = m.name
 
-        def work(_ctx: OpContext) -> Any:
+        def work(_op: Operation) -> Any:
             from llmuxd.validate import run_validate_on
             return run_validate_on(
                 client, child.group_pids, probe, job.levels, cfg.daemon.sleep_residue_mib,
@@ -118,16 +117,24 @@ class ValidateJobs:
                 wake_timeout=cfg.daemon.wake_timeout_secs,
                 request_timeout=cfg.policy.request_timeout_secs, model_name=name)
 
-        def done(mm: ModelRuntime, _ctx: OpContext, report: Any,
+        def done(mm: ModelRuntime, _op: Operation, report: Any,
                  error: BaseException | None) -> None:
             self._end(mm, report=report, error=error)
 
-        sup.launch(m, "validate", work, done)
+        def cleanup() -> None:
+            # Detached (a kill or a stop took the model): no report came, the job
+            # still pins the model and its caller still waits. Undo and answer.
+            if m.validate_job is job:
+                self._end(m, error=ApiError(
+                    "model_failed", f"validate of '{name}' was cut short: the model "
+                    "was stopped while it ran", model=name))
+
+        op = self.ops.runner.launch(m, "validate", work, done)
+        op.on_cleanup(cleanup)
 
     def _end(self, m: ModelRuntime, report: Any = None,
              error: BaseException | None = None) -> None:
         """Unpin m, leave it ACTIVE (or stop it if validate left it unusable), answer."""
-        sup = self.sup
         job, m.validate_job = m.validate_job, None
         m.pinned = False
         if job is None:
@@ -136,9 +143,9 @@ class ValidateJobs:
         if m.state is S.DRAINING:
             if awake:
                 m.enter(S.ACTIVE, "validate done")
-                sup.became_active(m)
+                self.ops.became_active(m)
             else:
-                sup.stop_model(m, "validate left the model unusable: stopping (L3)")
+                self.ops.stop_model(m, "validate left the model unusable: stopping (L3)")
         if job.reply.done():
             return
         if error is not None:

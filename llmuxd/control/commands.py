@@ -2,14 +2,14 @@
 
 Handlers are small functions; anything they raise is turned into the one error
 shape here (``dispatch``), so a route can never leak a traceback to a client.
-Handlers that change model state do it through the supervisor's loop thread
-(``sup.call``); the lease routes use the lease table's fast path directly.
+Handlers reach the daemon only through the command port (control/port.py): the
+ones that change model state run on the loop thread behind it; the lease routes
+use the lease table's fast path directly.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Callable
@@ -20,11 +20,9 @@ from urllib.parse import unquote
 
 import structlog
 
-from llmuxd import __version__ as VERSION
-from llmuxd import model_commands
 from llmuxd.config import ConfigError, load_config
-from llmuxd.control.errors import ApiError
-from llmuxd.model_commands import wait_timeout
+from llmuxd.control.port import CommandPort
+from llmuxd.errors import ApiError
 
 log = structlog.get_logger("llmuxd.control")
 
@@ -65,7 +63,7 @@ class Request:
         raise ApiError("bad_request", f"query parameter {name} must be 0 or 1")
 
 
-Handler = Callable[[Any, Request, dict[str, str]], tuple[int, Any]]
+Handler = Callable[[CommandPort, Request, dict[str, str]], tuple[int, Any]]
 
 
 @dataclass(frozen=True)
@@ -118,7 +116,7 @@ def _find(req: Request) -> tuple[Route | None, dict[str, str], list[str]]:
     return None, {}, allowed
 
 
-def dispatch(sup: Any, req: Request, may_mutate: bool) -> tuple[int, Any]:
+def dispatch(sup: CommandPort, req: Request, may_mutate: bool) -> tuple[int, Any]:
     """Route a request and map every failure to the API's error shape."""
     try:
         r, params, allowed = _find(req)
@@ -145,88 +143,76 @@ def dispatch(sup: Any, req: Request, may_mutate: bool) -> tuple[int, Any]:
 
 
 @route("GET", "/v1/health")
-def health(sup: Any, req: Request, _p: dict[str, str]) -> tuple[int, Any]:
-    state = "stopping" if sup.shutdown is not None else "ok"
-    return 200, {"status": state, "version": VERSION, "pid": os.getpid(),
-                 "ready": sup.ready}
+def health(sup: CommandPort, req: Request, _p: dict[str, str]) -> tuple[int, Any]:
+    return 200, sup.health()
 
 
 @route("GET", "/v1/status")
-def status(sup: Any, req: Request, _p: dict[str, str]) -> tuple[int, Any]:
-    return 200, sup.query(sup.status)
+def status(sup: CommandPort, req: Request, _p: dict[str, str]) -> tuple[int, Any]:
+    return 200, sup.status()
 
 
 @route("POST", "/v1/reload")
-def reload(sup: Any, req: Request, _p: dict[str, str]) -> tuple[int, Any]:
+def reload(sup: CommandPort, req: Request, _p: dict[str, str]) -> tuple[int, Any]:
     try:
         new = load_config(sup.config_path)
     except ConfigError as exc:
         raise ApiError("bad_request", "the new config was rejected; the old one stays: "
                        + "; ".join(exc.errors), errors=exc.errors) from None
-    return 200, sup.query(lambda: sup.reload(new))
+    return 200, sup.reload(new)
 
 
 # ---------------------------------------------------------------------------
 # Models
 
 
-def _status_answer(sup: Any, m: Any, wait: bool) -> tuple[int, Any]:
-    return (200 if wait else 202), sup.query(lambda: sup.status_of(m))
-
-
 @route("GET", "/v1/models/{m}")
-def model_status(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
+def model_status(sup: CommandPort, req: Request, p: dict[str, str]) -> tuple[int, Any]:
     name = sup.resolve(p["m"])
-    return 200, sup.query(lambda: sup.status_of(sup.model_named(name)))
+    return 200, sup.model_status(name)
 
 
-def _activate(sup: Any, req: Request, p: dict[str, str], op: str) -> tuple[int, Any]:
+def _activate(sup: CommandPort, req: Request, p: dict[str, str], op: str) -> tuple[int, Any]:
     name = sup.resolve(p["m"])
     wait = req.flag("wait", True)
-    m = sup.call(lambda fut: model_commands.activate(sup, name, fut, wait),
-                 wait_timeout(sup.config, name, op))
-    return _status_answer(sup, m, wait)
+    return (200 if wait else 202), sup.activate(name, op, wait)
 
 
 @route("POST", "/v1/models/{m}/start")
-def start(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
+def start(sup: CommandPort, req: Request, p: dict[str, str]) -> tuple[int, Any]:
     return _activate(sup, req, p, "start")
 
 
 @route("POST", "/v1/models/{m}/wake")
-def wake(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
+def wake(sup: CommandPort, req: Request, p: dict[str, str]) -> tuple[int, Any]:
     return _activate(sup, req, p, "wake")
 
 
 @route("POST", "/v1/models/{m}/switch")
-def switch(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
+def switch(sup: CommandPort, req: Request, p: dict[str, str]) -> tuple[int, Any]:
     return _activate(sup, req, p, "switch")
 
 
 @route("POST", "/v1/models/{m}/sleep")
-def sleep(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
+def sleep(sup: CommandPort, req: Request, p: dict[str, str]) -> tuple[int, Any]:
     name = sup.resolve(p["m"])
     body = req.json()
     level = body.get("level", sup.config.models[name].sleep_level)
     if level not in (1, 2, 3) or isinstance(level, bool):
         raise ApiError("bad_request", "level must be 1, 2 or 3", model=name)
     wait = req.flag("wait", True)
-    m = sup.call(lambda fut: model_commands.sleep(sup, name, level, fut, wait),
-                 wait_timeout(sup.config, name, "sleep"))
-    return _status_answer(sup, m, wait)
+    return (200 if wait else 202), sup.sleep(name, level, wait)
 
 
 @route("POST", "/v1/models/{m}/kill")
-def kill(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
+def kill(sup: CommandPort, req: Request, p: dict[str, str]) -> tuple[int, Any]:
     name = sup.resolve(p["m"])
     wait = req.flag("wait", True)
-    m = sup.call(lambda fut: model_commands.kill(sup, name, fut, wait),
-                 wait_timeout(sup.config, name, "kill"))
-    return _status_answer(sup, m, wait)
+    return (200 if wait else 202), sup.kill(name, wait)
 
 
 @route("GET", "/v1/models/{m}/logs")
-def logs(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
+def logs(sup: CommandPort, req: Request, p: dict[str, str]) -> tuple[int, Any]:
     from llmuxd.child import tail_file
     name = sup.resolve(p["m"])
     raw = req.query.get("lines", "100")
@@ -238,7 +224,7 @@ def logs(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
 
 
 @route("POST", "/v1/validate/{m}")
-def validate(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
+def validate(sup: CommandPort, req: Request, p: dict[str, str]) -> tuple[int, Any]:
     name = sup.resolve(p["m"])
     body = req.json()
     levels = body.get("levels", [1, 2])
@@ -248,9 +234,7 @@ def validate(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
     verbose = body.get("verbose", False)
     if not isinstance(verbose, bool):
         raise ApiError("bad_request", "verbose must be true or false", model=name)
-    report = sup.call(lambda fut: sup.validations.request(name, list(levels), fut, verbose),
-                      wait_timeout(sup.config, name, "validate") * (1 + len(levels)))
-    return 200, report
+    return 200, sup.validate(name, list(levels), verbose)
 
 
 # ---------------------------------------------------------------------------
@@ -258,7 +242,7 @@ def validate(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
 
 
 @route("POST", "/v1/leases")
-def acquire(sup: Any, req: Request, _p: dict[str, str]) -> tuple[int, Any]:
+def acquire(sup: CommandPort, req: Request, _p: dict[str, str]) -> tuple[int, Any]:
     body = req.json()
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -278,7 +262,7 @@ def acquire(sup: Any, req: Request, _p: dict[str, str]) -> tuple[int, Any]:
 
 
 @route("POST", "/v1/leases/{lease}/release")
-def release(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
+def release(sup: CommandPort, req: Request, p: dict[str, str]) -> tuple[int, Any]:
     body = req.json()
     lease = sup.leases.release(p["lease"])
     if lease is not None:
@@ -287,7 +271,7 @@ def release(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
 
 
 @route("GET", "/v1/leases")
-def list_leases(sup: Any, req: Request, _p: dict[str, str]) -> tuple[int, Any]:
+def list_leases(sup: CommandPort, req: Request, _p: dict[str, str]) -> tuple[int, Any]:
     now = time.monotonic()
     return 200, {"leases": [
         {"lease_id": lease.lease_id, "model": lease.model, "pid": lease.pid,

@@ -211,7 +211,7 @@ class ControlServer:
 
     def _after_close(self, pid: int) -> None:
         """A client hung up: if it is dead (a killed worker), reclaim its leases now."""
-        from llmuxd.supervisor import pid_alive
+        from llmuxd.pidcheck import pid_alive
         if pid != os.getpid() and not pid_alive(pid):
             self.sup.reclaim_pid(pid)
 

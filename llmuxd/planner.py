@@ -1,0 +1,127 @@
+"""The scheduler's planner: views for the policy, its Decisions turned into operations.
+
+The policy (policy/) is pure: a ``PolicyInput`` in, ``Decisions`` out. The planner
+is the impure half around it, run on the loop thread each pass: it reads the
+model table and the lease table into ``ModelView``s (``views``), builds the
+``PolicyInput`` in one function (``policy_input``, where new fields go), and
+applies the decisions through the switching layer (``deactivate``/``activate``),
+tying the models that leave to the switch record of the one that comes.
+
+It also owns what happens when a preflight finds less free memory than
+placement foresaw (``make_room``), which the switching layer calls back.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from llmuxd.core import Core
+from llmuxd.model import ModelRuntime
+from llmuxd.policy import make_policy
+from llmuxd.policy.base import Activate, Deactivate, ModelView, Policy, PolicyInput
+from llmuxd.states import ModelState
+from llmuxd.switching import Switcher
+
+log = structlog.get_logger("llmuxd.supervisor")
+S = ModelState
+
+
+class Planner:
+    """Asks the policy what to do and makes it happen (loop thread only)."""
+
+    def __init__(self, core: Core, ops: Switcher) -> None:
+        self.core = core
+        self.ops = ops
+        self.policy: Policy = make_policy(core.config.policy.policy_type)
+        self.recheck_at: float | None = None
+
+    def set_policy(self, policy_type: str) -> None:
+        """A reload named another policy."""
+        self.policy = make_policy(policy_type)
+
+    def views(self, now: float) -> dict[str, ModelView]:
+        """What the policy sees of each live model: state, traffic, placement."""
+        gates = self.core.leases.view()
+        views: dict[str, ModelView] = {}
+        for name, m in self.core.models.items():
+            if m.removed:
+                continue
+            gate = gates.get(name)
+            queued = (gate.queued if gate else 0) + len(m.demands)
+            waits = [t for t in (gate.oldest_wait if gate else None, m.demand_since)
+                     if t is not None]
+            views[name] = ModelView(
+                name=name, state=m.state, busy=m.busy,
+                in_flight=gate.in_flight if gate else 0, queued=queued,
+                oldest_wait=min(waits) if waits else None, active_since=m.active_since,
+                gpus=m.config.gpu_indices, fraction=m.config.gpu_memory_utilization,
+                sleep_level=m.config.sleep_level, ready_at=m.backoff_until,
+                pinned=m.pinned)
+        return views
+
+    def policy_input(self, views: dict[str, ModelView], now: float) -> PolicyInput:
+        """The one place a ``PolicyInput`` is built (add new fields here)."""
+        policy = self.core.config.policy
+        return PolicyInput(models=views, now=now,
+                           drain_before_switch=policy.drain_before_switch,
+                           min_active_secs=policy.min_active_secs,
+                           costs=dict(self.core.costs))
+
+    def schedule(self, now: float) -> None:
+        """Each loop pass: drop abandoned switches, then apply the policy's decisions."""
+        models = self.core.models
+        views = self.views(now)
+        for name, v in views.items():
+            rt = models[name]
+            if (rt.switch is not None and rt.switch.to == name and not v.queued
+                    and not rt.busy and v.state in (S.STOPPED, S.SLEEPING, S.BACKOFF)):
+                self.ops.finish_switch(rt, "abandoned")    # its waiters gave up
+        if not any(v.queued for v in views.values()):
+            return
+        decisions = self.policy.decide(self.policy_input(views, now))
+        self.recheck_at = decisions.recheck_at
+        for d in decisions.actions:
+            m = models.get(d.model)
+            if m is None or m.busy:
+                continue
+            if isinstance(d, Deactivate):
+                if m.state is S.ACTIVE:
+                    target = models.get(d.for_model or "")
+                    if target is not None and target.switch is None:
+                        target.switch = self.ops.new_switch(target.name)
+                    if target is not None and target.switch is not None \
+                            and m.name not in target.switch.from_:
+                        target.switch.from_.append(m.name)
+                    m.switch = target.switch if target is not None else None
+                    self.ops.deactivate(m, d.level, d.drain, d.reason)
+            elif isinstance(d, Activate):
+                self.ops.activate(m, d.reason)
+
+    def make_room(self, m: ModelRuntime, why: str) -> bool:
+        """Free memory on m's GPUs beyond what placement foresaw; True if waiting is useful.
+
+        First wait for anything already moving, then put active models to sleep; only
+        when nothing else is left, stop sleepers (their residue is what is in the way).
+        """
+        gpus = set(m.config.gpu_indices)
+        others = [o for o in self.core.models.values()
+                  if o is not m and gpus & set(o.config.gpu_indices)]
+        if any(o.busy or o.state in (S.DRAINING, S.STOPPING, S.STARTING, S.WAKING)
+               for o in others):
+            return True
+        actives = [o for o in others if o.state is S.ACTIVE and not o.pinned]
+        for other in actives:
+            log.info("making_room", model=m.name, evict=other.name, why=why)
+            other.switch = m.switch
+            if m.switch is not None:
+                m.switch.from_.append(other.name)
+            self.ops.deactivate(other, other.config.sleep_level,
+                                self.core.config.policy.drain_before_switch,
+                                f"making room for {m.name}: {why}")
+        if actives:
+            return True
+        sleepers = [o for o in others if o.state is S.SLEEPING]
+        for other in sleepers:
+            log.info("making_room", model=m.name, stop=other.name, why=why)
+            self.ops.stop_model(other, f"stopping a sleeper to make room for {m.name}: {why}")
+        return bool(sleepers)
