@@ -1,11 +1,12 @@
 """The blocking halves of the switch operations: what a worker thread does to a child.
 
-The supervisor decides (state changes, gates, switch records) on its loop thread and
-hands each slow step to a worker (``Supervisor.launch``): check free GPU memory,
-spawn a child and wait for ``/health`` (+ warm-up), wake it (+ warm-up), sleep it
-and verify that its memory really dropped. These functions are that work. They
-touch no supervisor state: they get what they need as arguments, raise ``OpFailed``
-with the message clients and logs see, and return the phase timings.
+The switching layer (switching.py) decides (state changes, gates, switch records)
+on the loop thread and hands each slow step to a worker (``OpRunner.launch``):
+check free GPU memory, spawn a child and wait for ``/health`` (+ warm-up), wake it
+(+ warm-up), sleep it and verify that its memory really dropped. These functions
+are that work. They touch no model or lease state: they get what they need as
+arguments, raise ``OpFailed`` with the message clients and logs see, and return
+the phase timings.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmuxd.config import Config, ModelConfig
-from llmuxd.model import OpContext
+from llmuxd.model import Operation
 
 VERIFY_WINDOW = 3.0        # a sleeping child's memory may take a moment to drop
 TAIL_LINES = 20
@@ -35,7 +36,7 @@ def memory_free_for(probe: Any, gpus: tuple[int, ...], util: float,
     return wake_fits(probe, gpus, util, child_usage(probe, sleeper.group_pids(), gpus))
 
 
-def start_child(ctx: OpContext, cfg: Config, mc: ModelConfig, log_dir: Path,
+def start_child(ctx: Operation, cfg: Config, mc: ModelConfig, log_dir: Path,
                 on_line: Callable[[str], None] | None, guardian: Any
                 ) -> tuple[Any, Any, dict[str, float]]:
     """Spawn ``vllm serve``, wait until healthy, warm up: (child, client, phases).

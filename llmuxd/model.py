@@ -75,9 +75,6 @@ class Operation:
         self.cancelled = True
 
 
-OpContext = Operation       # the name the child operations knew it by
-
-
 @dataclass
 class ValidateJob:
     """A validate run on a supervised model: activate, clear the GPUs, drain, run."""
