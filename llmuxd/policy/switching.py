@@ -116,11 +116,11 @@ def plan(inp: PolicyInput, rule: SwitchRule) -> Decisions:
                 recheck = earliest(recheck, at)
         else:
             for name in blockers:
-                v = views.get(name)
-                if v is None or name in leaving or v.busy or not v.evictable() \
-                        or v.state is not S.ACTIVE:
+                b = views.get(name)
+                if b is None or name in leaving or b.busy or not b.evictable() \
+                        or b.state is not S.ACTIVE:
                     continue        # a reservation, or already on its way: wait
-                actions.append(rule.deactivate(inp, t, v))
+                actions.append(rule.deactivate(inp, t, b))
                 leaving.add(name)
         reserved.append(placed(t))
     return Decisions(actions, recheck)
