@@ -191,3 +191,74 @@ def _raw_lease_request(d: DaemonProcess, model: str) -> socket.socket:
         assert time.monotonic() < deadline, "the raw lease request never queued"
         time.sleep(0.05)
     return s
+
+
+def _metrics(port: int) -> str:
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return str(resp.read().decode())
+
+
+def _ctl(d: DaemonProcess, *args: str) -> str:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("LLMUX_SOCKET", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(repo)
+    r = subprocess.run([sys.executable, "-m", "llmuxctl", "-s", d.socket, *args], cwd=repo,
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_status_and_metrics_say_who_waits_why_and_for_how_long(make_daemon):
+    """llmuxctl status, /v1/status and /metrics: the policy, per model the quantum left,
+    the waiting requests and why they wait, and the idle time of an active model."""
+    from llmux_testkit.daemon import free_port
+    mport = free_port()
+    d = make_daemon({"a": slow_model(), "b": slow_model()}, env=REAL_TIME,
+                    config={"metrics_port": mport, "policy": {"min_active_secs": 60}})
+    code, la = lease(d, "a")
+    assert code == 200, la
+    release(d, la["lease_id"])
+    idle1 = d.wait_for(lambda: d.status("a")["scheduling"]["idle_s"], 10, "a idle")
+    idle2 = d.wait_for(lambda: (lambda s: s if s > idle1 else None)(
+        d.status("a")["scheduling"]["idle_s"]), 10, "a's idle time to grow")
+    assert idle2 > idle1
+    wait_b = Background(lambda: lease(d, "b"))          # a keeps its 60 s minimum
+    d.wait_for(lambda: d.status("b")["scheduling"]["why_waiting"], 10, "b's reason")
+    status = d.status()
+    assert status["daemon"]["policy"] == "fifo"
+    assert status["scheduler"]["policy"] == "fifo"
+    assert status["scheduler"]["options"]["max_wait_secs"] == 15.0
+    assert [c for c in status["scheduler"]["switch_costs"] if c["to"] == "a"]
+    a, b = status["models"]["a"]["scheduling"], status["models"]["b"]["scheduling"]
+    assert 0 < a["quantum_left_s"] <= 60
+    assert a["idle_s"] is not None and a["waiting"] == 0
+    assert b["waiting"] == 1 and b["oldest_wait_s"] >= 0
+    assert b["waiting_reason"] == "quantum"
+    assert "'a' serves its quantum" in b["why_waiting"]
+
+    out = _ctl(d, "status")
+    header = out.splitlines()[0].split()
+    assert "QUANTUM" in header and "IDLE" in header
+    assert "policy: fifo" in out
+    line = next(x for x in out.splitlines() if x.startswith("b: "))
+    assert "1 waiting" in line and "'a' serves its quantum" in line
+    row_a = next(x for x in out.splitlines() if x.startswith("a "))
+    assert "s" in row_a.split()[7]                      # QUANTUM column: "57.3s"
+
+    def scraped() -> str | None:
+        text = _metrics(mport)
+        return text if 'llmux_model_waiting_reason{model="b",reason="quantum"} 1.0' in text \
+            else None
+    text = d.wait_for(scraped, 10, "the scheduling metrics")
+    assert 'llmux_policy_info{policy="fifo"} 1.0' in text
+    assert 'llmux_model_quantum_left_seconds{model="a"}' in text
+    assert 'llmux_model_oldest_wait_seconds{model="b"}' in text
+    assert 'llmux_switch_cost_ema_seconds{from="",to="a"}' in text
+    assert d.stop() == 0                                # b's waiter is answered (503)
+    code, got = wait_b.result(30)
+    assert code == 503, got
