@@ -86,8 +86,7 @@ class PolicyConfig:
     tick_interval_ms: float = 500.0
     min_quantum_ms: float = 2000.0
     default_switch_secs: float = 10.0
-    quantum_factor: float = 9.0
-    linger_factor: float = 0.5
+    linger_factor: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -409,7 +408,7 @@ def _build_policy(c: _Checker, raw: dict[str, Any]) -> PolicyConfig:
 # unless the name says ms; each policy reads only its own (docs/configuration.md).
 POLICY_OPTIONS = ("max_wait_secs", "amortization_factor", "coalesce_window_ms",
                   "tick_interval_ms", "min_quantum_ms", "default_switch_secs",
-                  "quantum_factor", "linger_factor")
+                  "linger_factor")
 
 
 _MODEL_KEYS = set(ModelConfig.__dataclass_fields__) - {"name"}
