@@ -68,3 +68,14 @@ def test_cli_prints_a_table(capsys):
     out = capsys.readouterr().out
     assert "| single_model | 2s | adaptive | 40 | 0 |" in out
     assert out.count("| adaptive |") == 12
+
+
+def test_docs_table_of_the_rust_profiles_is_what_the_cli_prints(capsys):
+    # the Poisson half takes ~20 s of CPU; the Rust half is checked on every run
+    from pathlib import Path
+
+    from llmuxd.policy.simulate import main
+    assert main(["--family", "rust"]) == 0
+    printed = capsys.readouterr().out.strip()
+    doc = (Path(__file__).parents[2] / "docs" / "scheduling.md").read_text()
+    assert printed in doc, "docs/scheduling.md is stale: rerun python -m llmuxd.policy.simulate"
