@@ -102,6 +102,7 @@ class Planner:
                 self.ops.finish_switch(rt, "abandoned")    # its waiters gave up
         if not any(v.queued for v in views.values()):
             self.explained = {}
+            self.recheck_at = None
             return
         inp = self.policy_input(views, now)
         decisions = self.policy.decide(inp)

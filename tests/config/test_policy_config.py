@@ -69,3 +69,16 @@ def test_the_drain_timeout_default_is_below_the_request_timeout():
     """Issue 10: both were 60 s, so a drain gave up exactly when its waiters did."""
     c = build_config({"models": {"a": {"model_path": "m", "port": 8001}}})
     assert c.daemon.drain_timeout_secs < c.policy.request_timeout_secs
+
+
+def test_self_defeating_timeouts_are_warned_about_not_refused():
+    from llmuxd.config import policy_warnings
+    base = {"models": {"a": {"model_path": "m", "port": 8001}}}
+    assert policy_warnings(build_config(base)) == []
+    c = build_config({**base, "daemon": {"drain_timeout_secs": 60},
+                      "policy": {"policy_type": "adaptive", "max_wait_secs": 90}})
+    warnings = policy_warnings(c)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("daemon.drain_timeout_secs (60) is not below "
+                                  "policy.request_timeout_secs (60)")
+    assert warnings[1].startswith("policy.max_wait_secs (90) is not below")
