@@ -47,7 +47,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llmux_testkit.daemon import DaemonProcess, sim_model  # noqa: E402
+from llmux_testkit.daemon import DaemonProcess, free_port, sim_model  # noqa: E402
 from llmuxd.config import load_config  # noqa: E402
 from llmuxd.policy import POLICY_TYPES  # noqa: E402
 from llmuxd.policy.options import PolicyOptions  # noqa: E402
@@ -186,12 +186,23 @@ def predict(w: Workload, level: int, policy: str,
             "serving_pct": r.serving_pct, "max_wait": r.max_wait}
 
 
-def run_one(level: int, policy: str, names: list[str], out: Path) -> None:
+def unique_ports(n: int) -> list[int]:
+    """``n`` distinct free ports, chosen in one process (the parallel runs must not
+    pick the same one: a child would then answer for another daemon's model)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        p = free_port()
+        if p not in ports:
+            ports.append(p)
+    return ports
+
+
+def run_one(level: int, policy: str, names: list[str], out: Path, ports: list[int]) -> None:
     """One daemon, one policy, one level: every workload in turn; JSON to ``out``."""
-    models = {m: sim_model(model_path="sim/Qwen3-14B", sleep_level=level,
+    models = {m: sim_model(port, model_path="sim/Qwen3-14B", sleep_level=level,
                            gpu_memory_utilization=0.9, extra_args=child_args())
-              for m in ("A", "B", "C")}
-    config = {"proxy": {"host": "127.0.0.1", "workers": 2, "threads": 128},
+              for m, port in zip(("A", "B", "C"), ports[:3], strict=True)}
+    config = {"port": ports[3], "proxy": {"host": "127.0.0.1", "workers": 2, "threads": 128},
               "policy": scaled_policy(policy),
               "daemon": {"drain_timeout_secs": DRAIN_TIMEOUT * SCALE,
                          "startup_timeout_secs": 300, "wake_timeout_secs": 300,
@@ -273,7 +284,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="3 workloads at L1 (smoke test)")
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument("--levels", default="1,2")
-    ap.add_argument("--one", nargs=3, metavar=("LEVEL", "POLICY", "OUT"),
+    ap.add_argument("--one", nargs=4, metavar=("LEVEL", "POLICY", "OUT", "PORTS"),
                     help=argparse.SUPPRESS)
     ap.add_argument("--workloads", default="")
     args = ap.parse_args()
@@ -284,7 +295,8 @@ def main() -> int:
         names = ["balanced", "surge", "three_model"]
         args.levels = "1"
     if args.one:
-        run_one(int(args.one[0]), args.one[1], names, Path(args.one[2]))
+        run_one(int(args.one[0]), args.one[1], names, Path(args.one[2]),
+                [int(p) for p in args.one[3].split(",")])
         return 0
     started = time.monotonic()
     loadavg = os.getloadavg()
@@ -294,9 +306,11 @@ def main() -> int:
     for level in [int(x) for x in args.levels.split(",")]:
         jobs = {}
         with concurrent.futures.ThreadPoolExecutor(len(POLICY_TYPES)) as pool:
-            for policy in POLICY_TYPES:
+            ports = unique_ports(4 * len(POLICY_TYPES))
+            for i, policy in enumerate(POLICY_TYPES):
                 out = tmp / f"L{level}-{policy}.json"
-                cmd = [sys.executable, __file__, "--one", str(level), policy, str(out),
+                mine = ",".join(str(p) for p in ports[4 * i:4 * i + 4])
+                cmd = [sys.executable, __file__, "--one", str(level), policy, str(out), mine,
                        "--workloads", ",".join(names)]
                 jobs[policy] = (out, pool.submit(subprocess.run, cmd, timeout=900))
             for policy, (out, fut) in jobs.items():
