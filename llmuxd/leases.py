@@ -220,6 +220,14 @@ class LeaseTable:
             gate.watch_idle = True
             return gate.in_flight
 
+    def watch_idle(self, model: str) -> None:
+        """Kick the supervisor when ``model``'s in-flight count next reaches 0 (its gate
+        stays open): a policy waiting for the active model to go idle hears it at once."""
+        with self._lock:
+            gate = self._gates.get(model)
+            if gate is not None:
+                gate.watch_idle = True
+
     def refuse(self, model: str, error: ApiError) -> int:
         """Wake every waiter of ``model`` with ``error``; returns how many."""
         with self._lock:

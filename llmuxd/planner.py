@@ -104,6 +104,9 @@ class Planner:
             self.explained = {}
             self.recheck_at = None
             return
+        for name, v in views.items():       # hear at once when a busy model goes idle
+            if v.state is S.ACTIVE and v.in_flight:
+                self.core.leases.watch_idle(name)
         inp = self.policy_input(views, now)
         decisions = self.policy.decide(inp)
         self.recheck_at = decisions.recheck_at
