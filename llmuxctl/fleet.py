@@ -179,9 +179,12 @@ def render(boxes: Sequence[Box], opts: Options) -> str:
         shift = index % len(boxes_here)
         fallback = boxes_here[shift:] + boxes_here[:shift]
         w("")
-        w(f"# {model}: primaries = boxes where it is ACTIVE; backups = the same boxes while")
-        w("# their llmux is up (tracking any_box). Without 'option allbackups' only the")
-        w("# first backup up takes the traffic of a miss.")
+        if index == 0:
+            w("# One backend per model. Primaries: the boxes where it is ACTIVE (readiness")
+            w("# check). Backups: the same boxes while their llmux is up (they track")
+            w("# any_box). HAProxy uses backups only when no primary is up, and then only")
+            w("# the first one that is up (no 'option allbackups'): one box wakes it.")
+        w(f"# {model}: on {', '.join(b.name for b in boxes_here)}")
         w(f"backend {backend}")
         w("    balance leastconn")
         w("    option httpchk")
