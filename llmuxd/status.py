@@ -134,6 +134,7 @@ class GpuSampler:
                 self.gpus = gpus
                 for name, m in sup.models.items():
                     m.gpu_memory_mib = usage.get(name, {}) if m.child is not None else {}
+                    sup.metrics.model_gpu_memory(name, sum(m.gpu_memory_mib.values()))
                 for g in gpus:
                     sup.metrics.gpu_memory(g["index"], g["used_mib"])
             sup.post(apply)
