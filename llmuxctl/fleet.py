@@ -45,6 +45,7 @@ class Options:
     check_inter: str = "2s"
     bufsize: int = 1048576
     command: str = ""
+    log: str = "/dev/log local0"   # in a container: "stdout format raw local0"
 
 
 def parse_address(text: str) -> str:
@@ -121,7 +122,7 @@ def render(boxes: Sequence[Box], opts: Options) -> str:
         w(f"#   {box.name:<8} {box.address:<22} {', '.join(sorted(box.models)) or '-'}")
     w("")
     w("global")
-    w("    log /dev/log local0")
+    w(f"    log {opts.log}")
     w("    maxconn 2000")
     w("    # The request body is buffered to read \"model\" from it. A body larger than")
     w("    # one buffer cannot be parsed and goes to any_box (which serves the model")

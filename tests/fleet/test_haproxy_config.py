@@ -25,12 +25,12 @@ from llmuxctl.fleet import Box, FleetError, Options, render
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc/fleet/haproxy.cfg"
 EXAMPLE_BOXES = [
-    Box("box1", "10.0.0.1:8080", {"Qwen/Qwen3-14B": ["qwen-14b"], "gemma-12b": []}),
-    Box("box2", "10.0.0.2:8080", {"Qwen/Qwen3-14B": ["qwen-14b"], "llama-8b": []}),
-    Box("box3", "10.0.0.3:8080", {"gemma-12b": [], "e5-embed": []}),
+    Box("box1", "10.0.0.1:3000", {"Qwen/Qwen3-14B": ["qwen-14b"], "gemma-12b": []}),
+    Box("box2", "10.0.0.2:3000", {"Qwen/Qwen3-14B": ["qwen-14b"], "llama-8b": []}),
+    Box("box3", "10.0.0.3:3000", {"gemma-12b": [], "e5-embed": []}),
 ]
-EXAMPLE_OPTIONS = Options(command="llmuxctl fleet haproxy 10.0.0.1:8080 10.0.0.2:8080 "
-                                  "10.0.0.3:8080")
+EXAMPLE_OPTIONS = Options(command="llmuxctl fleet haproxy 10.0.0.1:3000 10.0.0.2:3000 "
+                                  "10.0.0.3:3000")
 needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None,
                                    reason="haproxy is not installed")
 
@@ -67,10 +67,10 @@ def test_each_model_backend_checks_readiness_and_falls_back_to_one_box() -> None
     assert "http-check send meth GET uri /v1/models/Qwen/Qwen3-14B/ready" in qwen
     assert "http-check expect status 200" in qwen
     assert [s for s in qwen if s.startswith("server ")] == [
-        "server box1 10.0.0.1:8080 check",
-        "server box2 10.0.0.2:8080 check",
-        "server box1-any 10.0.0.1:8080 backup track any_box/box1",
-        "server box2-any 10.0.0.2:8080 backup track any_box/box2",
+        "server box1 10.0.0.1:3000 check",
+        "server box2 10.0.0.2:3000 check",
+        "server box1-any 10.0.0.1:3000 backup track any_box/box1",
+        "server box2-any 10.0.0.2:3000 backup track any_box/box2",
     ]
     assert not any("allbackups" in line for line in text.splitlines()
                    if not line.lstrip().startswith("#"))
