@@ -91,6 +91,13 @@ class Box:
         """Requests for ``model`` this box has released (llmux_requests_total)."""
         return metric_sum(self.metrics(), "llmux_requests_total", model=model)
 
+    def wait_served(self, model: str, count: float) -> None:
+        """Until ``served(model)`` reaches ``count``: the front end sends a lease's
+        release after the answer, without waiting, so the count may trail the answer."""
+        wait_until(lambda: self.served(model) >= count, 10,
+                   f"{self.name} to count {count:g} requests for {model}")
+        assert self.served(model) == count
+
 
 def metric_sum(text: str, name: str, **labels: str) -> float:
     total = 0.0

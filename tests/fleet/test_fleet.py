@@ -86,7 +86,7 @@ def test_requests_go_to_the_box_where_the_model_is_awake(fleet: Fleet) -> None:
         assert status == 200, body
 
     assert {n: b.switches() for n, b in fleet.boxes.items()} == switches
-    assert fleet.box2.served("shared") == served["box2"] + 6
+    fleet.box2.wait_served("shared", served["box2"] + 6)
     assert fleet.box1.served("shared") == served["box1"]
     assert fleet.box1.state("solo1") == "active"
 
@@ -165,7 +165,7 @@ def test_failover_when_a_box_stops_and_back_when_it_returns(fleet: Fleet) -> Non
         status, _, body = request(fleet.proxy.port, "POST", "/v1/chat/completions",
                                   chat("shared"))
         assert status == 200, body
-    assert fleet.box2.served("shared") == before + 3
+    fleet.box2.wait_served("shared", before + 3)
     assert fleet.box2.state("shared") == "active"
     # solo1 lives on box1 only: while box1 is down HAProxy has nowhere to send it.
     status, _, _ = request(fleet.proxy.port, "POST", "/v1/chat/completions", chat("solo1"))
@@ -180,4 +180,4 @@ def test_failover_when_a_box_stops_and_back_when_it_returns(fleet: Fleet) -> Non
     assert {n: b.switches() for n, b in fleet.boxes.items()} == switches  # still box2's
     status, _, body = request(fleet.proxy.port, "POST", "/v1/chat/completions", chat("solo1"))
     assert status == 200, body
-    assert fleet.box1.served("solo1") >= 1
+    fleet.box1.wait_served("solo1", 1)
