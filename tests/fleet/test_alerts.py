@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import pytest
 
 from llmux_testkit.daemon import DaemonProcess, free_port, sim_model
 
-from .fleet_kit import metric_sum, wait_until
+from .fleet_kit import metric_sum, needs, wait_until
 
 TOP = Path(__file__).resolve().parents[2]
 RULES = TOP / "etc/fleet/prometheus/llmux-alerts.yml"
@@ -33,9 +32,7 @@ DASHBOARD = TOP / "etc/fleet/grafana/llmux-dashboard.json"
 PROMETHEUS_MADE = {"up"}
 FAST = ["--sim-time-scale", "0.02"]
 
-needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
-                                    reason="promtool is not installed (apt-get install "
-                                           "prometheus)")
+needs_promtool = needs("promtool", "prometheus")
 
 
 @needs_promtool

@@ -15,19 +15,16 @@ Every wait for HAProxy's health checks is a poll of its stats socket with a dead
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from llmux_testkit.daemon import sim_model
 
-from .fleet_kit import HAPROXY, KEY, Box, HAProxy, chat, request
+from .fleet_kit import KEY, Box, HAProxy, chat, needs, request
 
-pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None and not Path(HAPROXY).exists(),
-                                reason="haproxy is not installed (apt-get install haproxy)")
+pytestmark = needs("haproxy", "haproxy")
 
 FAST = ["--sim-time-scale", "0.02"]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -23,6 +22,8 @@ import pytest
 from llmuxctl.cli import main
 from llmuxctl.fleet import Box, FleetError, Options, render
 
+from .fleet_kit import needs
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc/fleet/haproxy.cfg"
 EXAMPLE_BOXES = [
     Box("box1", "10.0.0.1:3000", {"Qwen/Qwen3-14B": ["qwen-14b"], "gemma-12b": []}),
@@ -31,8 +32,7 @@ EXAMPLE_BOXES = [
 ]
 EXAMPLE_OPTIONS = Options(command="llmuxctl fleet haproxy 10.0.0.1:3000 10.0.0.2:3000 "
                                   "10.0.0.3:3000")
-needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None,
-                                   reason="haproxy is not installed")
+needs_haproxy = needs("haproxy", "haproxy")
 
 
 def test_the_shipped_example_is_the_generators_output() -> None:

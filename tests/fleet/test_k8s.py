@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import yaml
 
 from llmuxd.config import load_config
 
+from .fleet_kit import needs
 from .k8s_haproxy import manifest
 
 TOP = Path(__file__).resolve().parents[2]
@@ -122,7 +122,7 @@ def test_the_router_config_is_the_generators_output_for_these_boxes() -> None:
             assert f"uri /v1/models/{name}/ready" in cfg["data"]["haproxy.cfg"]
 
 
-@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
+@needs("haproxy", "haproxy")
 def test_haproxy_accepts_the_router_config(tmp_path: Path) -> None:
     cfg = next(m for m in kinds("ConfigMap") if m["metadata"]["name"] == "llmux-haproxy")
     # Service names resolve only in the cluster: check the rest with loopback addresses.
