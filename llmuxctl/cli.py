@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECS", help="give up waiting after SECS")
 
     add("version", "print the versions of llmuxctl and of the running llmuxd")
-    fleet.build_parser(add("fleet", "config for a router in front of several llmux boxes"))
+    help_text = "config for a router in front of several llmux boxes"
+    fleet.build_parser(sub.add_parser("fleet", help=help_text, description=help_text))
     # For shell completion only: model names, one a line (not listed in --help).
     sub.add_parser("_models", parents=[common])
     sub._choices_actions = [a for a in sub._choices_actions if a.dest in VISIBLE]
