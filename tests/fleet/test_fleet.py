@@ -6,7 +6,8 @@ sleep there. What is shown, with each box's own /metrics as the witness:
 
 * a request for ``shared`` goes to the box where it is awake: no switch anywhere;
 * when it is awake nowhere, a burst of requests wakes it on ONE box only;
-* streaming and error answers through HAProxy are the ones the box gives directly;
+* streaming and error answers through HAProxy are the ones the box gives directly,
+  and a stream's first event arrives while the child is still generating;
 * when the box holding it stops, requests fail over; when it is back, it serves again.
 
 Every wait for HAProxy's health checks is a poll of its stats socket with a deadline.
@@ -14,7 +15,10 @@ Every wait for HAProxy's health checks is a poll of its stats socket with a dead
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,6 +31,9 @@ from .fleet_kit import KEY, Box, HAProxy, chat, needs, request
 pytestmark = needs("haproxy", "haproxy")
 
 FAST = ["--sim-time-scale", "0.02"]
+# Starts at once, then 20 tokens/s at real speed: 100 tokens stream for about 5 s.
+SLOW_TOKENS = ["--sim-load-s", "0", "--sim-warmup-s", "0", "--sim-token-rate", "20",
+               "--sim-ttft-s", "0"]
 
 
 def model(path: str) -> dict:
@@ -47,8 +54,10 @@ class Fleet:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("fleet")
-    box1 = Box("box1", {"shared": model("sim/shared-1b"), "solo1": model("sim/solo1-1b")},
-               tmp / "box1")
+    streamer = sim_model(model_path="sim/streamer-1b", gpu_memory_utilization=0.02,
+                         extra_args=SLOW_TOKENS)
+    box1 = Box("box1", {"shared": model("sim/shared-1b"), "solo1": model("sim/solo1-1b"),
+                        "streamer": streamer}, tmp / "box1")
     box2 = Box("box2", {"shared": model("sim/shared-1b"), "solo2": model("sim/solo2-1b")},
                tmp / "box2")
     proxy = HAProxy([box1, box2], tmp)
@@ -63,6 +72,15 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         proxy.stop()
         box2.daemon.__exit__()
         box1.daemon.__exit__()
+
+
+def running_in_child(port: int) -> float:
+    """vllm:num_requests_running of a simulated child (its own /metrics)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    m = re.search(r"^vllm:num_requests_running\{[^}]*\} ([0-9.]+)", text, re.M)
+    assert m, text[:500]
+    return float(m.group(1))
 
 
 def shared_up(on: str | None) -> dict[tuple[str, str], str]:
@@ -147,6 +165,27 @@ def test_streaming_and_errors_are_unchanged_through_haproxy(fleet: Fleet) -> Non
         assert want[0] in (400, 401, 404), want
         assert (got[0], json.loads(got[2])) == (want[0], json.loads(want[2]))
         assert got[1]["content-type"] == want[1]["content-type"]
+
+
+def test_a_stream_flows_through_haproxy_while_it_is_generated(fleet: Fleet) -> None:
+    """The first event arrives while the child is still generating: nothing buffers."""
+    child = int(fleet.box1.daemon.models["streamer"]["port"])
+    body = {"model": "streamer", "prompt": "count", "max_tokens": 100, "stream": True}
+    conn = http.client.HTTPConnection("127.0.0.1", fleet.proxy.port, timeout=60)
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(body),
+                     {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        first = resp.readline()
+        while not first.startswith(b"data: "):
+            first = resp.readline()
+        assert running_in_child(child) == 1   # still generating the rest
+        rest = resp.read().decode()
+    finally:
+        conn.close()
+    assert rest.rstrip().endswith("data: [DONE]")
+    assert rest.count("data: ") > 10
 
 
 def test_failover_when_a_box_stops_and_back_when_it_returns(fleet: Fleet) -> None:
