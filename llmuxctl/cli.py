@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from llmuxctl import __version__
+from llmuxctl import __version__, fleet
 from llmuxctl.client import ControlClient
 from llmuxctl.commands import COMMANDS, DEFAULT_OP_TIMEOUT, Context
 from llmuxctl.errors import (
@@ -64,7 +64,7 @@ examples:
   llmuxctl status --json | jq '.models[] | {{name, state}}'"""
 
 VISIBLE = ("status", "start", "sleep", "wake", "kill", "switch", "logs", "reload",
-           "validate", "version")
+           "validate", "version", "fleet")
 
 
 def _positive_float(text: str) -> float:
@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECS", help="give up waiting after SECS")
 
     add("version", "print the versions of llmuxctl and of the running llmuxd")
+    help_text = "config for a router in front of several llmux boxes"
+    fleet.build_parser(sub.add_parser("fleet", help=help_text, description=help_text))
     # For shell completion only: model names, one a line (not listed in --help).
     sub.add_parser("_models", parents=[common])
     sub._choices_actions = [a for a in sub._choices_actions if a.dest in VISIBLE]
@@ -216,6 +218,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
         parser.print_usage(err)
         err.write(f"{PROG}: error: a command is required (see: {PROG} --help)\n")
         return EXIT_USAGE
+    if args.command == "fleet":  # talks to front ends over TCP, not to a socket
+        return fleet.run(args, out, err)
     ctx: Context | None = None
     try:
         target = resolve(args.socket, args.config)

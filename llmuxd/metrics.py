@@ -49,6 +49,14 @@ class Metrics:
                                          buckets=REQUEST_BUCKETS, registry=r)
         self.lease_refusals = Counter("llmux_lease_refusals_total", "Leases refused",
                                       ["model", "code"], registry=r)
+        # A sleep that failed, or that vLLM acknowledged without freeing GPU memory
+        # (caught by the verification step); either way the model was stopped.
+        self.sleep_failures = Counter("llmux_sleep_failures_total",
+                                      "Sleeps that failed or freed no GPU memory (model "
+                                      "stopped instead)", ["model"], registry=r)
+        self.model_gpu = Gauge("llmux_model_gpu_memory_mib",
+                               "GPU memory held by the model's processes", ["model"],
+                               registry=r)
         self.gpu_used = Gauge("llmux_gpu_memory_used_mib", "GPU memory used", ["gpu"],
                               registry=r)
         self._server: Any = None
@@ -100,6 +108,12 @@ class Metrics:
             if hist is None:
                 hist = self._duration_children[model] = self.request_seconds.labels(model)
             hist.observe(float(duration_ms) / 1000)
+
+    def sleep_failed(self, model: str) -> None:
+        self.sleep_failures.labels(model).inc()
+
+    def model_gpu_memory(self, model: str, used_mib: int) -> None:
+        self.model_gpu.labels(model).set(used_mib)
 
     def gpu_memory(self, index: int, used_mib: int) -> None:
         self.gpu_used.labels(str(index)).set(used_mib)

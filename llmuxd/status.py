@@ -151,6 +151,7 @@ class GpuSampler:
                 self.gpus = gpus
                 for name, m in models.items():
                     m.gpu_memory_mib = usage.get(name, {}) if m.child is not None else {}
+                    self.metrics.model_gpu_memory(name, sum(m.gpu_memory_mib.values()))
                 for g in gpus:
                     self.metrics.gpu_memory(g["index"], g["used_mib"])
             self.post(apply)

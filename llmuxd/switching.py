@@ -299,6 +299,7 @@ class Switcher:
             msg = f"{error}; escalating to level 3 (stop)"
             m.last_error = msg
             log.warning("sleep_failed", model=m.name, sleep_level=level, error=str(error))
+            self.core.metrics.sleep_failed(m.name)
             self.stop_model(m, msg)
             return
         if m.switch is not None:

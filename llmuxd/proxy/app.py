@@ -20,7 +20,7 @@ import falcon
 import structlog
 
 from llmuxd.config import Config, load_config
-from llmuxd.proxy import errors, logs
+from llmuxd.proxy import errors, logs, readiness
 from llmuxd.proxy.errors import OpenAIError
 from llmuxd.proxy.forward import (
     HOP_BY_HOP,
@@ -67,6 +67,7 @@ def create_app(deps: Deps) -> falcon.App:
     app.req_options.strip_url_path_trailing_slash = True
     app.add_route("/v1/models", ModelsResource(deps))
     app.add_route("/v1/models/{model_id}", ModelResource(deps))
+    app.add_route("/v1/models/{model_id}/{rest:path}", readiness_resource(deps))
     app.add_route("/v1/{route:path}", ProxyResource(deps))
     app.add_route("/health", HealthResource(deps))
     app.add_error_handler(Exception, errors.handle_error)
@@ -110,7 +111,7 @@ class RequestContext:
             12).hex()
         ctx.deferred = False
         resp.set_header("X-Request-Id", ctx.request_id)
-        if self.keys and req.path.startswith("/v1"):
+        if self.keys and req.path.startswith("/v1") and not readiness.is_ready_path(req.path):
             auth = req.get_header("Authorization") or ""
             scheme, _, key = auth.partition(" ")
             if scheme.lower() != "bearer" or key.strip() not in self.keys:
@@ -311,6 +312,16 @@ def model_list(deps: Deps) -> list[dict[str, Any]]:
         for alias in st.get("aliases") or ():
             out.append({**entry, "id": alias, "llmux": {**info, "alias_of": name}})
     return out
+
+
+def readiness_resource(deps: Deps) -> readiness.ReadinessResource:
+    """GET /v1/models/{model}/ready from a per-worker state cache (readiness.py)."""
+    cache = readiness.StateCache(deps.leases.status, _configured_names(deps.config))
+    return readiness.ReadinessResource(cache, ModelResource(deps).on_get)
+
+
+def _configured_names(config: Config) -> list[str]:
+    return [n for name, m in config.models.items() for n in (name, *m.aliases)]
 
 
 class HealthResource:
