@@ -20,7 +20,7 @@ import falcon
 import structlog
 
 from llmuxd.config import Config, load_config
-from llmuxd.proxy import errors, logs
+from llmuxd.proxy import errors, logs, paths
 from llmuxd.proxy.errors import OpenAIError
 from llmuxd.proxy.forward import (
     HOP_BY_HOP,
@@ -69,6 +69,8 @@ def create_app(deps: Deps) -> falcon.App:
     app.add_route("/v1/models/{model_id}", ModelResource(deps))
     app.add_route("/v1/{route:path}", ProxyResource(deps))
     app.add_route("/health", HealthResource(deps))
+    # Unmatched paths: key check first (an unauthenticated caller learns no routes), then 404.
+    app.add_sink(NotFoundSink(deps))
     app.add_error_handler(Exception, errors.handle_error)
     app.add_error_handler(falcon.HTTPError, errors.handle_error)
     return app
@@ -96,7 +98,10 @@ def make_deps(config: Config, socket_path: str) -> Deps:
 
 
 class RequestContext:
-    """Request id in and out, Bearer keys on /v1, one log line per request."""
+    """Request id in and out, canonical paths only, Bearer keys, one log line per request.
+
+    Keys are checked after routing and by default: every resource needs one when
+    keys are set, except those that declare ``open = True`` (``/health``)."""
 
     def __init__(self, deps: Deps) -> None:
         self.keys = frozenset(deps.config.proxy.api_keys)
@@ -110,12 +115,16 @@ class RequestContext:
             12).hex()
         ctx.deferred = False
         resp.set_header("X-Request-Id", ctx.request_id)
-        if self.keys and req.path.startswith("/v1"):
-            auth = req.get_header("Authorization") or ""
-            scheme, _, key = auth.partition(" ")
-            if scheme.lower() != "bearer" or key.strip() not in self.keys:
-                raise OpenAIError(401, "invalid or missing API key (Authorization: Bearer)",
-                                  "authentication_error", "invalid_api_key")
+        raw = req.env.get("RAW_URI")
+        if not paths.is_canonical(req.env.get("PATH_INFO") or req.path,
+                                  paths.raw_path(raw.encode("latin-1")) if raw else None):
+            raise OpenAIError(404, "no such route (non-canonical path)",
+                              "invalid_request_error", "not_found")
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: Any,
+                         params: dict[str, Any]) -> None:
+        if self.keys and not getattr(resource, "open", False):
+            check_key(self.keys, req)
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource: Any,
                          req_succeeded: bool) -> None:
@@ -132,8 +141,29 @@ class RequestContext:
                       duration_ms=round((time.monotonic() - ctx.started) * 1000.0, 3))
 
 
+def check_key(keys: frozenset[str], req: falcon.Request) -> None:
+    """401 unless the request carries one of ``keys`` as a Bearer token."""
+    auth = req.get_header("Authorization") or ""
+    scheme, _, key = auth.partition(" ")
+    if scheme.lower() != "bearer" or key.strip() not in keys:
+        raise OpenAIError(401, "invalid or missing API key (Authorization: Bearer)",
+                          "authentication_error", "invalid_api_key")
+
+
 # ---------------------------------------------------------------------------
 # Resources
+
+
+class NotFoundSink:
+    """Every path no route matched: 401 without a key (when keys are set), else 404."""
+
+    def __init__(self, deps: Deps) -> None:
+        self.keys = frozenset(deps.config.proxy.api_keys)
+
+    def __call__(self, req: falcon.Request, resp: falcon.Response, **_: Any) -> None:
+        if self.keys:
+            check_key(self.keys, req)
+        raise falcon.HTTPRouteNotFound()
 
 
 class ProxyResource:
@@ -314,7 +344,9 @@ def model_list(deps: Deps) -> list[dict[str, Any]]:
 
 
 class HealthResource:
-    """GET /health: 200 only when the daemon answers on its socket."""
+    """GET /health: 200 only when the daemon answers on its socket. Open without a key."""
+
+    open = True
 
     def __init__(self, deps: Deps) -> None:
         self.deps = deps

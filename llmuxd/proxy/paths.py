@@ -1,0 +1,45 @@
+"""Which request paths the front end accepts at all: only canonical ones.
+
+Why: a router that normalises paths (Falcon drops empty segments; gunicorn and
+uvicorn percent-decode ``%2F`` into ``/``) and a check that reads the path string
+can disagree about which route a request is for. That disagreement is how
+``//v1/chat/completions`` once skipped the API keys. So a path that is not the one
+obvious spelling of a route — empty segments, dot segments, an encoded slash or
+backslash — is refused with 404 before routing, auth or anything else, and the
+router and every check see the same string.
+"""
+
+from __future__ import annotations
+
+import re
+
+# %2F (/), %5C (\), %2E (.) in the raw target: never needed by an OpenAI client.
+_ENCODED_SEPARATOR = re.compile(rb"%(2f|5c|2e)", re.IGNORECASE)
+
+
+def is_canonical(path: str, raw: bytes | None = None) -> bool:
+    """True when ``path`` (decoded) and ``raw`` (the target as sent, if known) are canonical.
+
+    Canonical: starts with one ``/``, no empty segment (``//``; one trailing ``/`` is
+    allowed, as the router strips it), no ``.`` or ``..`` segment, no backslash or
+    control character, and no percent-encoded separator in the raw target."""
+    if not path.startswith("/") or "//" in path or "\\" in path:
+        return False
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path):
+        return False
+    segments = path[1:].split("/")
+    if any(seg in (".", "..") for seg in segments):
+        return False
+    return not (raw is not None and _ENCODED_SEPARATOR.search(raw))
+
+
+def raw_path(target: bytes) -> bytes:
+    """The path part of a request target: ``http://x//v1?a`` → ``//v1``."""
+    target = target.split(b"?", 1)[0]
+    if target.startswith(b"/"):
+        return target
+    _scheme, sep, rest = target.partition(b"://")
+    if not sep:
+        return target
+    slash = rest.find(b"/")
+    return rest[slash:] if slash >= 0 else b"/"
