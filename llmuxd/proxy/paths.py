@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import re
 
-# %2F (/), %5C (\), %2E (.) in the raw target: never needed by an OpenAI client.
+# %2F (/), %5C (\), %2E (.) in the raw target: never needed by an OpenAI client...
 _ENCODED_SEPARATOR = re.compile(rb"%(2f|5c|2e)", re.IGNORECASE)
+_ENCODED_DOT_OR_BACKSLASH = re.compile(rb"%(5c|2e)", re.IGNORECASE)
+# ...except in a model id, which may contain '/' (``Qwen%2FQwen3-14B``).
+_MODEL_IDS = b"/v1/models/"
 
 
 def is_canonical(path: str, raw: bytes | None = None) -> bool:
@@ -22,7 +25,8 @@ def is_canonical(path: str, raw: bytes | None = None) -> bool:
 
     Canonical: starts with one ``/``, no empty segment (``//``; one trailing ``/`` is
     allowed, as the router strips it), no ``.`` or ``..`` segment, no backslash or
-    control character, and no percent-encoded separator in the raw target."""
+    control character, and no percent-encoded separator in the raw target (an
+    encoded '/' is allowed in a model id under ``/v1/models/``)."""
     if not path.startswith("/") or "//" in path or "\\" in path:
         return False
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path):
@@ -30,7 +34,11 @@ def is_canonical(path: str, raw: bytes | None = None) -> bool:
     segments = path[1:].split("/")
     if any(seg in (".", "..") for seg in segments):
         return False
-    return not (raw is not None and _ENCODED_SEPARATOR.search(raw))
+    if raw is None:
+        return True
+    if raw.startswith(_MODEL_IDS):
+        return not _ENCODED_DOT_OR_BACKSLASH.search(raw)
+    return not _ENCODED_SEPARATOR.search(raw)
 
 
 def raw_path(target: bytes) -> bytes:

@@ -1,7 +1,9 @@
 """Small real servers the front end talks to in unit tests.
 
 ``FakeDaemon`` implements the lease routes of docs/interfaces.md §5 on a real Unix
-socket (HTTP/1.1 keep-alive, the daemon's error shape). ``FakeChild`` is a tiny
+socket (HTTP/1.1 keep-alive, the daemon's error shape), and the lease socket with
+llmuxd's real lease listener (llmuxd/control/lease_listener.py) over a recording
+backend. ``FakeChild`` is a tiny
 OpenAI-ish HTTP server on 127.0.0.1 that echoes what it received, streams SSE,
 and counts the requests it is running, so tests can see a client's disconnect
 reach the child. Both run in threads of the test process.
@@ -17,6 +19,9 @@ import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from llmuxd.control.errors import ApiError
+from llmuxd.control.lease_listener import LeaseListener, lease_socket_path
 
 
 class _Quiet(BaseHTTPRequestHandler):
@@ -51,6 +56,12 @@ class FakeModel:
     aliases: list[str] = field(default_factory=list)
     refuse: tuple[int, str, str] | None = None   # (HTTP status, code, message)
     state: str = "active"
+    wait: bool = False  # a lease waits (a switch) until the requester gives up
+    upstream: str | None = None  # default http://127.0.0.1:<port>
+
+    @property
+    def where(self) -> str:
+        return self.upstream or f"http://127.0.0.1:{self.port}"
 
 
 class _UnixServer(socketserver.ThreadingUnixStreamServer):
@@ -92,14 +103,26 @@ class FakeDaemon:
 
         self.server = _UnixServer(socket_path, Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.listener = LeaseListener(lease_socket_path(socket_path), _FakeBackend(self))
+        self.waiting = 0
+        self.cancelled_waits = 0
 
     def __enter__(self) -> FakeDaemon:
         self.thread.start()
+        self.listener.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.listener.close()
         self.server.shutdown()
         self.server.server_close()
+
+    def grant(self, model: FakeModel) -> dict[str, Any]:
+        lease_id = uuid.uuid4().hex
+        with self.lock:
+            self.leases[lease_id] = model.name
+        return {"lease_id": lease_id, "model": model.name, "upstream": model.where,
+                "served_model_name": model.name, "waited_ms": 0.5, "switched": False}
 
     def resolve(self, name: str) -> FakeModel | None:
         for m in self.models.values():
@@ -140,13 +163,7 @@ class FakeDaemon:
                 h._json(status, {"error": {"code": code, "message": message,
                                            "model": model.name}})
                 return
-            lease_id = uuid.uuid4().hex
-            with self.lock:
-                self.leases[lease_id] = model.name
-            h._json(200, {"lease_id": lease_id, "model": model.name,
-                          "upstream": f"http://127.0.0.1:{model.port}",
-                          "served_model_name": model.name, "waited_ms": 0.5,
-                          "switched": False})
+            h._json(200, self.grant(model))
         elif h.path.startswith("/v1/leases/") and h.path.endswith("/release"):
             lease_id = h.path.split("/")[3]
             with self.lock:
@@ -158,6 +175,50 @@ class FakeDaemon:
             h._json(200, {"released": True})
         else:
             h._json(404, {"error": {"code": "not_found", "message": "no route"}})
+
+
+class _FakeBackend:
+    """FakeDaemon's answers and records behind the real lease listener."""
+
+    def __init__(self, daemon: FakeDaemon) -> None:
+        self.daemon = daemon
+
+    def try_acquire(self, model: str, pid: int) -> dict[str, Any] | None:
+        m = self.daemon.resolve(model)
+        if m is None:
+            raise ApiError("model_not_found", f"unknown model '{model}'", model=model)
+        if m.refuse is not None:
+            _, code, message = m.refuse
+            raise ApiError(code, message, model=m.name)
+        if m.wait:
+            return None
+        return self.daemon.grant(m)
+
+    def acquire(self, model: str, pid: int, cancelled: Any) -> dict[str, Any]:
+        with self.daemon.lock:
+            self.daemon.waiting += 1
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if cancelled():
+                    with self.daemon.lock:
+                        self.daemon.cancelled_waits += 1
+                    raise ApiError("bad_request", "client went away", model=model)
+                time.sleep(0.02)
+            raise ApiError("timeout", f"no lease on '{model}' within 30s", model=model)
+        finally:
+            with self.daemon.lock:
+                self.daemon.waiting -= 1
+
+    def release(self, lease_id: str, outcome: dict[str, Any]) -> None:
+        with self.daemon.lock:
+            model_name = self.daemon.leases.pop(lease_id, None)
+            if model_name is not None:
+                self.daemon.releases.append({"lease_id": lease_id, "model": model_name,
+                                             **outcome})
+
+    def peer_gone(self, pid: int) -> None:
+        pass
 
 
 class FakeChild:
