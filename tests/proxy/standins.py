@@ -78,6 +78,13 @@ class _TcpServer(ThreadingHTTPServer):
         pass
 
 
+class _UnixHttpServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
 class FakeDaemon:
     """The lease routes of llmuxd on a Unix socket, with a record of every call."""
 
@@ -224,7 +231,7 @@ class _FakeBackend:
 class FakeChild:
     """An OpenAI-ish server on 127.0.0.1:<free port> standing in for one vLLM child."""
 
-    def __init__(self, served_name: str) -> None:
+    def __init__(self, served_name: str, unix_path: str | None = None) -> None:
         self.served_name = served_name
         self.running = 0
         self.finished = 0
@@ -246,8 +253,19 @@ class FakeChild:
                 child.paths.append(self.path)
                 self._json(200, {"ok": True})
 
-        self.server = _TcpServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
+        self.server: Any
+        if unix_path is not None:  # a child on a Unix socket (lease upstream unix:/...)
+            class UnixHandler(Handler):
+                disable_nagle_algorithm = False  # TCP_NODELAY is TCP only
+
+                def address_string(self) -> str:
+                    return "unix"
+
+            self.server = _UnixHttpServer(unix_path, UnixHandler)
+            self.port = 0
+        else:
+            self.server = _TcpServer(("127.0.0.1", 0), Handler)
+            self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     def __enter__(self) -> FakeChild:
@@ -272,11 +290,13 @@ class FakeChild:
             if h.path.startswith("/v1/die"):
                 h.connection.close()  # dies before answering
                 return
+            if body.get("stall"):  # says nothing for a while (a hung engine)
+                time.sleep(float(body["stall"]))
             if body.get("stream"):
                 self._stream(h, body)
                 return
             echo = {"id": "x", "object": "echo", "model": body["model"], "path": h.path,
-                    "peer_port": h.client_address[1],
+                    "peer_port": h.client_address[1] if h.client_address else 0,
                     "headers": {k.lower(): v for k, v in h.headers.items()},
                     "choices": [{"index": 0, "message": {"role": "assistant",
                                                          "content": "hello"},
@@ -291,6 +311,7 @@ class FakeChild:
     def _stream(self, h: _Quiet, body: dict[str, Any]) -> None:
         count = int(body.get("chunks", 3))
         delay = float(body.get("delay", 0.0))
+        pad = "x" * int(body.get("pad", 0))  # bigger events, to fill a client's buffers
         die_after = body.get("die_after")
         h.send_response(200)
         h.send_header("Content-Type", "text/event-stream")
@@ -303,7 +324,7 @@ class FakeChild:
                     h.connection.shutdown(2)
                     return
                 event = {"id": "s", "object": "chat.completion.chunk", "model": body["model"],
-                         "choices": [{"index": 0, "delta": {"content": f"t{i} "},
+                         "choices": [{"index": 0, "delta": {"content": f"t{i} {pad}"},
                                       "text": f"t{i} ", "finish_reason": None}]}
                 data = b"data: " + json.dumps(event).encode() + b"\n\n"
                 h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
