@@ -60,6 +60,8 @@ def find_model(body: bytes) -> Found:
 
 def rewrite(body: bytes, found: Found, model: str) -> bytes:
     """``body`` with the model's value replaced by ``model`` (nothing else touched)."""
+    if found.start < 0:  # a small body: where the value sits is found only when needed
+        found = _scan(body)
     return body[:found.start] + json.dumps(model).encode() + body[found.end:]
 
 
@@ -73,11 +75,9 @@ def _small(body: bytes) -> Found:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise BodyError("you must provide a model parameter", "model")
-    # json.loads keeps the last of duplicate keys; so does the scan below.
-    found = _scan(body)
-    if found.model != model:  # pragma: no cover - defensive: the two must agree
-        raise BodyError("ambiguous model parameter", "model")
-    return found
+    # The span is looked up by rewrite() only if an alias must be rewritten (the scan
+    # keeps the last of duplicate keys, as json.loads does).
+    return Found(model, -1, -1)
 
 
 def _scan(body: bytes) -> Found:

@@ -18,6 +18,8 @@ _ENCODED_SEPARATOR = re.compile(rb"%(2f|5c|2e)", re.IGNORECASE)
 _ENCODED_DOT_OR_BACKSLASH = re.compile(rb"%(5c|2e)", re.IGNORECASE)
 # ...except in a model id, which may contain '/' (``Qwen%2FQwen3-14B``).
 _MODEL_IDS = b"/v1/models/"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DOT_SEGMENT = re.compile(r"/\.\.?(/|$)")
 
 
 def is_canonical(path: str, raw: bytes | None = None) -> bool:
@@ -29,10 +31,7 @@ def is_canonical(path: str, raw: bytes | None = None) -> bool:
     encoded '/' is allowed in a model id under ``/v1/models/``)."""
     if not path.startswith("/") or "//" in path or "\\" in path:
         return False
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path):
-        return False
-    segments = path[1:].split("/")
-    if any(seg in (".", "..") for seg in segments):
+    if _CONTROL.search(path) or _DOT_SEGMENT.search(path):
         return False
     if raw is None:
         return True

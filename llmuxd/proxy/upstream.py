@@ -74,6 +74,10 @@ class Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.lost = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.last_data = 0.0
+        self.idle = 0.0
+        self.deadline = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -99,6 +103,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
+        self.last_data = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -169,31 +174,40 @@ class Connection(asyncio.Protocol):
         self._fail(exc or Aborted("aborted"))
 
     async def _wait(self, idle: float, deadline: float) -> None:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            self._fail(UpstreamDeadline("the child's answer took longer than the total "
-                                        "timeout"))
-            return
+        """Wait for the parser's next event, within the idle and total timeouts.
+
+        One timer per connection, not one per wait: a stream waits once per chunk,
+        and arming a timer each time was a measurable share of the per-chunk CPU.
+        Arrivals only stamp ``last_data``; the timer re-arms itself lazily."""
+        self.idle = idle
+        self.deadline = deadline
         waiter = self.loop.create_future()
         self.waiter = waiter
-        if left < idle:
-            handle = self.loop.call_later(left, self._expire, waiter, True)
-        else:
-            handle = self.loop.call_later(idle, self._expire, waiter, False)
+        if self.timer is None:
+            self.last_data = self.loop.time()
+            self._arm()
         try:
             await waiter
         finally:
-            handle.cancel()
             self.waiter = None
 
-    def _expire(self, waiter: asyncio.Future[None], total: bool) -> None:
-        if waiter.done():
-            return
-        if total:
+    def _arm(self) -> None:
+        due = min(self.last_data + self.idle,
+                  self.loop.time() + (self.deadline - time.monotonic()))
+        self.timer = self.loop.call_at(due, self._check)
+
+    def _check(self) -> None:
+        self.timer = None
+        if self.waiter is None or self.waiter.done():
+            return  # nobody waits: the next wait arms it again
+        now = self.loop.time()
+        if time.monotonic() >= self.deadline:
             self._fail(UpstreamDeadline("the child's answer took longer than the total "
                                         "timeout"))
-        else:
+        elif now - self.last_data >= self.idle:
             self._fail(UpstreamIdle("no byte from the child within the idle timeout"))
+        else:
+            self._arm()
 
     async def head(self, idle: float, deadline: float) -> None:
         while not self.head_done:
@@ -225,6 +239,12 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         self.lost = True
+        self._cancel_timer()
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 class UpstreamClient:
@@ -273,6 +293,7 @@ class UpstreamClient:
         if not conn.reusable:
             conn.close()
             return
+        conn._cancel_timer()
         idle = self._idle.setdefault(conn.key, [])
         if len(idle) >= MAX_IDLE_PER_UPSTREAM:
             conn.close()

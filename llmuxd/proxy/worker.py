@@ -139,7 +139,8 @@ class LlmuxWorker(UvicornWorker):
 
     CONFIG_KWARGS: dict[str, Any] = {"loop": "uvloop", "http": GuardedHttpProtocol,
                                      "lifespan": "off", "server_header": False,
-                                     "date_header": True}
+                                     "date_header": True, "proxy_headers": False,
+                                     "access_log": False}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         limit = configure_protocol()
