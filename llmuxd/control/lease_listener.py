@@ -142,6 +142,7 @@ class _Connection(asyncio.Protocol):
         self.pid = 0
         self.closed = False
         self.cancelled: set[str] = set()
+        self.out: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; same interface.
@@ -233,11 +234,20 @@ class _Connection(asyncio.Protocol):
                 self.backend.release(grant["lease_id"], {"error": "front end went away"})
             return
         if grant is not None:
-            transport.write(b"+ %s %s\n" % (tag.encode(), json.dumps(grant).encode()))
+            line = b"+ %s %s\n" % (tag.encode(), json.dumps(grant).encode())
         else:
             assert error is not None
-            transport.write(b"- %s %s\n" % (tag.encode(), json.dumps(
-                {"code": error.code, "message": error.message}).encode()))
+            line = b"- %s %s\n" % (tag.encode(), json.dumps(
+                {"code": error.code, "message": error.message}).encode())
+        # Answers of one turn of the loop leave in one write (one wake-up of the worker).
+        if not self.out:
+            self.loop.call_soon(self._flush)
+        self.out.append(line)
+
+    def _flush(self) -> None:
+        out, self.out = self.out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
 
 
 class LeaseListener:
