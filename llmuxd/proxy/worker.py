@@ -25,10 +25,29 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
 
 from llmuxd.config import load_config
+from llmuxd.proxy.errors import error_body
+
+_OVER_LIMIT = error_body("too many connections to this llmux worker; retry shortly",
+                         "service_unavailable_error", "too_many_connections")
+
+
+async def _over_limit(scope: Any, receive: Any, send: Any) -> None:
+    """uvicorn's answer past ``limit_concurrency``, in the OpenAI error shape."""
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(_OVER_LIMIT)).encode()),
+                            (b"retry-after", b"1"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": _OVER_LIMIT, "more_body": False})
+
+
+# uvicorn looks this name up in its module for every request over the limit; its own
+# answer is plain text, which OpenAI clients cannot parse.
+httptools_impl.service_unavailable = _over_limit
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):

@@ -24,7 +24,7 @@ from .standins import FakeChild, FakeModel
 
 GUARDS = """
 client_write_timeout_secs = 1.0
-upstream_idle_timeout_secs = 1.5
+upstream_idle_timeout_secs = 5.0
 head_timeout_secs = 2.0
 body_timeout_secs = 2.0
 """
@@ -108,7 +108,7 @@ def test_silent_child_is_504_distinct_from_the_total_timeout(
     stack, _ = guarded
     before = len(stack.daemon.releases)
     status, _, body = post(stack.port, "/v1/chat/completions",
-                           {"model": "model-a", "stall": 5})
+                           {"model": "model-a", "stall": 12})
     assert status == 504, body
     assert json.loads(body)["error"]["code"] == "upstream_idle_timeout"
     wait_for(lambda: len(stack.daemon.releases) > before, what="the lease release")
@@ -120,7 +120,7 @@ def test_half_sent_heads_and_bodies_are_dropped_and_do_not_block_others(
     stack, _ = guarded
     stalled: list[socket.socket] = []
     try:
-        for i in range(200):
+        for i in range(1000):
             s = socket.create_connection(("127.0.0.1", stack.port), timeout=30)
             if i % 2:
                 s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
@@ -244,4 +244,32 @@ def test_child_on_a_unix_socket(tmp_path: Path) -> None:
             assert streamed.count(b"data: ") == 5 and b"[DONE]" in streamed
             assert child.finished == 1
         finally:
+            fe.stop(timeout=10)
+
+
+def test_connections_over_the_limit_get_an_openai_503(tmp_path: Path) -> None:
+    with Stack(tmp_path, extra_proxy="max_connections = 20\nhead_timeout_secs = 60") as stack:
+        fe = FrontEnd(stack.config, str(stack.config_path), stack.socket_path)
+        fe.start()
+        idle: list[socket.socket] = []
+        try:
+            wait_http(stack.port, proc=fe)
+            for _ in range(20):
+                idle.append(socket.create_connection(("127.0.0.1", stack.port), timeout=30))
+            status, headers, body = (0, {}, b"")
+            deadline = time.monotonic() + 30
+            while status != 503 and time.monotonic() < deadline:
+                status, headers, body = post(stack.port, "/v1/completions",
+                                             {"model": "model-a"})
+            assert status == 503, body
+            assert json.loads(body)["error"]["code"] == "too_many_connections"
+            assert headers["retry-after"] == "1"
+            for s in idle:
+                s.close()
+            idle.clear()
+            wait_for(lambda: post(stack.port, "/v1/completions", {"model": "model-a"})[0]
+                     == 200, 30, "the worker to serve again once they closed")
+        finally:
+            for s in idle:
+                s.close()
             fe.stop(timeout=10)
