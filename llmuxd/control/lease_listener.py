@@ -174,6 +174,11 @@ class _Connection(asyncio.Protocol):
         self.listener.connections.discard(self)
         if self.pid:
             self.backend.peer_gone(self.pid)
+            # A dying process closes its sockets before it is a zombie, so "is it dead"
+            # can still say no right now: look again shortly (the supervisor's periodic
+            # sweep is the backstop).
+            for delay in (0.2, 2.0):
+                self.loop.call_later(delay, self.backend.peer_gone, self.pid)
 
     def _line(self, line: bytes) -> None:
         op, _, rest = line.partition(b" ")

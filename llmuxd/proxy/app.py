@@ -38,7 +38,13 @@ from llmuxd.proxy.lease_client import (
     StatusCache,
 )
 from llmuxd.proxy.relay import HOP_BY_HOP, Outcome, ProxiedStream, response_headers
-from llmuxd.proxy.upstream import UpstreamClient, UpstreamError, UpstreamIdle, describe
+from llmuxd.proxy.upstream import (
+    Aborted,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamIdle,
+    describe,
+)
 
 log = structlog.get_logger("llmux.proxy")
 
@@ -214,7 +220,12 @@ class ProxyResource:
         started = time.monotonic()
         deadline = started + self.total
         try:
-            conn = await self.deps.http.send(lease.upstream, request, self.idle, deadline)
+            conn = await self.deps.http.send(lease.upstream, request, self.idle, deadline,
+                                             client)
+        except Aborted:
+            self._release(lease, Outcome(status=499, error="client disconnected",
+                                         duration_ms=(time.monotonic() - started) * 1e3))
+            raise _client_gone("while its answer was being generated") from None
         except UpstreamError as exc:
             outcome = Outcome(status=502, error=str(exc),
                               duration_ms=(time.monotonic() - started) * 1e3)

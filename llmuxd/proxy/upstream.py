@@ -300,9 +300,13 @@ class UpstreamClient:
             return
         idle.append(conn)
 
-    async def send(self, upstream: str, request: bytes, idle: float, deadline: float
-                   ) -> Connection:
-        """Send ``request`` (head and body) and wait for the answer's head."""
+    async def send(self, upstream: str, request: bytes, idle: float, deadline: float,
+                   client: Any = None) -> Connection:
+        """Send ``request`` (head and body) and wait for the answer's head.
+
+        ``client`` (the worker's connection object, if any): should it close while we
+        wait (a non-streaming answer's head comes only at its end), the request is
+        aborted at once (Aborted), so the child stops generating for nobody."""
         for attempt in (0, 1):
             conn = self._take(upstream)
             reused = conn is not None
@@ -310,6 +314,13 @@ class UpstreamClient:
                 conn = await self._connect(upstream)
             assert conn.transport is not None
             conn.transport.write(request)
+            gone = None
+            if client is not None:
+                def gone(conn: Connection = conn) -> None:
+                    conn.abort(Aborted("client disconnected"))
+                client.on_lost(gone)
+                if client.transport is None or client.transport.is_closing():
+                    gone()
             try:
                 await conn.head(idle, deadline)
             except PeerClosed:
@@ -321,6 +332,9 @@ class UpstreamClient:
             except BaseException:
                 conn.close()
                 raise
+            finally:
+                if gone is not None:
+                    client.remove_on_lost(gone)
             return conn
         raise AssertionError("unreachable")
 

@@ -273,3 +273,23 @@ def test_connections_over_the_limit_get_an_openai_503(tmp_path: Path) -> None:
             for s in idle:
                 s.close()
             fe.stop(timeout=10)
+
+
+def test_client_leaving_before_the_answer_head_ends_the_upstream_request(
+        guarded: tuple[Stack, FrontEnd]) -> None:
+    # A non-streaming answer's head comes only when it is complete: a client that
+    # leaves meanwhile must end the request now, not when the child finishes.
+    stack, _ = guarded
+    before = len(stack.daemon.releases)
+    running = stack.child_a.running  # an earlier test's stalled request may still run
+    sock = socket.create_connection(("127.0.0.1", stack.port), timeout=30)
+    body = json.dumps({"model": "model-a", "stall": 12})
+    sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                  f"{body}").encode())
+    wait_for(lambda: stack.child_a.running > running, what="the child to get the request")
+    sock.close()
+    wait_for(lambda: len(stack.daemon.releases) > before, 30, "the lease release")
+    release = stack.daemon.releases[-1]
+    # 499 from the client's leaving, not 504 from the idle timeout (5 s) later.
+    assert (release["status"], release["error"]) == (499, "client disconnected")
