@@ -211,15 +211,15 @@ class ProxyResource:
         lease_ms = round((time.monotonic() - asked) * 1000.0, 3)
         ctx.waited_ms = lease.waited_ms
         ctx.switched = lease.switched
-        if lease.served_model_name != model:
-            body = bodyscan.rewrite(body, found, lease.served_model_name)
-        target = "/v1/" + route
-        if req.query_string:
-            target += "?" + req.query_string
-        request = self._request_bytes(req, target, lease.upstream, body)
         started = time.monotonic()
         deadline = started + self.total
         try:
+            if lease.served_model_name != model:
+                body = bodyscan.rewrite(body, found, lease.served_model_name)
+            # The query as the client sent it (bytes), never re-encoded.
+            query = req.scope.get("query_string") or b""
+            target = b"/v1/" + route.encode() + (b"?" + query if query else b"")
+            request = self._request_bytes(req, target, lease.upstream, body)
             conn = await self.deps.http.send(lease.upstream, request, self.idle, deadline,
                                              client)
         except Aborted:
@@ -233,8 +233,9 @@ class ProxyResource:
                 outcome.status = 504
             self._release(lease, outcome)
             raise _upstream_error(exc, lease.upstream) from None
-        except BaseException:
-            self._release(lease, Outcome(status=499, error="client disconnected"))
+        except BaseException as exc:
+            # Whatever went wrong (a bug included), the lease must not outlive it.
+            self._release(lease, Outcome(status=500, error=f"{type(exc).__name__}: {exc}"))
             raise
         resp.status = conn.status
         content_type = ""
@@ -312,10 +313,10 @@ class ProxyResource:
     def _release(self, lease: Lease, outcome: Outcome) -> None:
         self.deps.leases.release(lease.lease_id, outcome.release_body())
 
-    def _request_bytes(self, req: falcon.asgi.Request, target: str, upstream: str,
+    def _request_bytes(self, req: falcon.asgi.Request, target: bytes, upstream: str,
                        body: bytes) -> bytes:
         """The whole upstream request, head and body, for one write."""
-        parts = [b"POST ", target.encode("latin-1"), b" HTTP/1.1\r\nhost: ",
+        parts = [b"POST ", target, b" HTTP/1.1\r\nhost: ",
                  describe(upstream).encode("latin-1") if upstream.startswith("http")
                  else b"localhost", b"\r\n"]
         forwarded = b""

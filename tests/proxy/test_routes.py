@@ -143,3 +143,10 @@ def test_big_body_is_scanned_and_small_body_parsed_alike() -> None:
     assert len(big) > bodyscan.SMALL
     assert bodyscan.find_model(big).model == "m"
     assert bodyscan.find_model(b'{"model": "m"}').model == "m"
+
+
+def test_query_string_reaches_the_child_as_sent(stack: Stack) -> None:
+    r = client(stack).simulate_post("/v1/completions", query_string="a=%C3%A9&b=1",
+                                    json={"model": "model-a"})
+    assert r.status_code == 200, r.text
+    assert r.json["path"] == "/v1/completions?a=%C3%A9&b=1"
