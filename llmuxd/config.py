@@ -62,6 +62,13 @@ class ProxyConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     api_keys: tuple[str, ...] = ()
     upstream_timeout_secs: float = 600.0
+    # The asyncio front end's guards (issue 11; docs/configuration.md).
+    upstream_idle_timeout_secs: float = 300.0
+    client_write_timeout_secs: float = 30.0
+    head_timeout_secs: float = 10.0
+    body_timeout_secs: float = 60.0
+    max_connections: int = 4096
+    max_concurrent_body_parses: int = 4
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,17 @@ def _model_dict(model: ModelConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------
 # Loading
+
+
+def lease_socket_path(control_socket: str) -> str:
+    """Where the lease listener lives, next to the control socket.
+
+    ``/run/llmux/llmuxd.sock`` → ``/run/llmux/llmuxd.lease.sock``. A convention, so
+    the front end needs no extra setting to find it."""
+    path = Path(control_socket)
+    if path.suffix == ".sock":
+        return str(path.with_suffix(".lease.sock"))
+    return str(path) + ".lease"
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -342,6 +360,13 @@ def _build_proxy(c: _Checker, raw: dict[str, Any], top_port: int, top_given: boo
     values["upstream_timeout_secs"] = c.get(raw, key, "upstream_timeout_secs", "float",
                                             d.upstream_timeout_secs)
     _positive(c, f"{key}.upstream_timeout_secs", values["upstream_timeout_secs"])
+    for name in ("upstream_idle_timeout_secs", "client_write_timeout_secs",
+                 "head_timeout_secs", "body_timeout_secs"):
+        values[name] = c.get(raw, key, name, "float", getattr(d, name))
+        _positive(c, f"{key}.{name}", values[name])
+    for name in ("max_connections", "max_concurrent_body_parses"):
+        values[name] = c.get(raw, key, name, "int", getattr(d, name))
+        _positive(c, f"{key}.{name}", values[name])
     keys = c.get(raw, key, "api_keys", "strlist", d.api_keys)
     if any(not k for k in keys):
         c.fail(f"{key}.api_keys", "must not contain an empty key")

@@ -148,6 +148,24 @@ class LeaseTable:
         assert waiter.error is not None
         raise waiter.error
 
+    def try_acquire(self, model: str, pid: int) -> Lease | None:
+        """The non-blocking half of acquire(): a lease through an open gate, a refusal
+        (raised), or None when the caller would have to wait (then call acquire()).
+
+        For the lease listener's event loop, which must never block on a switch."""
+        start = time.monotonic()
+        with self._lock:
+            if self.closed:
+                raise shutting_down()
+            gate = self._gates.get(model)
+            if gate is None:
+                raise model_not_found(model)
+            if gate.open and not gate.queue:
+                return self._grant(gate, pid, start, switched=False)
+            if gate.hold is not None:
+                raise gate.hold
+            return None
+
     def release(self, lease_id: str) -> Lease | None:
         """End a lease; None when it was already revoked/reclaimed (idempotent)."""
         kick = False

@@ -134,9 +134,16 @@ class ControlServer:
         lst.listen(256)
         self._listener = lst
         threading.Thread(target=self._accept_loop, name="control-accept", daemon=True).start()
+        # The front end's lease round trip (issue 11): its own socket and event loop.
+        from llmuxd.control import lease_listener
+        self.lease_listener = lease_listener.start_for(
+            self.sup, self.path, self.mode, lambda uid, gid, pid: self.may_mutate(
+                Peer(pid, uid, gid)), self.allowed_gid if self.group_name else -1)
 
     def close(self) -> None:
         self._closing = True
+        if getattr(self, "lease_listener", None) is not None:
+            self.lease_listener.close()
         lst, self._listener = self._listener, None
         if lst is None:
             return          # never listened: the path may be another daemon's socket
