@@ -229,7 +229,8 @@ class Supervisor:
         self.server = ControlServer(self, self.config.daemon)
         self.server.start()
         self.guardian = Guardian.start_new(grace=self.config.daemon.stop_timeout_secs)
-        self.metrics.serve(self.config.metrics_port, self.probe)
+        self.metrics.serve(self.config.metrics_port, self.probe, self.config.metrics_host,
+                           self.config.daemon.read_timeout_secs)
         log.info("listening", socket=self.config.daemon.socket, pid=os.getpid(),
                  version=VERSION, models=sorted(self.models),
                  metrics_port=self.config.metrics_port)
