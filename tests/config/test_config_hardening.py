@@ -152,3 +152,10 @@ def test_check_config_redacts_api_keys_and_token_like_env(tmp_path, as_json):
         data = tomllib.loads(out)
         assert data["proxy"]["api_keys"] == ["<redacted>", "<redacted>"]
         assert data["models"]["a"]["env"]["HF_TOKEN"] == "<redacted>"
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    """Found by tests/fuzz: b"\\x80" in the file was a UnicodeDecodeError traceback."""
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"port = 3000\n# caf\xe9\n")
+    assert errors_of(path) == [f"{path}: not UTF-8 text (byte 17)"]

@@ -43,7 +43,8 @@ def test_simulator_keeps_vllm_metric_names_and_sleep_histogram():
                                            ("sleep_state", "awake")))] == 1.0
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(max_size=40), st.floats(allow_nan=False))
 def test_any_label_value_and_number_round_trip(value, number):
     r = CollectorRegistry()
