@@ -385,8 +385,8 @@ def _read_keys_file(c: _Checker, key: str, raw_path: str) -> tuple[str, ...]:
     """
     wants_creds = "$CREDENTIALS_DIRECTORY" in raw_path or "${CREDENTIALS_DIRECTORY}" in raw_path
     if wants_creds and not os.environ.get("CREDENTIALS_DIRECTORY"):
-        c.fail(key, "$CREDENTIALS_DIRECTORY is not set (is the LoadCredential= line "
-                    "of the systemd unit in place?)")
+        c.fail(key, "$CREDENTIALS_DIRECTORY is not set (systemd sets it from the unit's "
+                    "LoadCredential=; outside the service: CREDENTIALS_DIRECTORY=/etc/llmux)")
         return ()
     path = os.path.expandvars(raw_path)
     try:

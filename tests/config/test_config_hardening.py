@@ -87,8 +87,9 @@ def test_api_keys_file_path_expands_credentials_directory(tmp_path, monkeypatch)
     assert load_config(write(tmp_path, text)).proxy.api_keys == ("sk-cred",)
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     errors = errors_of(write(tmp_path, text))
-    assert errors == ["proxy.api_keys_file: $CREDENTIALS_DIRECTORY is not set (is the "
-                      "LoadCredential= line of the systemd unit in place?)"]
+    assert errors == ["proxy.api_keys_file: $CREDENTIALS_DIRECTORY is not set (systemd "
+                      "sets it from the unit's LoadCredential=; outside the service: "
+                      "CREDENTIALS_DIRECTORY=/etc/llmux)"]
 
 
 def test_api_keys_file_re_read_on_each_load(tmp_path):
