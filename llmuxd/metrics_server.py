@@ -33,6 +33,7 @@ class BoundedMetricsServer(ThreadingHTTPServer):
     """A ThreadingHTTPServer whose connection threads go through a ConnectionGate."""
 
     daemon_threads = True
+    request_queue_size = 128    # the listen backlog (socketserver's default is 5)
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
                  read_timeout: float, cap: int = METRICS_MAX_CONNECTIONS) -> None:
