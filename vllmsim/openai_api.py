@@ -298,6 +298,8 @@ async def _generate(srv: SimServer, req: Request, resp: Responder, body: dict[st
     if samp.greedy:
         temperature = 0.0
     elif temperature == 0:
+        if samp.n > 1:   # vLLM's SamplingParams._verify_greedy_sampling
+            raise bad_request(f"n must be 1 when using greedy sampling, got {samp.n}.")
         samp = dataclasses.replace(samp, greedy=True)
     engine = srv.engine
     t_arrival = time.perf_counter()
