@@ -9,7 +9,9 @@ nothing below it prints a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -204,9 +206,22 @@ def _quiet_broken_pipe() -> None:
         pass
 
 
+def _install_sigint() -> None:
+    """Ctrl-C raises KeyboardInterrupt, whatever disposition we inherited.
+
+    Python keeps an inherited SIG_IGN (a background job of a non-interactive shell
+    starts that way), and then Ctrl-C or ``kill -INT`` would do nothing while we wait.
+    Only from the main thread (signal.signal refuses elsewhere: tests calling main).
+    """
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
          err: TextIO | None = None) -> int:
     """Run one command; return its exit code (docs/interfaces.md section 7)."""
+    _install_sigint()
     out = out or sys.stdout
     err = err or sys.stderr
     parser = build_parser()

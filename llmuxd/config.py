@@ -9,7 +9,9 @@ reported at once so an operator fixes the file in one pass.
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +51,9 @@ class DaemonConfig:
     max_start_failures: int = 3
     restart_backoff_secs: float = 2.0
     warmup: bool = True
+    max_connections: int = 1024
+    idle_timeout_secs: float = 300.0
+    read_timeout_secs: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class ProxyConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     api_keys: tuple[str, ...] = ()
     upstream_timeout_secs: float = 600.0
+    api_keys_file: str = ""
     # The asyncio front end's guards (issue 11; docs/configuration.md).
     upstream_idle_timeout_secs: float = 300.0
     client_write_timeout_secs: float = 30.0
@@ -115,6 +121,7 @@ class Config:
     metrics_port: int = 9090
     vllm_command: str = "vllm"
     vllm_logging: bool = False
+    metrics_host: str = "127.0.0.1"
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -169,6 +176,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{p}: not UTF-8 text (byte {exc.start})"]) from None
     raw = parse_text(text, p)
     return build_config(raw, source=str(p))
 
@@ -215,6 +224,11 @@ class _Checker:
         checked = _coerce(value, kind)
         if checked is _BAD:
             self.fail(path, f"must be {_KIND_WORDS[kind]} (got {json.dumps(value)})")
+            return default
+        if kind == "float" and not math.isfinite(checked):
+            # TOML has nan and inf; nan passes every `<= 0` check and inf overflows
+            # sleeps and deadlines, so neither is ever a usable number here.
+            self.fail(path, f"must be a finite number (got {abs(checked)!r})")
             return default
         return checked
 
@@ -273,13 +287,16 @@ def _positive(c: _Checker, key: str, value: float) -> None:
 def build_config(raw: dict[str, Any], source: str = "") -> Config:
     """Turn parsed data into a Config, or raise ConfigError with every problem found."""
     c = _Checker()
-    top_keys = {"models", "port", "metrics_port", "vllm_command", "vllm_logging",
-                "daemon", "proxy", "policy"}
+    top_keys = {"models", "port", "metrics_port", "metrics_host", "vllm_command",
+                "vllm_logging", "daemon", "proxy", "policy"}
     c.unknown(raw, "", top_keys)
     port = c.get(raw, "", "port", "int", 3000)
     _port_ok(c, "port", port)
     metrics_port = c.get(raw, "", "metrics_port", "int", 9090)
     _port_ok(c, "metrics_port", metrics_port, allow_zero=True)
+    metrics_host = c.get(raw, "", "metrics_host", "str", "127.0.0.1")
+    if not metrics_host.strip():
+        c.fail("metrics_host", "must not be empty")
     vllm_command = c.get(raw, "", "vllm_command", "str", "vllm")
     if not vllm_command.strip():
         c.fail("vllm_command", "must not be empty")
@@ -308,7 +325,8 @@ def build_config(raw: dict[str, Any], source: str = "") -> Config:
     if c.errors:
         raise ConfigError(c.errors)
     return Config(models=models, port=port, metrics_port=metrics_port,
-                  vllm_command=vllm_command, vllm_logging=vllm_logging, daemon=daemon,
+                  metrics_host=metrics_host, vllm_command=vllm_command,
+                  vllm_logging=vllm_logging, daemon=daemon,
                   proxy=proxy, policy=policy, source=source)
 
 
@@ -333,10 +351,12 @@ def _build_daemon(c: _Checker, raw: dict[str, Any]) -> DaemonConfig:
     if not values["socket"]:
         c.fail(f"{key}.socket", "must not be empty")
     for name in ("startup_timeout_secs", "sleep_timeout_secs", "wake_timeout_secs",
-                 "drain_timeout_secs", "stop_timeout_secs", "restart_backoff_secs"):
+                 "drain_timeout_secs", "stop_timeout_secs", "restart_backoff_secs",
+                 "idle_timeout_secs", "read_timeout_secs"):
         values[name] = c.get(raw, key, name, "float", getattr(d, name))
         _positive(c, f"{key}.{name}", values[name])
-    for name in ("sleep_residue_mib", "max_queue_per_model", "max_start_failures"):
+    for name in ("sleep_residue_mib", "max_queue_per_model", "max_start_failures",
+                 "max_connections"):
         values[name] = c.get(raw, key, name, "int", getattr(d, name))
         _positive(c, f"{key}.{name}", values[name])
     values["warmup"] = c.get(raw, key, "warmup", "bool", d.warmup)
@@ -370,8 +390,49 @@ def _build_proxy(c: _Checker, raw: dict[str, Any], top_port: int, top_given: boo
     keys = c.get(raw, key, "api_keys", "strlist", d.api_keys)
     if any(not k for k in keys):
         c.fail(f"{key}.api_keys", "must not contain an empty key")
+    keys_file = c.get(raw, key, "api_keys_file", "str", d.api_keys_file)
+    if keys_file:
+        file_keys = _read_keys_file(c, f"{key}.api_keys_file", keys_file)
+        keys = tuple(dict.fromkeys((*keys, *file_keys)))
     values["api_keys"] = keys
+    values["api_keys_file"] = keys_file
     return ProxyConfig(**values)
+
+
+def _read_keys_file(c: _Checker, key: str, raw_path: str) -> tuple[str, ...]:
+    """The keys of ``proxy.api_keys_file``: one a line, ``#`` comments and blanks skipped.
+
+    Why a file: the config itself must stay readable by the daemon's group, but keys
+    belong in a systemd credential (``LoadCredential=``, read from
+    ``$CREDENTIALS_DIRECTORY``) or a root-only file. A file any user can read (or
+    write) defeats that, so it is refused rather than warned about: a warning in a
+    log is easily missed, a daemon that does not start is not.
+    """
+    wants_creds = "$CREDENTIALS_DIRECTORY" in raw_path or "${CREDENTIALS_DIRECTORY}" in raw_path
+    if wants_creds and not os.environ.get("CREDENTIALS_DIRECTORY"):
+        c.fail(key, "$CREDENTIALS_DIRECTORY is not set (systemd sets it from the unit's "
+                    "LoadCredential=; outside the service: CREDENTIALS_DIRECTORY=/etc/llmux)")
+        return ()
+    path = os.path.expandvars(raw_path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            text = f.read()
+    except OSError as exc:
+        c.fail(key, f"cannot read {path}: {exc.strerror or exc}")
+        return ()
+    except UnicodeDecodeError:
+        c.fail(key, f"{path} is not UTF-8 text")
+        return ()
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        c.fail(key, f"{path} is readable or writable by all users "
+                    f"(mode {stat.S_IMODE(mode):04o}); run: chmod o-rwx {path}")
+        return ()
+    keys = tuple(line.strip() for line in text.splitlines()
+                 if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        c.fail(key, f"{path} holds no key (one key per line)")
+    return keys
 
 
 def _build_policy(c: _Checker, raw: dict[str, Any]) -> PolicyConfig:

@@ -9,9 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from llmuxd.metrics_server import METRICS_MAX_CONNECTIONS, serve_metrics
 from llmuxd.states import ModelState
+
+__all__ = ["METRICS_MAX_CONNECTIONS", "Metrics"]
 
 log = structlog.get_logger("llmuxd.metrics")
 
@@ -65,14 +68,15 @@ class Metrics:
         self._request_children: dict[tuple[str, str], Any] = {}
         self._duration_children: dict[str, Any] = {}
 
-    def serve(self, port: int, probe: Any = None) -> None:
-        """Serve /metrics on ``port`` (0: not served); failures are logged, not fatal."""
+    def serve(self, port: int, probe: Any = None, host: str = "127.0.0.1",
+              read_timeout: float = 10.0) -> None:
+        """Serve /metrics on ``host:port`` (port 0: not served); failures are logged."""
         if not port:
             return
         try:
-            self._server = start_http_server(port, registry=self.registry)
+            self._server = serve_metrics(host, port, self.registry, read_timeout)
         except OSError as exc:
-            log.error("metrics_listen_failed", port=port, error=str(exc))
+            log.error("metrics_listen_failed", host=host, port=port, error=str(exc))
 
     def switch(self, from_: str, to: str, result: str, seconds: float,
                phases_ms: dict[str, float]) -> None:

@@ -174,7 +174,8 @@ class Supervisor:
         self.server = ControlServer(self.port, core.config.daemon)
         self.server.start()
         core.guardian = Guardian.start_new(grace=core.config.daemon.stop_timeout_secs)
-        core.metrics.serve(core.config.metrics_port, core.probe)
+        core.metrics.serve(core.config.metrics_port, core.probe, core.config.metrics_host,
+                           core.config.daemon.read_timeout_secs)
         log.info("listening", socket=core.config.daemon.socket, pid=os.getpid(),
                  version=VERSION, models=sorted(core.models),
                  metrics_port=core.config.metrics_port)

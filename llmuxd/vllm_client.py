@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 PROBE_PROMPT = "What is 2+2? Reply with just the number."
 _EXCERPT = 300
 
@@ -298,68 +300,18 @@ def _left(deadline: float) -> float:
 
 
 def parse_prometheus(text: str) -> list[Sample]:
-    """Parse the Prometheus text format (enough of it for vLLM's /metrics)."""
-    samples = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        labels: dict[str, str] = {}
-        if "{" in line:
-            name, rest = line.split("{", 1)
-            label_text, _, tail = _split_labels(rest)
-            labels = _parse_labels(label_text)
-        else:
-            name, _, tail = line.partition(" ")
-        parts = tail.split()
-        if not parts:
-            continue
-        try:
-            value = float(parts[0])
-        except ValueError:
-            continue
-        samples.append(Sample(name.strip(), labels, value))
-    return samples
+    """Every sample of a Prometheus text page, by prometheus_client's own parser.
 
-
-def _split_labels(rest: str) -> tuple[str, str, str]:
-    """Split ``a="x}",b="y"} 1.0`` at the closing brace outside quotes."""
-    in_quotes = escaped = False
-    for i, ch in enumerate(rest):
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == '"':
-            in_quotes = not in_quotes
-        elif ch == "}" and not in_quotes:
-            return rest[:i], "}", rest[i + 1:]
-    return rest, "", ""
-
-
-def _parse_labels(text: str) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    i = 0
-    while i < len(text):
-        eq = text.find("=", i)
-        if eq < 0:
-            break
-        key = text[i:eq].strip().lstrip(",").strip()
-        j = eq + 1
-        if j >= len(text) or text[j] != '"':
-            break
-        j += 1
-        value = []
-        while j < len(text) and text[j] != '"':
-            if text[j] == "\\" and j + 1 < len(text):
-                j += 1
-                value.append({"n": "\n"}.get(text[j], text[j]))
-            else:
-                value.append(text[j])
-            j += 1
-        labels[key] = "".join(value)
-        i = j + 1
-    return labels
+    Why not by hand: the format splits lines on ``\\n`` only and escapes label
+    values; a hand parser got label values with a carriage return or U+2028 wrong
+    (``str.splitlines`` splits there). A page the parser rejects is a VllmError.
+    """
+    try:
+        return [Sample(s.name, dict(s.labels), float(s.value))
+                for family in text_string_to_metric_families(text)
+                for s in family.samples]
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise VllmError(f"GET /metrics: not Prometheus text: {exc}") from None
 
 
 def sum_by_name(samples: list[Sample]) -> dict[str, float]:
