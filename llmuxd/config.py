@@ -49,6 +49,7 @@ class DaemonConfig:
     max_start_failures: int = 3
     restart_backoff_secs: float = 2.0
     warmup: bool = True
+    validate_timeout_secs: float = 0.0   # a validate job's deadline (0: derived, see docs)
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,10 @@ def _build_daemon(c: _Checker, raw: dict[str, Any]) -> DaemonConfig:
         values[name] = c.get(raw, key, name, "int", getattr(d, name))
         _positive(c, f"{key}.{name}", values[name])
     values["warmup"] = c.get(raw, key, "warmup", "bool", d.warmup)
+    values["validate_timeout_secs"] = c.get(raw, key, "validate_timeout_secs", "float",
+                                            d.validate_timeout_secs)
+    if values["validate_timeout_secs"] < 0:
+        c.fail(f"{key}.validate_timeout_secs", "must not be negative (0: derived)")
     return DaemonConfig(**values)
 
 

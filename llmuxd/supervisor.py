@@ -150,6 +150,9 @@ class Supervisor:
 
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
+            if self.core.shutdown is not None:
+                log.warning("reload_refused", signal="SIGHUP", reason="shutting down")
+                return
             log.info("signal", signal="SIGHUP", action="reload")
             try:
                 new = load_config(self.core.config_path)
