@@ -50,6 +50,11 @@ class DaemonConfig:
     restart_backoff_secs: float = 2.0
     warmup: bool = True
     validate_timeout_secs: float = 0.0   # a validate job's deadline (0: derived, see docs)
+    # Health watchdog of the children (llmuxd/watchdog.py; period 0 turns it off).
+    watchdog_period_secs: float = 5.0
+    watchdog_timeout_secs: float = 5.0
+    watchdog_misses: int = 3
+    watchdog_stuck_secs: float = 0.0     # requests running, no token this long (0: off)
 
 
 @dataclass(frozen=True)
@@ -327,6 +332,15 @@ def _build_daemon(c: _Checker, raw: dict[str, Any]) -> DaemonConfig:
                                             d.validate_timeout_secs)
     if values["validate_timeout_secs"] < 0:
         c.fail(f"{key}.validate_timeout_secs", "must not be negative (0: derived)")
+    for name in ("watchdog_period_secs", "watchdog_stuck_secs"):
+        values[name] = c.get(raw, key, name, "float", getattr(d, name))
+        if values[name] < 0:
+            c.fail(f"{key}.{name}", "must not be negative (0 turns it off)")
+    values["watchdog_timeout_secs"] = c.get(raw, key, "watchdog_timeout_secs", "float",
+                                            d.watchdog_timeout_secs)
+    _positive(c, f"{key}.watchdog_timeout_secs", values["watchdog_timeout_secs"])
+    values["watchdog_misses"] = c.get(raw, key, "watchdog_misses", "int", d.watchdog_misses)
+    _positive(c, f"{key}.watchdog_misses", values["watchdog_misses"])
     return DaemonConfig(**values)
 
 

@@ -440,6 +440,26 @@ class Switcher:
             core.leases.add_model(m.name, f"http://127.0.0.1:{m.config.port}", m.name)
             log.info("model_config_applied", model=m.name)
 
+    def child_hung(self, name: str, pid: int, why: str) -> None:
+        """The watchdog found m's child hung: SIGKILL its group; the next request restarts it.
+
+        Its leases are revoked with the reason (a release then says why), so the front
+        end's requests to it end at once: their upstream connections break with the
+        kill and they get 502 naming the hang. Waiters stay queued and get the fresh
+        child. A report about a child that is gone or being operated on is stale.
+        """
+        m = self.core.models.get(name)
+        if m is None or m.child is None or m.child.pid != pid or m.busy:
+            log.info("hang_report_ignored", model=name, pid=pid, why=why)
+            return
+        reason = f"'{name}' (pid {pid}) hung: {why}; its process group was killed"
+        m.last_error = reason
+        log.error("child_hung", model=name, pid=pid, why=why, state=str(m.state))
+        self.core.metrics.child_hung(name)
+        if m.switch is not None and m.switch.to == m.name:
+            self.finish_switch(m, "failed")
+        self.stop_model(m, reason, kill=True)
+
     def reap(self) -> None:
         """Children that exited on their own: revoke, refuse, stop the rest of the group.
 

@@ -401,3 +401,41 @@ def test_a_validate_that_cannot_get_its_gpus_ends_at_its_deadline(make_daemon):
     leased_chat(d, "a")                      # unpinned, serving
     code, body = d.request("POST", "/v1/validate/a", {"levels": [1]})
     assert code != 409, body                 # not "already going on"
+
+
+# ---------------------------------------------------------------------------
+# The health watchdog, wired (llmuxd/watchdog_keeper.py)
+
+FAST_WATCHDOG = {"daemon": {"watchdog_period_secs": 0.5, "watchdog_timeout_secs": 0.5,
+                            "watchdog_misses": 2}}
+
+
+def test_a_sigstopped_child_is_killed_its_leases_revoked_and_it_restarts_lazily(
+        make_daemon):
+    d = make_daemon({"a": sim_model()}, config=FAST_WATCHDOG)
+    code, held = lease(d, "a")
+    assert code == 200, held
+    pid = d.status("a")["pid"]
+    os.killpg(pid, signal.SIGSTOP)
+    try:
+        # A request already sent to the stopped child is answered (its connection
+        # breaks with the kill) long before its own timeout.
+        t, out = in_background(lambda: chat(held))
+        a = d.wait_for(lambda: (lambda s: s if "hung" in (s["last_error"] or "") else None)(
+            d.status("a")), what="the hang to be noticed")
+        assert "health checks failed" in a["last_error"], a
+        t.join(60)
+        assert not t.is_alive(), "the request to the hung child was never answered"
+        assert "error" in out and not isinstance(out["error"], TimeoutError), out
+        d.wait_for(lambda: not _alive(pid), what="the hung group to be killed")
+        code, body = d.request("POST", f"/v1/leases/{held['lease_id']}/release",
+                               {"status": 502, "duration_ms": 1.0})
+        assert code == 200, body
+        [hung] = d.log_events("child_hung")
+        assert hung["pid"] == pid and hung["model"] == "a", hung
+        assert [e for e in revoked(d, "a") if "hung" in e["reason"]], revoked(d, "a")
+        leased_chat(d, "a")                  # the next request starts a fresh child
+        assert d.status("a")["pid"] != pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGCONT)
