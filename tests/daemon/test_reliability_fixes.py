@@ -439,3 +439,29 @@ def test_a_sigstopped_child_is_killed_its_leases_revoked_and_it_restarts_lazily(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGCONT)
+
+
+def test_a_child_silent_during_its_sleep_is_left_to_the_sleeps_own_timeout(make_daemon):
+    """No false alarm: while an operation with its own deadline runs, no judgement."""
+    slow = sim_model(sleep_level=1, env={"LLMUX_SIM_TIME_SCALE": "1"},
+                     extra_args=["--sim-load-s", "0.1", "--sim-warmup-s", "0",
+                                 "--sim-size-gib", "40"])      # L1 sleep ~0.8 s
+    d = make_daemon({"a": slow, "b": sim_model()},
+                    config={"daemon": {**FAST_WATCHDOG["daemon"], "sleep_timeout_secs": 3.0}})
+    leased_chat(d, "a")
+    pid = d.status("a")["pid"]
+    t, out = in_background(lambda: lease(d, "b"))      # a must sleep for b
+    d.wait_for(lambda: d.status("a")["operation"] == "sleep1", what="a's sleep")
+    os.killpg(pid, signal.SIGSTOP)           # silent for longer than the watchdog bound
+    try:
+        code, grant = joined(t, out)
+        assert code == 200, grant
+        release(d, grant["lease_id"])
+        a = d.wait_state("a", "stopped")     # the sleep timed out: escalated to L3
+        assert "sleep at level 1 failed" in a["last_error"], a
+        assert not _alive(pid)
+        assert d.log_events("child_hung") == []
+        assert d.log_events("hang_report_ignored") == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGCONT)
