@@ -49,6 +49,7 @@ class DaemonConfig:
     max_start_failures: int = 3
     restart_backoff_secs: float = 2.0
     warmup: bool = True
+    max_lease_secs: float = 0.0      # revoke a lease held longer (0: never; issue 12)
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,9 @@ def _build_daemon(c: _Checker, raw: dict[str, Any]) -> DaemonConfig:
         values[name] = c.get(raw, key, name, "int", getattr(d, name))
         _positive(c, f"{key}.{name}", values[name])
     values["warmup"] = c.get(raw, key, "warmup", "bool", d.warmup)
+    values["max_lease_secs"] = c.get(raw, key, "max_lease_secs", "float", d.max_lease_secs)
+    if values["max_lease_secs"] < 0:
+        c.fail(f"{key}.max_lease_secs", "must not be negative (0 turns it off)")
     return DaemonConfig(**values)
 
 

@@ -258,6 +258,9 @@ class Supervisor:
         if now >= self._next_sweep:
             self._next_sweep = now + PID_SWEEP
             self._sweep_pids()
+            for gone in self.leases.expire(self.config.daemon.max_lease_secs):
+                log.warning("lease_expired", model=gone.model, lease=gone.lease_id,
+                            pid=gone.pid)
             update_gauges(self)
         self.gpu_sampler.maybe_sample(self, now)
         if self._watchdog_every and now >= self._next_watchdog:
@@ -587,6 +590,9 @@ class Supervisor:
             if in_flight and m.drain_deadline > (m.drain_started or 0.0):
                 log.warning("drain_timeout", model=m.name, in_flight=in_flight,
                             waited_s=round(drained, 3))
+                # Stop counting what the drain gave up on (issue 12): else the next
+                # drain of this model waits the full timeout for the same leases.
+                self.leases.revoke(m.name, f"drain timed out after {drained:.1f}s")
             elif in_flight:
                 log.info("no_drain", model=m.name, in_flight=in_flight,
                          reason="drain_before_switch = false")

@@ -283,7 +283,9 @@ def release(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
     lease = sup.leases.release(p["lease"])
     if lease is not None:
         sup.metrics.released(lease.model, body.get("status"), body.get("duration_ms"))
-    return 200, {"released": True}
+        return 200, {"released": True}
+    # Already revoked (drain timeout, max_lease_secs, dead child): say why.
+    return 200, {"released": True, "revoked": sup.leases.revoked_reason(p["lease"]) or ""}
 
 
 @route("GET", "/v1/leases")
