@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psutil
 
@@ -279,7 +280,8 @@ class DaemonProcess:
         return unix_request(self.socket, method, path, body, timeout)
 
     def status(self, model: str | None = None) -> Any:
-        status, body = self.request("GET", f"/v1/models/{model}" if model else "/v1/status")
+        path = "/v1/models/" + quote(model, safe="") if model else "/v1/status"
+        status, body = self.request("GET", path)
         assert status == 200, body
         return body
 

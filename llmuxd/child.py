@@ -10,7 +10,9 @@ and a stop only ends when no member of the group is left. The guardian
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -35,6 +37,25 @@ _KILL_WAIT = 10.0
 
 class SpawnError(OSError):
     """The child could not be started at all (missing binary, bad log dir)."""
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+
+
+def log_file_name(model_name: str) -> str:
+    """The file name of a model's log in ``log_dir``: safe, and distinct per model.
+
+    Why not just ``<name>.log``: model names are Hugging Face ids (``Qwen/Qwen3-14B``)
+    and may hold any character vLLM accepts. A plain name keeps ``<name>.log`` (the
+    file an operator already knows); any other becomes a readable slug plus ``~`` and
+    a hash of the exact name. ``~`` never occurs in a plain name, so a slug cannot
+    collide with one, and two slugs only collide if their hashes do.
+    """
+    if _SAFE_NAME.fullmatch(model_name):
+        return f"{model_name}.log"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).lstrip(".")[:100]
+    digest = hashlib.sha256(model_name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{slug}~{digest}.log"
 
 
 def build_command(config: Config, model: ModelConfig) -> list[str]:
@@ -128,7 +149,7 @@ class ChildProcess:
                       log_dir: Path, on_line: Callable[[str], None] | None = None,
                       guardian: Guardian | None = None) -> ChildProcess:
         """Spawn any command the way a vLLM child is spawned (tests, stand-ins)."""
-        log_path = Path(log_dir) / f"{model_name}.log"
+        log_path = Path(log_dir) / log_file_name(model_name)
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log = open(log_path, "ab", buffering=0)  # noqa: SIM115 (handed to the child)

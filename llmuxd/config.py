@@ -374,6 +374,25 @@ def _build_policy(c: _Checker, raw: dict[str, Any]) -> PolicyConfig:
                         min_active_secs=min_active)
 
 
+def name_problem(name: str) -> str:
+    """Why ``name`` cannot name a model ("" when it can).
+
+    Any name vLLM's ``--served-model-name`` takes is fine: Hugging Face ids with
+    '/', dots, colons, unicode. Refused: empty, surrounding spaces, control
+    characters (they break log lines and HTTP paths), and an empty path segment
+    ('/x', 'x/', 'a//b'), which no client could type unambiguously.
+    """
+    if not name:
+        return "must not be empty"
+    if name.strip() != name:
+        return "must not have surrounding spaces"
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        return "must not contain control characters"
+    if "" in name.split("/"):
+        return "must not start or end with '/' or contain '//'"
+    return ""
+
+
 _MODEL_KEYS = set(ModelConfig.__dataclass_fields__) - {"name"}
 
 
@@ -384,8 +403,9 @@ def _build_models(c: _Checker, raw: dict[str, Any], policy: PolicyConfig
     models: dict[str, ModelConfig] = {}
     for name, table in raw.items():
         key = f"models.{name}"
-        if not name or "/" in name or name.strip() != name:
-            c.fail(key, "a model name must be non-empty, without '/' or surrounding spaces")
+        problem = name_problem(name)
+        if problem:
+            c.fail(key, f"a model name {problem}")
         if not isinstance(table, dict):
             c.fail(key, "must be a table")
             continue

@@ -227,12 +227,12 @@ def kill(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
 
 @route("GET", "/v1/models/{m}/logs")
 def logs(sup: Any, req: Request, p: dict[str, str]) -> tuple[int, Any]:
-    from llmuxd.child import tail_file
+    from llmuxd.child import log_file_name, tail_file
     name = sup.resolve(p["m"])
     raw = req.query.get("lines", "100")
     if not raw.isdigit() or not 0 < int(raw) <= MAX_LOG_LINES:
         raise ApiError("bad_request", f"lines must be 1..{MAX_LOG_LINES}", model=name)
-    path = Path(sup.config.daemon.log_dir) / f"{name}.log"
+    path = Path(sup.config.daemon.log_dir) / log_file_name(name)
     lines = tail_file(path, int(raw)) if path.exists() else []
     return 200, {"model": name, "path": str(path), "lines": lines}
 
