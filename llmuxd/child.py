@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -61,7 +62,11 @@ def log_file_name(model_name: str) -> str:
 def build_command(config: Config, model: ModelConfig) -> list[str]:
     """The ``vllm serve`` command line for a model (the seed's, plus host and name)."""
     cmd = shlex.split(config.vllm_command)
-    cmd += ["serve", model.model_path, "--host", "127.0.0.1", "--port", str(model.port)]
+    cmd += ["serve", model.model_path]
+    if model.transport == "unix":
+        cmd += ["--uds", model.socket_path]
+    else:
+        cmd += ["--host", "127.0.0.1", "--port", str(model.port)]
     if model.enable_sleep_mode:
         cmd.append("--enable-sleep-mode")
     cmd += [
@@ -77,6 +82,64 @@ def build_command(config: Config, model: ModelConfig) -> list[str]:
 def _number(value: float) -> str:
     """0.9 -> "0.9", 1.0 -> "1.0": what a user would have typed, never 0.90000001."""
     return repr(float(value))
+
+
+def prepare_socket_dir(path: str | Path) -> None:
+    """Make the children's socket directory: ours, mode 0700, no stale entries checked here.
+
+    Why 0700 and owned by the daemon's user: the child runs with
+    VLLM_SERVER_DEV_MODE=1 (``/sleep``, ``/collective_rpc``) and no auth, so the
+    directory is what keeps every other local user (and any foreign process that
+    would impersonate a child) away from it. A directory owned by someone else is
+    refused rather than taken over.
+    """
+    folder = Path(path)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = folder.lstat()
+        if not stat.S_ISDIR(st.st_mode):
+            raise SpawnError(f"child socket dir {folder} is not a directory")
+        if st.st_uid != os.geteuid():
+            raise SpawnError(f"child socket dir {folder} is owned by uid {st.st_uid}, "
+                             f"not by llmuxd's uid {os.geteuid()}")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(folder, 0o700)
+    except OSError as exc:
+        if isinstance(exc, SpawnError):
+            raise
+        raise SpawnError(f"cannot prepare child socket dir {folder}: "
+                         f"{exc.strerror or exc}") from exc
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a killed child (vLLM cannot bind over it)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+
+
+def listener_pids(model: ModelConfig, pids: list[int]) -> list[int]:
+    """Those of ``pids`` that hold the model's listening socket (its path or its port).
+
+    Before a child is marked healthy, the server that answered must be ours: with
+    TCP a foreign server already on the port answers ``/health`` while our child
+    failed to bind (issue 12).
+    """
+    owners = []
+    for pid in pids:
+        try:
+            if model.transport == "unix":
+                conns = psutil.Process(pid).net_connections(kind="unix")
+                if any(c.laddr == model.socket_path for c in conns):
+                    owners.append(pid)
+            else:
+                conns = psutil.Process(pid).net_connections(kind="inet")
+                if any(c.status == psutil.CONN_LISTEN and c.laddr
+                       and c.laddr.port == model.port for c in conns):
+                    owners.append(pid)
+        except psutil.Error:
+            continue
+    return owners
 
 
 def build_env(config: Config, model: ModelConfig,
@@ -142,6 +205,9 @@ class ChildProcess:
         """
         command = build_command(config, model)
         env = build_env(config, model, base_env)
+        if model.transport == "unix":
+            prepare_socket_dir(Path(model.socket_path).parent)
+            remove_stale_socket(model.socket_path)
         return cls.spawn_command(command, env, model.name, Path(log_dir), on_line, guardian)
 
     @classmethod
@@ -209,6 +275,14 @@ class ChildProcess:
     def group_pids(self) -> list[int]:
         """Every live pid in the child's process group (leader, engine, workers)."""
         return pids_in_group(self.pgid)
+
+    def serves(self, model: ModelConfig) -> str:
+        """"" when a process of this child holds the model's listener, else why not."""
+        if listener_pids(model, self.group_pids()):
+            return ""
+        where = model.socket_path if model.transport == "unix" else f"port {model.port}"
+        return (f"the server answering on {where} is not our child (pid {self.pid}): "
+                "another process holds it")
 
     # -- stop ----------------------------------------------------------------
 

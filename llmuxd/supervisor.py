@@ -277,7 +277,7 @@ class Supervisor:
     def add_model(self, mc: ModelConfig) -> ModelRuntime:
         m = ModelRuntime(mc)
         self.models[mc.name] = m
-        self.leases.add_model(mc.name, f"http://127.0.0.1:{mc.port}", mc.name)
+        self.leases.add_model(mc.name, mc.upstream, mc.name)
         return m
 
     def resolve(self, name: str) -> str:
@@ -717,7 +717,7 @@ class Supervisor:
                 self.stop_model(m, "config changed by reload")
             else:
                 m.config, m.pending_config = m.pending_config, None
-                self.leases.add_model(m.name, f"http://127.0.0.1:{m.config.port}", m.name)
+                self.leases.add_model(m.name, m.config.upstream, m.name)
                 log.info("model_config_applied", model=m.name)
 
     # ------------------------------------------------------------------

@@ -239,7 +239,9 @@ def _decode(status: int, raw: bytes) -> Any:
 
 
 def _host_port(upstream: str) -> tuple[str, int]:
-    """``http://127.0.0.1:8001`` → ("127.0.0.1", 8001)."""
+    """``http://127.0.0.1:8001`` → ("127.0.0.1", 8001); ``unix:/P.sock`` → ("unix:/P.sock", 0)."""
+    if upstream.startswith("unix:"):
+        return upstream, 0
     rest = upstream.split("://", 1)[-1].rstrip("/")
     host, _, port = rest.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port)
