@@ -223,7 +223,9 @@ class ChildProcess:
             raise SpawnError(f"cannot open log file {log_path}: {exc.strerror or exc}") from exc
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
         shown = shlex.join(command).replace("\r", "\\r").replace("\n", "\\n")  # one line
-        log.write(f"=== llmux {stamp} start: {shown}\n".encode())
+        # A full disk loses log lines, never the model (R2 "disk full for the logs").
+        with contextlib.suppress(OSError):
+            log.write(f"=== llmux {stamp} start: {shown}\n".encode())
         try:
             proc = subprocess.Popen(
                 command, env=dict(env), stdin=subprocess.DEVNULL,
@@ -231,7 +233,8 @@ class ChildProcess:
                 close_fds=True, start_new_session=True,
             )
         except OSError as exc:
-            log.write(f"=== llmux: cannot start: {exc}\n".encode())
+            with contextlib.suppress(OSError):
+                log.write(f"=== llmux: cannot start: {exc}\n".encode())
             log.close()
             raise SpawnError(f"cannot start {command[0]!r}: {exc.strerror or exc}") from exc
         child = cls(proc, model_name, log_path, command, guardian)
