@@ -62,10 +62,14 @@ def start_child(ctx: Operation, cfg: Config, mc: ModelConfig, log_dir: Path,
     if ctx.cancelled:
         _end_child(child, grace, ctx.kill)
         raise OpFailed("start cancelled")
-    client = VllmClient(mc.port, mc.name)
+    client = VllmClient.for_model(mc)
     phases: dict[str, float] = {}
+    foreign = ""
     try:
         client.wait_healthy(t0 + timeout, lambda: child.poll() is None and not ctx.cancelled)
+        foreign = child.serves(mc)       # a foreign server on the port answers /health too
+        if foreign:
+            raise VllmError(foreign)
         phases["start"] = time.monotonic() - t0
         if warm:
             t1 = time.monotonic()
@@ -75,6 +79,8 @@ def start_child(ctx: Operation, cfg: Config, mc: ModelConfig, log_dir: Path,
         rc = child.poll()
         if ctx.cancelled:
             why = "start cancelled"
+        elif foreign:
+            why = foreign
         elif isinstance(exc, ChildExited) or rc is not None:
             why = f"the child exited with code {rc} during startup"
         elif isinstance(exc, OpTimeout) and "start" not in phases:

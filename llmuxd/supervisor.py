@@ -219,6 +219,9 @@ class Supervisor:
         if now >= self._next_sweep:
             self._next_sweep = now + PID_SWEEP
             self._sweep_pids()
+            for gone in core.leases.expire(core.config.daemon.max_lease_secs):
+                log.warning("lease_expired", model=gone.model, lease=gone.lease_id,
+                            pid=gone.pid)
             update_gauges(core.models, core.leases.view(), core.metrics)
         self.gpu_sampler.maybe_sample(core.probe, core.models, now)
         if self._watchdog_every and now >= self._next_watchdog:

@@ -293,6 +293,9 @@ class Switcher:
             if in_flight and m.drain_deadline > (m.drain_started or 0.0):
                 log.warning("drain_timeout", model=m.name, in_flight=in_flight,
                             waited_s=round(drained, 3))
+                # Stop counting what the drain gave up on (issue 12): else the next
+                # drain of this model waits the full timeout for the same leases.
+                self.core.leases.revoke(m.name, f"drain timed out after {drained:.1f}s")
             elif in_flight:
                 log.info("no_drain", model=m.name, in_flight=in_flight,
                          reason="drain_before_switch = false")
@@ -437,7 +440,7 @@ class Switcher:
             log.info("model_removed", model=m.name)
         elif m.pending_config is not None:
             m.config, m.pending_config = m.pending_config, None
-            core.leases.add_model(m.name, f"http://127.0.0.1:{m.config.port}", m.name)
+            core.leases.add_model(m.name, m.config.upstream, m.name)
             log.info("model_config_applied", model=m.name)
 
     def child_hung(self, name: str, pid: int, why: str) -> None:

@@ -215,8 +215,11 @@ class SimServer:
         self.sock.setblocking(False)
         self.server = await asyncio.start_server(self._connection, sock=self.sock,
                                                  limit=256 * 1024)
-        host, port = self.sock.getsockname()[:2]
-        log.info("Starting vLLM API server 0 on http://%s:%d", host, port)
+        if self.sock.family == socket.AF_UNIX:
+            log.info("Starting vLLM API server 0 on %s", self.sock.getsockname())
+        else:
+            host, port = self.sock.getsockname()[:2]
+            log.info("Starting vLLM API server 0 on http://%s:%d", host, port)
         log.info("Application startup complete.")
         await self.stop_event.wait()
         return await self._shutdown()

@@ -172,9 +172,11 @@ class ProxyResource:
             conn, head = open_upstream(self.deps.pool, lease.host, lease.port, "POST", path,
                                      body, self._upstream_headers(req, len(body)))
         except UpstreamError as exc:
-            self._release(lease, Outcome(status=502, error=str(exc),
-                                         duration_ms=(time.monotonic() - started) * 1e3))
-            raise errors.upstream_failed(str(exc)) from None
+            # Released with the answer awaited: when the daemon revoked the lease (it
+            # killed a hung child, or stopped the model), the client learns why.
+            why = self._release_why(lease, Outcome(
+                status=502, error=str(exc), duration_ms=(time.monotonic() - started) * 1e3))
+            raise errors.upstream_failed(f"{exc} ({why})" if why else str(exc)) from None
         try:
             resp.status = head.status
             for name, value in response_headers(head):
@@ -233,6 +235,16 @@ class ProxyResource:
         except (DaemonError, DaemonUnavailable) as exc:
             # The daemon reclaims leases of dead peers; a lost release is logged only.
             log.warning("release_failed", lease_id=lease.lease_id, error=str(exc))
+
+    def _release_why(self, lease: Lease, outcome: Outcome) -> str:
+        """Release and wait for the answer; why the lease was revoked ("" if it was not)."""
+        try:
+            answer = self.deps.leases.release_now(lease.lease_id, outcome.release_body())
+        except (DaemonError, DaemonUnavailable) as exc:
+            log.warning("release_failed", lease_id=lease.lease_id, error=str(exc))
+            return ""
+        revoked = answer.get("revoked")
+        return f"lease revoked: {revoked}" if isinstance(revoked, str) and revoked else ""
 
     def _upstream_headers(self, req: falcon.Request, length: int) -> dict[str, str]:
         headers: dict[str, str] = {}

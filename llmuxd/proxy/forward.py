@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmuxd.proxy.errors import error_body
-from llmuxd.proxy.http1 import Connection, Head, PeerClosed, Pool, tcp_connector
+from llmuxd.proxy.http1 import Connection, Head, PeerClosed, Pool, tcp_connector, unix_connector
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus those gunicorn or we set ourselves.
 HOP_BY_HOP = frozenset({
@@ -53,8 +53,10 @@ class UpstreamPool:
         pool = self._pools.get((host, port))
         if pool is None:
             with self._lock:
-                pool = self._pools.setdefault(
-                    (host, port), Pool(tcp_connector(host, port, self.timeout)))
+                connect = (unix_connector(host.removeprefix("unix:"), self.timeout)
+                           if host.startswith("unix:")   # a child on a Unix socket
+                           else tcp_connector(host, port, self.timeout))
+                pool = self._pools.setdefault((host, port), Pool(connect))
         return pool
 
     def take(self, host: str, port: int) -> Connection:
@@ -85,7 +87,8 @@ class Outcome:
 def open_upstream(pool: UpstreamPool, host: str, port: int, method: str, path: str,
                   body: bytes, headers: dict[str, str]) -> tuple[Connection, Head]:
     """Send the request and read the answer's head; UpstreamError if that fails."""
-    lines = [f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"]
+    authority = "localhost" if host.startswith("unix:") else f"{host}:{port}"
+    lines = [f"{method} {path} HTTP/1.1\r\nHost: {authority}\r\n"]
     lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
     lines.append("\r\n")
     request = "".join(lines).encode("latin-1") + body
@@ -108,13 +111,14 @@ def open_upstream(pool: UpstreamPool, host: str, port: int, method: str, path: s
 
 
 def _describe(exc: BaseException, host: str, port: int) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return f"connection refused by {host}:{port}"
+    where = host if host.startswith("unix:") else f"{host}:{port}"
+    if isinstance(exc, ConnectionRefusedError | FileNotFoundError):
+        return f"connection refused by {where}"
     if isinstance(exc, TimeoutError):
-        return f"no answer from {host}:{port} in time"
+        return f"no answer from {where} in time"
     if isinstance(exc, PeerClosed):
-        return f"{host}:{port} closed the connection without answering"
-    return f"{host}:{port}: {type(exc).__name__}: {exc}"
+        return f"{where} closed the connection without answering"
+    return f"{where}: {type(exc).__name__}: {exc}"
 
 
 def response_headers(head: Head) -> list[tuple[str, str]]:

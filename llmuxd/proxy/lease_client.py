@@ -107,6 +107,13 @@ class LeaseClient:
         conn.pending = request
         self.pool.give_back(conn)
 
+    def release_now(self, lease_id: str, outcome: dict[str, Any]) -> dict[str, Any]:
+        """Hand a lease back and wait for the answer: ``"revoked"`` says why the daemon
+        took it back first (e.g. a hung child it killed), for the client's error."""
+        answer = self._call("POST", f"/v1/leases/{lease_id}/release", outcome,
+                            self.call_timeout)
+        return answer if isinstance(answer, dict) else {}
+
     def status(self) -> dict[str, Any]:
         return self._call("GET", "/v1/status", None, self.call_timeout)
 
@@ -239,7 +246,9 @@ def _decode(status: int, raw: bytes) -> Any:
 
 
 def _host_port(upstream: str) -> tuple[str, int]:
-    """``http://127.0.0.1:8001`` → ("127.0.0.1", 8001)."""
+    """``http://127.0.0.1:8001`` → ("127.0.0.1", 8001); ``unix:/P.sock`` → ("unix:/P.sock", 0)."""
+    if upstream.startswith("unix:"):
+        return upstream, 0
     rest = upstream.split("://", 1)[-1].rstrip("/")
     host, _, port = rest.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port)
