@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import stat
 import threading
 import time
@@ -465,3 +466,26 @@ def test_a_child_silent_during_its_sleep_is_left_to_the_sleeps_own_timeout(make_
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGCONT)
+
+
+def test_a_burst_of_connections_to_a_unix_socket_child_is_accepted(make_daemon):
+    """A model that wakes grants its waiters at once: ~180 connects in a burst (R1).
+
+    On a Unix socket a connect beyond the listen backlog fails at once (EAGAIN) where
+    TCP would retry, so the child must keep vLLM's (uvicorn's) backlog of 2048.
+    """
+    d = make_daemon({"a": sim_model()}, config={"daemon": {"child_transport": "unix"}})
+    code, grant = lease(d, "a")
+    assert code == 200, grant
+    release(d, grant["lease_id"])
+    path = grant["upstream"].removeprefix("unix:")
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(400):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            socks.append(s)
+            s.settimeout(10.0)
+            s.connect(path)
+    finally:
+        for s in socks:
+            s.close()
