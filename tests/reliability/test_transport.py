@@ -114,6 +114,7 @@ def test_unix_child_serves_through_daemon_and_front_end_and_opens_no_tcp_port(
         assert code == 200, body
     finally:
         release(d, grant["lease_id"])
+    assert d.status("a")["port"] is None          # no port in use: llmuxctl shows "-"
     group = psutil.Process(d.status("a")["pid"])
     pids = [group.pid] + [p.pid for p in group.children(recursive=True)]
     assert tcp_listeners(pids) == []
