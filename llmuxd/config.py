@@ -108,7 +108,9 @@ class ModelConfig:
     env: dict[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     startup_timeout_secs: float = 0.0
-    transport: str = "unix"          # resolved: the model's own or daemon.child_transport
+    # Resolved by the loader: the model's own or daemon.child_transport (unix by
+    # default). "tcp" here only for a ModelConfig built by hand (port, no socket).
+    transport: str = "tcp"
     socket_path: str = ""            # derived (unix): <child_socket_dir>/<name>.sock
 
     @property

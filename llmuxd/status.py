@@ -43,7 +43,7 @@ def model_status(m: ModelRuntime, gate: GateView | None) -> dict[str, Any]:
         "sleep_level": m.sleep_level if m.state is S.SLEEPING else None,
         "configured_sleep_level": mc.sleep_level,
         "pid": child.pid if child is not None else None,
-        "port": mc.port, "upstream": mc.upstream,
+        "port": mc.port if mc.transport == "tcp" else None, "upstream": mc.upstream,
         "in_flight": gate.in_flight if gate else 0,
         "queued": (gate.queued if gate else 0) + len(m.demands),
         "gpus": list(mc.gpu_indices),

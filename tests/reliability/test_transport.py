@@ -114,6 +114,7 @@ def test_unix_child_serves_through_daemon_and_front_end_and_opens_no_tcp_port(
         assert code == 200, body
     finally:
         release(d, grant["lease_id"])
+    assert d.status("a")["port"] is None          # no port in use: llmuxctl shows "-"
     group = psutil.Process(d.status("a")["pid"])
     pids = [group.pid] + [p.pid for p in group.children(recursive=True)]
     assert tcp_listeners(pids) == []
@@ -193,3 +194,40 @@ def test_a_foreign_server_on_the_port_is_never_taken_for_the_child(make_daemon):
         foreign.shutdown()
         foreign.server_close()
         server.join(10)
+
+
+def test_the_socket_dir_is_made_0700_and_one_owned_by_another_user_is_refused(tmp_path: Path):
+    from llmuxd.child import SpawnError, prepare_socket_dir
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    loose.chmod(0o755)
+    prepare_socket_dir(loose)
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o700
+    fresh = tmp_path / "a" / "children"
+    prepare_socket_dir(fresh)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(SpawnError, match="owned by uid 65534"):
+            prepare_socket_dir(theirs)
+    not_dir = tmp_path / "file"
+    not_dir.write_text("x")
+    with pytest.raises(SpawnError):
+        prepare_socket_dir(not_dir)
+
+
+def test_only_a_stale_socket_is_removed_before_a_start(tmp_path: Path):
+    from llmuxd.child import remove_stale_socket
+    stale = tmp_path / "a.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()
+    remove_stale_socket(str(stale))
+    assert not stale.exists()
+    regular = tmp_path / "b.sock"
+    regular.write_text("not a socket")
+    remove_stale_socket(str(regular))
+    assert regular.exists()                 # never delete what is not ours to delete
+    remove_stale_socket(str(tmp_path / "missing.sock"))
