@@ -8,9 +8,11 @@ reported at once so an operator fixes the file in one pass.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import stat
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -20,6 +22,11 @@ from typing import Any
 SLEEP_LEVELS = (1, 2, 3)
 POLICY_TYPES = ("fifo",)
 GPU_PROBES = ("auto", "nvml", "sim", "none")
+TRANSPORTS = ("unix", "tcp")
+# AF_UNIX paths: 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH = 107
+# extra_args that would move the child's listener away from where llmux talks to it.
+LISTEN_FLAGS = ("--host", "--port", "--uds")
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 
@@ -54,6 +61,15 @@ class DaemonConfig:
     max_connections: int = 1024
     idle_timeout_secs: float = 300.0
     read_timeout_secs: float = 10.0
+    max_lease_secs: float = 0.0      # revoke a lease held longer (0: never; issue 12)
+    child_transport: str = "unix"    # "unix": --uds in child_socket_dir; "tcp": 127.0.0.1:port
+    child_socket_dir: str = "/run/llmux/children"
+    validate_timeout_secs: float = 0.0   # a validate job's deadline (0: derived, see docs)
+    # Health watchdog of the children (llmuxd/watchdog.py; period 0 turns it off).
+    watchdog_period_secs: float = 5.0
+    watchdog_timeout_secs: float = 5.0
+    watchdog_misses: int = 3
+    watchdog_stuck_secs: float = 0.0     # requests running, no token this long (0: off)
 
 
 @dataclass(frozen=True)
@@ -105,6 +121,17 @@ class ModelConfig:
     env: dict[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     startup_timeout_secs: float = 0.0
+    # Resolved by the loader: the model's own or daemon.child_transport (unix by
+    # default). "tcp" here only for a ModelConfig built by hand (port, no socket).
+    transport: str = "tcp"
+    socket_path: str = ""            # derived (unix): <child_socket_dir>/<name>.sock
+
+    @property
+    def upstream(self) -> str:
+        """Where the child listens, as a lease names it: ``unix:/PATH`` or ``http://H:P``."""
+        if self.transport == "unix":
+            return f"unix:{self.socket_path}"
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def gpu_indices(self) -> tuple[int, ...]:
@@ -151,6 +178,7 @@ class Config:
 def _model_dict(model: ModelConfig) -> dict[str, Any]:
     data = asdict(model)
     data.pop("name")
+    data.pop("socket_path")      # derived from the name and daemon.child_socket_dir
     return data
 
 
@@ -305,12 +333,14 @@ def build_config(raw: dict[str, Any], source: str = "") -> Config:
     daemon = _build_daemon(c, c.table(raw, "", "daemon"))
     proxy = _build_proxy(c, c.table(raw, "", "proxy"), port, "port" in raw)
     policy = _build_policy(c, c.table(raw, "", "policy"))
-    models = _build_models(c, c.table(raw, "", "models"), policy)
+    models = _build_models(c, c.table(raw, "", "models"), policy, daemon)
 
     used = {port: "port", metrics_port: "metrics_port"} if metrics_port else {port: "port"}
     if proxy.port != port:
         used[proxy.port] = "proxy.port"
     for name, model in models.items():
+        if model.transport != "tcp":
+            continue
         other = used.get(model.port)
         if other is not None:
             c.fail(f"models.{name}.port", f"{model.port} is already used by {other}")
@@ -346,7 +376,8 @@ def _build_daemon(c: _Checker, raw: dict[str, Any]) -> DaemonConfig:
     if probe not in GPU_PROBES:
         c.fail(f"{key}.gpu_probe", f"must be one of {', '.join(GPU_PROBES)}")
     values: dict[str, Any] = {"socket_mode": mode, "gpu_probe": probe}
-    for name in ("socket", "socket_group", "log_dir", "sim_gpu_state"):
+    for name in ("socket", "socket_group", "log_dir", "sim_gpu_state", "child_transport",
+                 "child_socket_dir"):
         values[name] = c.get(raw, key, name, "str", getattr(d, name))
     if not values["socket"]:
         c.fail(f"{key}.socket", "must not be empty")
@@ -360,6 +391,26 @@ def _build_daemon(c: _Checker, raw: dict[str, Any]) -> DaemonConfig:
         values[name] = c.get(raw, key, name, "int", getattr(d, name))
         _positive(c, f"{key}.{name}", values[name])
     values["warmup"] = c.get(raw, key, "warmup", "bool", d.warmup)
+    if values["child_transport"] not in TRANSPORTS:
+        c.fail(f"{key}.child_transport", f"must be one of {', '.join(TRANSPORTS)}")
+    if not os.path.isabs(values["child_socket_dir"]):
+        c.fail(f"{key}.child_socket_dir", "must be an absolute path")
+    values["max_lease_secs"] = c.get(raw, key, "max_lease_secs", "float", d.max_lease_secs)
+    if values["max_lease_secs"] < 0:
+        c.fail(f"{key}.max_lease_secs", "must not be negative (0 turns it off)")
+    values["validate_timeout_secs"] = c.get(raw, key, "validate_timeout_secs", "float",
+                                            d.validate_timeout_secs)
+    if values["validate_timeout_secs"] < 0:
+        c.fail(f"{key}.validate_timeout_secs", "must not be negative (0: derived)")
+    for name in ("watchdog_period_secs", "watchdog_stuck_secs"):
+        values[name] = c.get(raw, key, name, "float", getattr(d, name))
+        if values[name] < 0:
+            c.fail(f"{key}.{name}", "must not be negative (0 turns it off)")
+    values["watchdog_timeout_secs"] = c.get(raw, key, "watchdog_timeout_secs", "float",
+                                            d.watchdog_timeout_secs)
+    _positive(c, f"{key}.watchdog_timeout_secs", values["watchdog_timeout_secs"])
+    values["watchdog_misses"] = c.get(raw, key, "watchdog_misses", "int", d.watchdog_misses)
+    _positive(c, f"{key}.watchdog_misses", values["watchdog_misses"])
     return DaemonConfig(**values)
 
 
@@ -456,31 +507,68 @@ def _build_policy(c: _Checker, raw: dict[str, Any]) -> PolicyConfig:
                         min_active_secs=min_active)
 
 
+def socket_file_name(model_name: str) -> str:
+    """The child's socket file name: ``<name>.sock`` for a short plain name, else a hash.
+
+    AF_UNIX paths are short (107 bytes), so unlike log files there is no room for a
+    readable slug of a long Hugging Face id; the hash keeps names distinct.
+    """
+    if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,39}", model_name):
+        return f"{model_name}.sock"
+    digest = hashlib.sha256(model_name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"m-{digest}.sock"
+
+
+def name_problem(name: str) -> str:
+    """Why ``name`` cannot name a model ("" when it can).
+
+    Any name vLLM's ``--served-model-name`` takes is fine: Hugging Face ids with
+    '/', dots, colons, unicode. Refused: empty, surrounding spaces, control
+    characters (they break log lines and HTTP paths), and an empty path segment
+    ('/x', 'x/', 'a//b'), which no client could type unambiguously.
+    """
+    if not name:
+        return "must not be empty"
+    if name.strip() != name:
+        return "must not have surrounding spaces"
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        return "must not contain control characters"
+    if "" in name.split("/"):
+        return "must not start or end with '/' or contain '//'"
+    return ""
+
+
 _MODEL_KEYS = set(ModelConfig.__dataclass_fields__) - {"name"}
 
 
-def _build_models(c: _Checker, raw: dict[str, Any], policy: PolicyConfig
-                  ) -> dict[str, ModelConfig]:
+def _build_models(c: _Checker, raw: dict[str, Any], policy: PolicyConfig,
+                  daemon: DaemonConfig) -> dict[str, ModelConfig]:
     if not raw:
         c.fail("models", "at least one model is required")
     models: dict[str, ModelConfig] = {}
     for name, table in raw.items():
         key = f"models.{name}"
-        if not name or "/" in name or name.strip() != name:
-            c.fail(key, "a model name must be non-empty, without '/' or surrounding spaces")
+        problem = name_problem(name)
+        if problem:
+            c.fail(key, f"a model name {problem}")
         if not isinstance(table, dict):
             c.fail(key, "must be a table")
             continue
-        model = _build_model(c, key, name, table, policy)
+        model = _build_model(c, key, name, table, policy, daemon)
         if model is not None:
             models[name] = model
     return models
 
 
 def _build_model(c: _Checker, key: str, name: str, raw: dict[str, Any],
-                 policy: PolicyConfig) -> ModelConfig | None:
-    c.unknown(raw, key, _MODEL_KEYS)
-    missing = [k for k in ("model_path", "port") if k not in raw]
+                 policy: PolicyConfig, daemon: DaemonConfig) -> ModelConfig | None:
+    c.unknown(raw, key, _MODEL_KEYS - {"socket_path"})
+    transport = c.get(raw, key, "transport", "str", daemon.child_transport)
+    if transport not in TRANSPORTS:
+        c.fail(f"{key}.transport", f"must be one of {', '.join(TRANSPORTS)}")
+    # A Unix-socket child needs no port; seed configs keep theirs (accepted, unused).
+    required = ("model_path", "port") if transport == "tcp" else ("model_path",)
+    missing = [k for k in required if k not in raw]
     for k in missing:
         c.fail(f"{key}.{k}", "is required")
     model_path = c.get(raw, key, "model_path", "str", "")
@@ -508,12 +596,23 @@ def _build_model(c: _Checker, key: str, name: str, raw: dict[str, Any],
     startup = c.get(raw, key, "startup_timeout_secs", "float", 0.0)
     if startup < 0:
         c.fail(f"{key}.startup_timeout_secs", "must not be negative")
+    extra_args = c.get(raw, key, "extra_args", "strlist", ())
+    listen = [a for a in extra_args if a.split("=", 1)[0] in LISTEN_FLAGS]
+    if listen:
+        c.fail(f"{key}.extra_args", f"{', '.join(listen)}: llmux chooses where the child "
+               "listens (use transport / port)")
+    socket_path = ""
+    if transport == "unix":
+        socket_path = os.path.join(daemon.child_socket_dir, socket_file_name(name))
+        if len(socket_path.encode()) > MAX_SOCKET_PATH:
+            c.fail(f"{key}", f"socket path {socket_path} is longer than {MAX_SOCKET_PATH} "
+                   "bytes (AF_UNIX): choose a shorter daemon.child_socket_dir")
     if missing:
         return None
     return ModelConfig(
         name=name, model_path=model_path, port=port, sleep_level=level,
         gpu_memory_utilization=util, tensor_parallel_size=tp, dtype=dtype,
-        extra_args=c.get(raw, key, "extra_args", "strlist", ()), gpus=gpus,
+        extra_args=extra_args, gpus=gpus, transport=transport, socket_path=socket_path,
         enable_sleep_mode=c.get(raw, key, "enable_sleep_mode", "bool", True),
         env=c.get(raw, key, "env", "strmap", {}),
         aliases=c.get(raw, key, "aliases", "strlist", ()), startup_timeout_secs=startup,

@@ -62,6 +62,8 @@ class Metrics:
                                registry=r)
         self.gpu_used = Gauge("llmux_gpu_memory_used_mib", "GPU memory used", ["gpu"],
                               registry=r)
+        self.child_hangs = Counter("llmux_child_hangs_total", "Children the health "
+                                   "watchdog found hung (and killed)", ["model"], registry=r)
         self._server: Any = None
         # Label lookups cost a lock and a tuple per call: cache the hot-path children.
         self._wait_children: dict[str, Any] = {}
@@ -118,6 +120,8 @@ class Metrics:
 
     def model_gpu_memory(self, model: str, used_mib: int) -> None:
         self.model_gpu.labels(model).set(used_mib)
+    def child_hung(self, model: str) -> None:
+        self.child_hangs.labels(model).inc()
 
     def gpu_memory(self, index: int, used_mib: int) -> None:
         self.gpu_used.labels(str(index)).set(used_mib)

@@ -36,12 +36,14 @@ GPU_SAMPLE = 2.0           # GPU memory per model for status and metrics
 def model_status(m: ModelRuntime, gate: GateView | None) -> dict[str, Any]:
     """One model's ``ModelStatus``."""
     mc = m.config
+    # A starting child has a pid before it is healthy (the start operation holds it).
+    child = m.child if m.child is not None else (m.op.child if m.op is not None else None)
     return {
         "name": m.name, "state": str(m.state),
         "sleep_level": m.sleep_level if m.state is S.SLEEPING else None,
         "configured_sleep_level": mc.sleep_level,
-        "pid": m.child.pid if m.child is not None else None,
-        "port": mc.port, "upstream": f"http://127.0.0.1:{mc.port}",
+        "pid": child.pid if child is not None else None,
+        "port": mc.port if mc.transport == "tcp" else None, "upstream": mc.upstream,
         "in_flight": gate.in_flight if gate else 0,
         "queued": (gate.queued if gate else 0) + len(m.demands),
         "gpus": list(mc.gpu_indices),

@@ -45,6 +45,7 @@ from llmuxd.sdnotify import SdNotify
 from llmuxd.status import DaemonFacts, GpuSampler, active_line, daemon_status, update_gauges
 from llmuxd.switching import Switcher
 from llmuxd.validate_jobs import ValidateJobs
+from llmuxd.watchdog_keeper import WatchdogKeeper
 from llmuxd.workers import OpRunner
 
 __all__ = ["Supervisor", "pid_alive"]
@@ -71,6 +72,7 @@ class Supervisor:
         self.ops.no_room = self.planner.make_room
         self.validations = ValidateJobs(core, self.ops)
         self.fe = FrontEndKeeper(core, frontend, self.mark_ready)
+        self.watchdog = WatchdogKeeper(core, self.ops)
         self.port = DaemonPort(core, self.ops, self.validations, self.status, self.reload)
         self.server: Any = None
         self.done = False
@@ -98,6 +100,7 @@ class Supervisor:
         try:
             self._boot()
         except BaseException:
+            self.watchdog.stop()
             if self.server is not None:
                 self.server.close()
             if self.core.guardian is not None:
@@ -121,6 +124,7 @@ class Supervisor:
             except Exception:
                 log.exception("tick_failed")
         self.mailbox.closed = True
+        self.watchdog.stop()
         lifecycle.finish(self.core, self.server, self.exit_code)
         return self.exit_code
 
@@ -150,6 +154,9 @@ class Supervisor:
 
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
+            if self.core.shutdown is not None:
+                log.warning("reload_refused", signal="SIGHUP", reason="shutting down")
+                return
             log.info("signal", signal="SIGHUP", action="reload")
             try:
                 new = load_config(self.core.config_path)
@@ -176,6 +183,7 @@ class Supervisor:
         core.guardian = Guardian.start_new(grace=core.config.daemon.stop_timeout_secs)
         core.metrics.serve(core.config.metrics_port, core.probe, core.config.metrics_host,
                            core.config.daemon.read_timeout_secs)
+        self.watchdog.configure()
         log.info("listening", socket=core.config.daemon.socket, pid=os.getpid(),
                  version=VERSION, models=sorted(core.models),
                  metrics_port=core.config.metrics_port)
@@ -199,6 +207,7 @@ class Supervisor:
         now = time.monotonic()
         self.ops.reap()
         self.ops.progress_drains(now)
+        self.watchdog.publish()
         if core.shutdown is not None:
             if lifecycle.progress_shutdown(core, self.fe, self.runner, now):
                 self.exit_code = core.shutdown.exit_code
@@ -211,6 +220,9 @@ class Supervisor:
         if now >= self._next_sweep:
             self._next_sweep = now + PID_SWEEP
             self._sweep_pids()
+            for gone in core.leases.expire(core.config.daemon.max_lease_secs):
+                log.warning("lease_expired", model=gone.model, lease=gone.lease_id,
+                            pid=gone.pid)
             update_gauges(core.models, core.leases.view(), core.metrics)
         self.gpu_sampler.maybe_sample(core.probe, core.models, now)
         if self._watchdog_every and now >= self._next_watchdog:
@@ -231,7 +243,9 @@ class Supervisor:
 
     def reload(self, new: Config) -> dict[str, list[str]]:
         """Apply a checked new config (loop thread): added, removed, changed models."""
-        return lifecycle.reload(self.core, self.ops, self.planner, self.fe, new)
+        result = lifecycle.reload(self.core, self.ops, self.planner, self.fe, new)
+        self.watchdog.configure()
+        return result
 
     def begin_shutdown(self, reason: str) -> None:
         """Refuse new work and start draining; a second call skips the drain."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,17 +81,52 @@ class Sample:
     value: float = 0.0
 
 
-class VllmClient:
-    """Talks to the vLLM child on ``127.0.0.1:<port>`` serving ``served_model_name``."""
+class _UnixConnection(http.client.HTTPConnection):
+    """http.client over the child's Unix socket (vLLM ``--uds``)."""
 
-    def __init__(self, port: int, served_model_name: str, host: str = "127.0.0.1") -> None:
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class VllmClient:
+    """Talks to the vLLM child serving ``served_model_name``.
+
+    On ``127.0.0.1:<port>`` (TCP), or on the Unix socket ``uds`` when given (the
+    default transport: a socket in a 0700 directory no other user can reach).
+    """
+
+    def __init__(self, port: int, served_model_name: str, host: str = "127.0.0.1",
+                 uds: str = "") -> None:
         self.host = host
         self.port = port
+        self.uds = uds
         self.served_model_name = served_model_name
+
+    @classmethod
+    def for_model(cls, model: Any) -> VllmClient:
+        """The client of a ModelConfig's child, on the transport the config chose."""
+        uds = model.socket_path if model.transport == "unix" else ""
+        return cls(model.port, model.name, uds=uds)
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"unix:{self.uds}" if self.uds else f"http://{self.host}:{self.port}"
+
+    @property
+    def where(self) -> str:
+        """Where the child listens, for messages."""
+        return self.uds if self.uds else f"port {self.port}"
 
     # -- transport -------------------------------------------------------------
 
@@ -98,7 +134,11 @@ class VllmClient:
                 timeout: float = 10.0) -> Response:
         """One request on a fresh connection; raises OpTimeout / Unreachable / VllmError."""
         timeout = max(timeout, 0.001)
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        conn: http.client.HTTPConnection
+        if self.uds:
+            conn = _UnixConnection(self.uds, timeout)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         headers = {"Connection": "close"}
         data = None
         if body is not None:
@@ -110,12 +150,13 @@ class VllmClient:
             resp = conn.getresponse()
             return Response(resp.status, resp.read())
         except TimeoutError:
-            raise OpTimeout(f"{what} on port {self.port}: no answer within "
+            raise OpTimeout(f"{what} on {self.where}: no answer within "
                             f"{timeout:.1f}s") from None
-        except ConnectionRefusedError:
-            raise Unreachable(f"{what}: nothing listens on 127.0.0.1:{self.port}") from None
+        except (ConnectionRefusedError, FileNotFoundError):
+            shown = self.uds or f"127.0.0.1:{self.port}"
+            raise Unreachable(f"{what}: nothing listens on {shown}") from None
         except (OSError, http.client.HTTPException) as exc:
-            raise VllmError(f"{what} on port {self.port} failed: "
+            raise VllmError(f"{what} on {self.where} failed: "
                             f"{type(exc).__name__}: {exc}") from None
         finally:
             conn.close()
@@ -139,15 +180,15 @@ class VllmClient:
         """
         while True:
             if not is_alive():
-                raise ChildExited(f"the child on port {self.port} exited during startup")
+                raise ChildExited(f"the child on {self.where} exited during startup")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise OpTimeout(f"port {self.port}: /health not ready before the "
+                raise OpTimeout(f"{self.where}: /health not ready before the "
                                 "startup timeout")
             if self.health(timeout=min(5.0, remaining)):
                 return
             if not is_alive():
-                raise ChildExited(f"the child on port {self.port} exited during startup")
+                raise ChildExited(f"the child on {self.where} exited during startup")
             time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
 
     # -- sleep / wake ----------------------------------------------------------

@@ -41,6 +41,7 @@ from llmuxd.proxy.relay import HOP_BY_HOP, Outcome, ProxiedStream, response_head
 from llmuxd.proxy.upstream import (
     Aborted,
     UpstreamClient,
+    UpstreamDeadline,
     UpstreamError,
     UpstreamIdle,
     describe,
@@ -229,10 +230,15 @@ class ProxyResource:
         except UpstreamError as exc:
             outcome = Outcome(status=502, error=str(exc),
                               duration_ms=(time.monotonic() - started) * 1e3)
-            if isinstance(exc, UpstreamIdle):
+            if isinstance(exc, UpstreamIdle | UpstreamDeadline):
                 outcome.status = 504
-            self._release(lease, outcome)
-            raise _upstream_error(exc, lease.upstream) from None
+                self._release(lease, outcome)
+                raise _upstream_error(exc, lease.upstream) from None
+            # The child failed: release with the answer awaited, so that when llmuxd
+            # revoked the lease first (it killed a hung child, stopped the model) the
+            # client learns why.
+            why = await self._release_why(lease, outcome)
+            raise errors.upstream_failed(f"{exc} ({why})" if why else str(exc)) from None
         except BaseException as exc:
             # Whatever went wrong (a bug included), the lease must not outlive it.
             self._release(lease, Outcome(status=500, error=f"{type(exc).__name__}: {exc}"))
@@ -313,6 +319,17 @@ class ProxyResource:
     def _release(self, lease: Lease, outcome: Outcome) -> None:
         self.deps.leases.release(lease.lease_id, outcome.release_body())
 
+    async def _release_why(self, lease: Lease, outcome: Outcome) -> str:
+        """Release and wait for the answer; why the lease was revoked ("" if it was not)."""
+        try:
+            answer = await self.deps.leases.release_now(lease.lease_id, outcome.release_body())
+        except (DaemonError, DaemonUnavailable) as exc:
+            log.warning("release_failed", lease_id=lease.lease_id, error=str(exc))
+            self._release(lease, outcome)
+            return ""
+        revoked = answer.get("revoked")
+        return f"lease revoked: {revoked}" if isinstance(revoked, str) and revoked else ""
+
     def _request_bytes(self, req: falcon.asgi.Request, target: bytes, upstream: str,
                        body: bytes) -> bytes:
         """The whole upstream request, head and body, for one write."""
@@ -352,7 +369,6 @@ def _upstream_error(exc: UpstreamError, upstream: str) -> OpenAIError:
         return OpenAIError(504, f"model server sent nothing for the idle timeout "
                            f"({describe(upstream)})", "timeout_error",
                            "upstream_idle_timeout")
-    from llmuxd.proxy.upstream import UpstreamDeadline
     if isinstance(exc, UpstreamDeadline):
         return OpenAIError(504, f"model server did not answer within the total timeout "
                            f"({describe(upstream)})", "timeout_error", "upstream_timeout")

@@ -227,9 +227,19 @@ class LeaseClient:
             conn = await self._connection()
             conn.send(line)
 
-    async def _get(self, path: str) -> Any:
+    async def release_now(self, lease_id: str, outcome: dict[str, Any]) -> dict[str, Any]:
+        """Hand a lease back over the control API and wait for the answer: its
+        ``"revoked"`` says why the daemon took the lease back first (e.g. it killed a
+        hung child), for the client's error. Only on a failed request: the fast path
+        is ``release``."""
+        body = json.dumps(outcome).encode()
+        data = await self._get(f"/v1/leases/{lease_id}/release", "POST", body)
+        return data if isinstance(data, dict) else {}
+
+    async def _get(self, path: str, method: str = "GET", body: bytes | None = None) -> Any:
         try:
-            status, raw = await self.http.get(self.control, path, self.call_timeout)
+            status, raw = await self.http.call(self.control, method, path, body,
+                                               self.call_timeout)
         except UpstreamError as exc:
             raise DaemonUnavailable(f"{self.socket_path}: {exc}") from None
         try:

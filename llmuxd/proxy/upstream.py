@@ -341,18 +341,26 @@ class UpstreamClient:
     async def get(self, upstream: str, path: str, timeout: float,
                   host: str = "llmuxd") -> tuple[int, bytes]:
         """A small GET (llmuxd's status and health): (status, whole body)."""
-        request = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").encode()
+        return await self.call(upstream, "GET", path, None, timeout, host)
+
+    async def call(self, upstream: str, method: str, path: str, body: bytes | None,
+                   timeout: float, host: str = "llmuxd") -> tuple[int, bytes]:
+        """A small request with a JSON body or none: (status, whole answer body)."""
+        head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        request = (head + "\r\n").encode() + (body or b"")
         deadline = time.monotonic() + timeout
         conn = await self.send(upstream, request, timeout, deadline)
-        body = bytearray()
+        answer = bytearray()
         try:
             while chunk := await conn.read(timeout, deadline):
-                body += chunk
+                answer += chunk
         except BaseException:
             conn.close()
             raise
         self.give_back(conn)
-        return conn.status, bytes(body)
+        return conn.status, bytes(answer)
 
     def close(self) -> None:
         for idle in self._idle.values():
