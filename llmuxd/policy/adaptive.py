@@ -17,7 +17,9 @@ flight, while requests that arrive for the active model cost nothing to admit. S
   goes to the model it was made for.
 * **Leave early when idle,** after lingering ``linger_factor x S / q^2`` (``q``:
   the target's waiters): a lone waiter is worth a linger (a request for the active
-  model that arrives meanwhile saves two switches); a queue is not.
+  model that arrives meanwhile saves two switches); a queue is not: beyond
+  ``LINGER_MAX_WAITERS`` it leaves at once (a linger of a tenth of a switch almost
+  never catches a request and delays every waiter).
 * **Next model:** among due models the one with the most waiters (most requests
   per switch; when several are due at once the box is overloaded and every switch
   must count), then the oldest; models not yet due by waiting work x age (sum of
@@ -44,6 +46,8 @@ __all__ = ["DUE_DRAIN_FRACTION", "AdaptivePolicy"]
 
 # A switch made for a due waiter drains at most this x max_wait_secs (see above).
 DUE_DRAIN_FRACTION = 2 / 3
+# An idle model lingers only for this many waiters or fewer (see above).
+LINGER_MAX_WAITERS = 4
 
 
 class AdaptivePolicy:
@@ -84,7 +88,9 @@ class _Round:
         if is_idle(victim):
             idle_since = victim.idle_since if victim.idle_since is not None else now
             # lingering costs every waiter of the target; worth it for a few only
-            at = min(due, idle_since + o.linger_factor * cost / max(1, target.queued) ** 2)
+            q = max(1, target.queued)
+            linger = o.linger_factor * cost / q ** 2 if q <= LINGER_MAX_WAITERS else 0.0
+            at = min(due, idle_since + linger)
         else:
             at = max(due, since + max(o.min_quantum_ms / 1000, victim.switched_in_secs))
         return max(at, since + inp.min_active_secs)

@@ -130,3 +130,13 @@ def test_an_overdue_model_goes_before_a_longer_queue():
     d = decide("adaptive", view("b", queued=1, oldest_wait=70.0),
                view("c", queued=50, oldest_wait=84.0))
     assert d.actions == [Activate("b", "requests waiting")]
+
+
+def test_an_idle_model_does_not_linger_for_more_than_four_waiters():
+    # 4 waiters: 6 x 1 s / 16 from 99.9; 5 waiters: at once
+    d = decide("adaptive", view("a", S.ACTIVE, active_since=0.0, idle_since=99.9),
+               view("b", S.SLEEPING, queued=4, oldest_wait=99.5, wake_secs=1.0), now=100.0)
+    assert d.actions == [] and d.recheck_at == 99.9 + 6.0 / 16
+    d = decide("adaptive", view("a", S.ACTIVE, active_since=0.0, idle_since=99.9),
+               view("b", S.SLEEPING, queued=5, oldest_wait=99.5, wake_secs=1.0), now=100.0)
+    assert d.actions == [out("idle")]

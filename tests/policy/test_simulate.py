@@ -40,7 +40,6 @@ CELLS = ([("rust", w, c) for w in RUST for c in ("2s", "5s", "10s", "20s")]
 GAPS = {
     ("serving", ("poisson", "trickle", "14B-L2")),
     ("throughput", ("poisson", "five", "14B-L2")),
-    ("throughput", ("rust", "bursty", "2s")),
 }
 
 
