@@ -20,10 +20,12 @@ flight, while requests that arrive for the active model cost nothing to admit. S
   model that arrives meanwhile saves two switches); a queue is not: beyond
   ``LINGER_MAX_WAITERS`` it leaves at once (a linger of a tenth of a switch almost
   never catches a request and delays every waiter).
-* **Next model:** among due models the one with the most waiters (most requests
-  per switch; when several are due at once the box is overloaded and every switch
-  must count), then the oldest; models not yet due by waiting work x age (sum of
-  the ages of the waiters, ``wait_age_sum``).
+* **Next model:** a model *overdue* (its oldest waiter ``2 x max_wait_secs`` old)
+  whose oldest waiter can still be admitted before its timeout goes first, oldest
+  first: nobody is overtaken forever. Then among due models the one with the most
+  waiters (most requests per switch: when several are due at once the box is
+  overloaded and every switch must count), then the oldest; models not yet due by
+  waiting work x age (sum of the ages of the waiters, ``wait_age_sum``).
 * **No switch for nobody:** a target whose newest waiter would time out
   (``request_timeout_secs``) before the switch could end is not switched to
   (the seed's "abandoned" switches).
@@ -41,6 +43,7 @@ import math
 
 from llmuxd.policy.base import Deactivate, Decisions, ModelView, PolicyInput
 from llmuxd.policy.switching import NEVER, is_idle, plan, switch_cost, waiting_targets
+from llmuxd.states import ModelState
 
 __all__ = ["DUE_DRAIN_FRACTION", "AdaptivePolicy"]
 
@@ -63,10 +66,12 @@ class _Round:
     def __init__(self, inp: PolicyInput) -> None:
         self.due = {t.name: _first(inp, t) + inp.options.max_wait_secs
                     for t in waiting_targets(inp)}
+        self.holder = next((m for m in inp.models.values()
+                            if m.state in (ModelState.ACTIVE, ModelState.DRAINING)), None)
 
     def order(self, inp: PolicyInput, target: ModelView) -> tuple[float, ...]:
         due = self.due.get(target.name, NEVER)
-        if due + inp.options.max_wait_secs <= inp.now:
+        if due + inp.options.max_wait_secs <= inp.now and self.savable(inp, target):
             return (0.0, 0.0, due)      # overdue: oldest first, no one overtakes it twice
         if due <= inp.now:
             return (1.0, -float(target.queued), due)
@@ -74,6 +79,20 @@ class _Round:
         work = target.wait_age_sum if target.wait_age_sum is not None \
             else target.queued * age
         return (2.0, -work, 0.0)
+
+    def savable(self, inp: PolicyInput, target: ModelView) -> bool:
+        """Can its oldest waiter still be admitted before its timeout if it goes next?
+
+        (A hopeless one gets no priority: in an overload, switching for requests that
+        time out on the way only makes the others time out too.)
+        """
+        if self.holder is not None:
+            cost = switch_cost(inp, self.holder, target)
+        else:
+            cost = target.wake_secs if target.wake_secs is not None \
+                else inp.options.default_switch_secs
+        drain = DUE_DRAIN_FRACTION * inp.options.max_wait_secs
+        return _first(inp, target) + inp.request_timeout_secs > inp.now + drain + cost
 
     def leave_at(self, inp: PolicyInput, target: ModelView, victim: ModelView) -> float:
         """The deadline, or (idle) the end of a short linger; never before the floors."""

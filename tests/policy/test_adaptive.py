@@ -140,3 +140,11 @@ def test_an_idle_model_does_not_linger_for_more_than_four_waiters():
     d = decide("adaptive", view("a", S.ACTIVE, active_since=0.0, idle_since=99.9),
                view("b", S.SLEEPING, queued=5, oldest_wait=99.5, wake_secs=1.0), now=100.0)
     assert d.actions == [out("idle")]
+
+
+def test_an_overdue_model_whose_oldest_waiter_cannot_be_saved_gets_no_priority():
+    # b's oldest is 55 s old: with a 10 s drain and a 1 s wake it times out (60 s) on
+    # the way; the longer queue goes first
+    d = decide("adaptive", view("b", queued=1, oldest_wait=45.0, wake_secs=1.0),
+               view("c", queued=50, oldest_wait=84.0, wake_secs=1.0))
+    assert d.actions == [Activate("c", "requests waiting")]
