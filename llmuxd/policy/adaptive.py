@@ -9,7 +9,8 @@ flight, while requests that arrive for the active model cost nothing to admit. S
   ``min_quantum_ms`` and as long as the switch into it took (``switched_in_secs``:
   a visit shorter than its switch spends most of the GPU on switching).
 * **Bounded drains.** A switch made for a due waiter drains at most
-  ``DUE_DRAIN_FRACTION x max_wait_secs`` (when requests have a timeout): one long
+  ``DUE_DRAIN_FRACTION x max_wait_secs`` (at least ``min_quantum_ms``; only when
+  requests have a timeout): one long
   generation on the active model must not hold every other model's waiters into
   their timeout (the simulator's 504 cascades); the request cut there still returns
   what it produced. With ``drain + sleep < max_wait`` the victim's own waiters (they
@@ -119,7 +120,9 @@ class _Round:
         why = "due" if due <= inp.now else "idle"
         cap = None
         if why == "due" and inp.request_timeout_secs != math.inf:
-            cap = DUE_DRAIN_FRACTION * inp.options.max_wait_secs
+            # never below min_quantum_ms: max_wait_secs = 0 must not cut every generation
+            cap = max(DUE_DRAIN_FRACTION * inp.options.max_wait_secs,
+                      inp.options.min_quantum_ms / 1000)
         return Deactivate(victim.name, victim.sleep_level, True,
                           f"making room for {target.name} ({why})", for_model=target.name,
                           drain_secs=cap)

@@ -148,3 +148,11 @@ def test_an_overdue_model_whose_oldest_waiter_cannot_be_saved_gets_no_priority()
     d = decide("adaptive", view("b", queued=1, oldest_wait=45.0, wake_secs=1.0),
                view("c", queued=50, oldest_wait=84.0, wake_secs=1.0))
     assert d.actions == [Activate("c", "requests waiting")]
+
+
+def test_the_due_drain_is_never_shorter_than_min_quantum():
+    # max_wait_secs = 0 (switch as soon as anyone waits) must not cut every generation
+    d = decide("adaptive", view("a", S.ACTIVE, in_flight=1),
+               view("b", S.SLEEPING, queued=1, oldest_wait=99.0, wake_secs=1.0),
+               max_wait_secs=0.0)
+    assert [a.drain_secs for a in d.actions if isinstance(a, Deactivate)] == [2.0]

@@ -134,7 +134,7 @@ def wait_bound(workload: Workload, cost: str) -> float:
     """
     c = COSTS[cost]
     s = c.sleep_s + c.wake_s
-    d = DUE_DRAIN_FRACTION * MAX_WAIT
+    d = max(DUE_DRAIN_FRACTION * MAX_WAIT, OPTIONS.min_quantum_ms / 1000)
     v = max(OPTIONS.min_quantum_ms / 1000, s)
     k = len(workload.models)
     if k == 2:
