@@ -5,6 +5,8 @@ from __future__ import annotations
 from llmuxd.policy.base import Policy
 from llmuxd.policy.fifo import FifoPolicy
 
+POLICY_TYPES = ("fifo",)
+
 
 def make_policy(name: str) -> Policy:
     if name == "fifo":

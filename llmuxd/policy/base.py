@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from llmuxd.policy.options import PolicyOptions
 from llmuxd.states import ModelState
 
 
@@ -30,6 +31,22 @@ class ModelView:
     sleep_level: int              # configured level for when it must leave
     ready_at: float = 0.0         # BACKOFF: not before this monotonic time
     pinned: bool = False          # must not be evicted (validate runs on it)
+    # Added for the scheduling policies (issue 10); the defaults keep fifo's inputs.
+    wait_age_sum: float | None = None  # sum over waiters of (now - arrival); None: unknown
+    max_num_seqs: int = 256       # vLLM serves this many at once; more wait inside vLLM
+    idle_since: float | None = None    # ACTIVE with nothing in flight or queued since then
+    always_active: bool = False   # operator wants it kept awake: never evicted by a policy
+    switched_in_secs: float = 0.0  # sleep+wake/start time of the switch that made it ACTIVE
+    wake_secs: float | None = None  # expected time to become ACTIVE from its current state
+    sleep_secs: float | None = None  # expected time to leave the GPU at its sleep_level
+
+    def waiting_age(self, now: float) -> float:
+        """Age of the oldest waiter (0 when none)."""
+        return 0.0 if self.oldest_wait is None else max(0.0, now - self.oldest_wait)
+
+    def evictable(self) -> bool:
+        """May a policy choose to make this model leave its GPUs at all?"""
+        return not (self.pinned or self.always_active)
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,7 @@ class PolicyInput:
     drain_before_switch: bool
     min_active_secs: float
     costs: dict[tuple[str | None, str], float] = field(default_factory=dict)
+    options: PolicyOptions = field(default_factory=lambda: PolicyOptions())
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,7 @@ class Deactivate:
     drain: bool
     reason: str
     for_model: str | None = None   # the model this makes room for (switch record)
+    drain_secs: float | None = None  # cap on the drain; None: daemon.drain_timeout_secs
 
 
 Decision = Activate | Deactivate

@@ -1,85 +1,47 @@
 """The seed's ``fifo`` policy: switch as soon as a request waits for a model that is not active.
 
-Targets are served in the order their oldest request arrived. A target that must
-wait for room reserves its place, so a later request for a model that would take
-the same GPUs cannot overtake it (the original's switch lock, expressed as data).
-Models in the way are drained first when ``drain_before_switch`` and never before
-they have been active ``min_active_secs``.
+Targets are served in the order their oldest request arrived (``switching.plan``).
+Two defects of the seed are fixed here, at the policy level:
+
+* a model that just became active is not made to leave in the same pass: it stays
+  at least as long as the switch into it took (``switched_in_secs``) or
+  ``min_active_secs``, whichever is longer. Switching on demand served exactly one
+  batch per switch; now a switch costs at most half of a contended GPU's time;
+* ``drain_before_switch = false`` never puts a model to sleep under leases in flight
+  (vLLM aborts or crashes them, vllm#45520): with requests in flight the model is
+  drained anyway; ``false`` only skips the gate-closed wait when nothing is in flight
+  (where the two are the same). With ``min_active_secs = 0`` the seed put each
+  model to sleep one pass after granting its batch: a request longer than a tick
+  never completed.
 """
 
 from __future__ import annotations
 
-from llmuxd.placement import Placed, victims
-from llmuxd.policy.base import Activate, Deactivate, Decision, Decisions, ModelView, PolicyInput
-from llmuxd.states import ModelState
+from llmuxd.policy.base import Deactivate, Decisions, ModelView, PolicyInput
+from llmuxd.policy.switching import (
+    eviction_order,
+    holds_or_will_hold,
+    placed,
+    plan,
+)
 
-S = ModelState
-HOLDING = frozenset({S.ACTIVE, S.DRAINING, S.STARTING, S.WAKING, S.STOPPING})
-ACTIVATABLE = frozenset({S.STOPPED, S.SLEEPING, S.BACKOFF})
-
-
-def placed(m: ModelView) -> Placed:
-    return Placed(m.name, m.gpus, m.fraction)
-
-
-def holds_or_will_hold(m: ModelView) -> bool:
-    """On its GPUs now, or about to be (busy while not holding = checking memory to start)."""
-    return m.state in HOLDING or (m.busy and m.state in ACTIVATABLE)
-
-
-def eviction_order(m: ModelView) -> tuple[int, float]:
-    """Idle active models leave first, then busy ones; moving or pinned ones last."""
-    if m.pinned:
-        rank = 4
-    elif m.state is S.ACTIVE and not m.busy:
-        rank = 0 if m.queued == 0 and m.in_flight == 0 else 1
-    elif m.state is S.DRAINING:
-        rank = 2
-    else:
-        rank = 3
-    return rank, m.active_since or 0.0
+__all__ = ["FifoPolicy", "eviction_order", "holds_or_will_hold", "placed"]
 
 
 class FifoPolicy:
     name = "fifo"
 
     def decide(self, inp: PolicyInput) -> Decisions:
-        views = inp.models
-        actions: list[Decision] = []
-        recheck: float | None = None
-        leaving: set[str] = set()
-        reserved: list[Placed] = []
-        targets = sorted(
-            (m for m in views.values()
-             if m.queued > 0 and m.state in ACTIVATABLE and not m.busy),
-            key=lambda m: (m.oldest_wait if m.oldest_wait is not None else inp.now, m.name),
-        )
-        for t in targets:
-            if t.state is S.BACKOFF and inp.now < t.ready_at:
-                recheck = _earliest(recheck, t.ready_at)
-                continue
-            holders = sorted((m for m in views.values()
-                              if m.name != t.name and holds_or_will_hold(m)),
-                             key=eviction_order)
-            blockers = victims(placed(t), [placed(h) for h in holders] + reserved)
-            if not blockers:
-                actions.append(Activate(t.name, "requests waiting"))
-                reserved.append(placed(t))
-                continue
-            for name in blockers:
-                v = views.get(name)
-                if v is None or name in leaving or v.busy or v.pinned or v.state is not S.ACTIVE:
-                    continue        # a reservation, or already on its way: wait
-                since = v.active_since if v.active_since is not None else inp.now
-                if inp.now - since < inp.min_active_secs:
-                    recheck = _earliest(recheck, since + inp.min_active_secs)
-                    continue
-                actions.append(Deactivate(name, v.sleep_level, inp.drain_before_switch,
-                                          f"making room for {t.name}", for_model=t.name))
-                leaving.add(name)
-            reserved.append(placed(t))
-        return Decisions(actions, recheck)
+        return plan(inp, self)
 
+    def order(self, inp: PolicyInput, target: ModelView) -> tuple[float, ...]:
+        return (target.oldest_wait if target.oldest_wait is not None else inp.now,)
 
-def _earliest(a: float | None, b: float) -> float:
-    return b if a is None else min(a, b)
+    def leave_at(self, inp: PolicyInput, target: ModelView, victim: ModelView) -> float:
+        since = victim.active_since if victim.active_since is not None else inp.now
+        return since + max(inp.min_active_secs, victim.switched_in_secs)
+
+    def deactivate(self, inp: PolicyInput, target: ModelView, victim: ModelView) -> Deactivate:
+        drain = inp.drain_before_switch or victim.in_flight > 0
+        return Deactivate(victim.name, victim.sleep_level, drain,
+                          f"making room for {target.name}", for_model=target.name)

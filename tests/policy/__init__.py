@@ -1,0 +1,1 @@
+"""Scheduling policies and the policy simulator (pure, no processes)."""
