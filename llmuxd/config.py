@@ -49,6 +49,9 @@ class DaemonConfig:
     max_start_failures: int = 3
     restart_backoff_secs: float = 2.0
     warmup: bool = True
+    # Host RAM llmux's model processes may hold (L1 sleepers keep their weights
+    # there): bytes, "64GiB", "50%" of RAM, or "auto" = what leaves 10 % free.
+    host_memory_limit: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,10 @@ class ModelConfig:
     env: dict[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     startup_timeout_secs: float = 0.0
+    # Upkeep (docs/scheduling.md): start at boot and sleep; TTL; never evicted.
+    prewarm: bool = False
+    idle_sleep_secs: float = 0.0
+    keep_active: bool = False
 
     @property
     def gpu_indices(self) -> tuple[int, ...]:
@@ -286,12 +293,40 @@ def build_config(raw: dict[str, Any], source: str = "") -> Config:
             if alias in models or alias in names:
                 c.fail(f"models.{name}.aliases", f"'{alias}' is already a model name or alias")
             names[alias] = name
+    _keep_active_fits(c, models)
 
     if c.errors:
         raise ConfigError(c.errors)
     return Config(models=models, port=port, metrics_port=metrics_port,
                   vllm_command=vllm_command, vllm_logging=vllm_logging, daemon=daemon,
                   proxy=proxy, policy=policy, source=source)
+
+
+def _keep_active_fits(c: _Checker, models: dict[str, ModelConfig]) -> None:
+    """keep_active models never leave their GPUs: they must fit together, and every
+    other model must fit beside them, or it could never run (an error now, not a
+    request that waits forever)."""
+    kept: dict[int, float] = {}
+    for model in models.values():
+        if model.keep_active:
+            for gpu in model.gpu_indices:
+                kept[gpu] = kept.get(gpu, 0.0) + model.gpu_memory_utilization
+    if not kept:
+        return
+    names = ", ".join(n for n, m in models.items() if m.keep_active)
+    for gpu, load in sorted(kept.items()):
+        if load > 1 + 1e-9:
+            c.fail("models", f"the keep_active models ({names}) need {load:g} of GPU {gpu} "
+                             f"together (more than 1)")
+    for name, model in models.items():
+        if model.keep_active:
+            continue
+        for gpu in model.gpu_indices:
+            if gpu in kept and kept[gpu] + model.gpu_memory_utilization > 1 + 1e-9:
+                c.fail(f"models.{name}", f"can never run: the keep_active models ({names}) "
+                       f"hold {kept[gpu]:g} of GPU {gpu} and it needs "
+                       f"{model.gpu_memory_utilization:g}")
+                break
 
 
 def _build_daemon(c: _Checker, raw: dict[str, Any]) -> DaemonConfig:
@@ -322,7 +357,55 @@ def _build_daemon(c: _Checker, raw: dict[str, Any]) -> DaemonConfig:
         values[name] = c.get(raw, key, name, "int", getattr(d, name))
         _positive(c, f"{key}.{name}", values[name])
     values["warmup"] = c.get(raw, key, "warmup", "bool", d.warmup)
+    values["host_memory_limit"] = _host_limit(c, raw, key, d.host_memory_limit)
     return DaemonConfig(**values)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2,
+               "mb": 1000**2, "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
+               "t": 1000**4, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_memory_limit(spec: str) -> tuple[str, float]:
+    """``host_memory_limit``: ("auto", 0), ("percent", p) or ("bytes", n); ValueError if bad.
+
+    Accepted: "auto", an integer byte count, a size with a unit ("64GiB", "500MB",
+    "1.5 TiB"; GB = 10^9, GiB = 2^30), or a percentage of the host's RAM ("80%").
+    """
+    text = spec.strip().lower()
+    if text == "auto":
+        return "auto", 0.0
+    if text.endswith("%"):
+        pct = float(text[:-1])
+        if not 0 < pct <= 100:
+            raise ValueError("a percentage must be in (0, 100]")
+        return "percent", pct
+    num = text.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = text[len(num):].strip()
+    if unit not in _SIZE_UNITS or not num:
+        raise ValueError(f"unknown size {spec!r}")
+    value = float(num) * _SIZE_UNITS[unit]
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return "bytes", value
+
+
+def _host_limit(c: _Checker, raw: dict[str, Any], key: str, default: str) -> str:
+    value = raw.get("host_memory_limit", default)
+    path = f"{key}.host_memory_limit"
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        c.fail(path, f"must be \"auto\", a byte count, a size like \"64GiB\" or a "
+                     f"percentage like \"80%\" (got {json.dumps(value)})")
+        return default
+    try:
+        parse_memory_limit(value)
+    except ValueError as exc:
+        c.fail(path, f"must be \"auto\", a byte count, a size like \"64GiB\" or a "
+                     f"percentage like \"80%\" ({exc})")
+        return default
+    return value
 
 
 def _build_proxy(c: _Checker, raw: dict[str, Any], top_port: int, top_given: bool
@@ -422,13 +505,38 @@ def _build_model(c: _Checker, key: str, name: str, raw: dict[str, Any],
     startup = c.get(raw, key, "startup_timeout_secs", "float", 0.0)
     if startup < 0:
         c.fail(f"{key}.startup_timeout_secs", "must not be negative")
+    sleep_mode = c.get(raw, key, "enable_sleep_mode", "bool", True)
+    upkeep = _upkeep(c, key, raw, level, sleep_mode)
     if missing:
         return None
     return ModelConfig(
         name=name, model_path=model_path, port=port, sleep_level=level,
         gpu_memory_utilization=util, tensor_parallel_size=tp, dtype=dtype,
         extra_args=c.get(raw, key, "extra_args", "strlist", ()), gpus=gpus,
-        enable_sleep_mode=c.get(raw, key, "enable_sleep_mode", "bool", True),
+        enable_sleep_mode=sleep_mode,
         env=c.get(raw, key, "env", "strmap", {}),
         aliases=c.get(raw, key, "aliases", "strlist", ()), startup_timeout_secs=startup,
+        **upkeep,
     )
+
+
+def _upkeep(c: _Checker, key: str, raw: dict[str, Any], level: int, sleep_mode: bool
+            ) -> dict[str, Any]:
+    """prewarm, idle_sleep_secs, keep_active: each checked, and against each other."""
+    prewarm = c.get(raw, key, "prewarm", "bool", False)
+    idle = c.get(raw, key, "idle_sleep_secs", "float", 0.0)
+    keep = c.get(raw, key, "keep_active", "bool", False)
+    if idle < 0:
+        c.fail(f"{key}.idle_sleep_secs", "must not be negative (0 = never)")
+    if prewarm and level == 3:
+        c.fail(f"{key}.prewarm", "needs sleep_level 1 or 2 (a model asleep at level 3 "
+                                 "is stopped: nothing to prewarm)")
+    if prewarm and not sleep_mode:
+        c.fail(f"{key}.prewarm", "needs enable_sleep_mode = true")
+    if keep and prewarm:
+        c.fail(f"{key}.prewarm", "has no effect with keep_active = true (a keep_active "
+                                 "model is started at boot and stays active); set one")
+    if keep and idle > 0:
+        c.fail(f"{key}.idle_sleep_secs", "conflicts with keep_active = true (a "
+                                         "keep_active model never goes to sleep)")
+    return {"prewarm": prewarm, "idle_sleep_secs": idle, "keep_active": keep}

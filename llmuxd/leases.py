@@ -76,6 +76,7 @@ class Gate:
     queue: deque[Waiter] = field(default_factory=deque)
     watch_idle: bool = False    # supervisor wants a kick when in_flight reaches 0
     hold: ApiError | None = None  # refuse at once (model FAILED)
+    grants: int = 0             # leases granted so far (activity between two looks)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class GateView:
     in_flight: int
     queued: int
     oldest_wait: float | None
+    grants: int = 0
 
 
 class LeaseTable:
@@ -271,7 +273,8 @@ class LeaseTable:
         with self._lock:
             return {
                 name: GateView(open=g.open, in_flight=g.in_flight, queued=len(g.queue),
-                               oldest_wait=g.queue[0].enqueued_at if g.queue else None)
+                               oldest_wait=g.queue[0].enqueued_at if g.queue else None,
+                               grants=g.grants)
                 for name, g in self._gates.items()
             }
 
@@ -301,6 +304,7 @@ class LeaseTable:
                       pid=pid, granted_at=now, waited_s=now - since, switched=switched)
         self._leases[lease.lease_id] = lease
         gate.in_flight += 1
+        gate.grants += 1
         return lease
 
     def _remove_waiter(self, waiter: Waiter) -> None:

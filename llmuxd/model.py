@@ -120,6 +120,13 @@ class ModelRuntime:
         self.pinned = False                               # validate runs: do not evict
         self.validate_job: ValidateJob | None = None
         self.gpu_memory_mib: dict[int, int] = {}
+        # Upkeep and host memory (upkeep.py, host_memory.py), loop thread only.
+        self.idle_since: float | None = None        # ACTIVE, nothing in flight or waiting
+        self.last_used: float | None = None         # last seen holding a lease (monotonic)
+        self.lease_grants = 0                       # its gate's grant count at the last look
+        self.prewarm: str | None = None             # prewarm progress, for status
+        self.host_memory_bytes: int | None = None   # RSS of its process tree (sampled)
+        self.l1_host: tuple[str, int] | None = None  # (model_path, bytes its L1 sleep took)
 
     @property
     def level(self) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import structlog
 
 from llmuxd.core import Core
+from llmuxd.host_memory import lru_key
 from llmuxd.model import ModelRuntime
 from llmuxd.policy import make_policy
 from llmuxd.policy.base import Activate, Deactivate, ModelView, Policy, PolicyInput
@@ -56,7 +57,8 @@ class Planner:
                 oldest_wait=min(waits) if waits else None, active_since=m.active_since,
                 gpus=m.config.gpu_indices, fraction=m.config.gpu_memory_utilization,
                 sleep_level=m.config.sleep_level, ready_at=m.backoff_until,
-                pinned=m.pinned)
+                pinned=m.pinned, idle_since=m.idle_since,
+                always_active=m.config.keep_active)
         return views
 
     def policy_input(self, views: dict[str, ModelView], now: float) -> PolicyInput:
@@ -109,7 +111,8 @@ class Planner:
         if any(o.busy or o.state in (S.DRAINING, S.STOPPING, S.STARTING, S.WAKING)
                for o in others):
             return True
-        actives = [o for o in others if o.state is S.ACTIVE and not o.pinned]
+        actives = [o for o in others
+                   if o.state is S.ACTIVE and not o.pinned and not o.config.keep_active]
         for other in actives:
             log.info("making_room", model=m.name, evict=other.name, why=why)
             other.switch = m.switch
@@ -120,8 +123,14 @@ class Planner:
                                 f"making room for {m.name}: {why}")
         if actives:
             return True
-        sleepers = [o for o in others if o.state is S.SLEEPING]
-        for other in sleepers:
-            log.info("making_room", model=m.name, stop=other.name, why=why)
-            self.ops.stop_model(other, f"stopping a sleeper to make room for {m.name}: {why}")
+        # Sleepers' residue (CUDA context) is in the way: the least recently used one
+        # goes first, one at a time; the preflight runs again when it is gone.
+        sleepers = sorted((o for o in others if o.state is S.SLEEPING),
+                          key=lambda o: lru_key(o.last_used, o.state_since_mono))
+        if sleepers:
+            other = sleepers[0]
+            log.info("making_room", model=m.name, stop=other.name, why=why,
+                     reason="least recently used sleeper")
+            self.ops.stop_model(other, f"stopping the least recently used sleeper to make "
+                                       f"room for {m.name}: {why}")
         return bool(sleepers)

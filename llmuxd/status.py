@@ -51,6 +51,19 @@ def model_status(m: ModelRuntime, gate: GateView | None) -> dict[str, Any]:
         "restarts": m.restarts, "last_error": m.last_error,
         "last_switch": m.last_switch.to_dict() if m.last_switch else None,
         "failures": m.failures, "operation": m.op.kind if m.op else None,
+        **upkeep_status(m),
+    }
+
+
+def upkeep_status(m: ModelRuntime) -> dict[str, Any]:
+    """Idle time, keep-active, prewarm progress and host RAM of one model."""
+    mc = m.config
+    return {
+        "idle_s": (round(time.monotonic() - m.idle_since, 3)
+                   if m.idle_since is not None else None),
+        "idle_sleep_secs": mc.idle_sleep_secs or None, "keep_active": mc.keep_active,
+        "prewarm": m.prewarm, "host_memory_bytes": m.host_memory_bytes,
+        "l1_host_bytes": m.l1_host[1] if m.l1_host else None,
     }
 
 

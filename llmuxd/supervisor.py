@@ -37,6 +37,7 @@ from llmuxd.core import Core, Mailbox
 from llmuxd.daemon_port import DaemonPort
 from llmuxd.errors import ApiError
 from llmuxd.frontend_keeper import FrontEndKeeper
+from llmuxd.host_memory import HostMemoryKeeper
 from llmuxd.metrics import Metrics
 from llmuxd.model import ModelRuntime
 from llmuxd.pidcheck import pid_alive
@@ -44,6 +45,7 @@ from llmuxd.planner import Planner
 from llmuxd.sdnotify import SdNotify
 from llmuxd.status import DaemonFacts, GpuSampler, active_line, daemon_status, update_gauges
 from llmuxd.switching import Switcher
+from llmuxd.upkeep import Upkeep
 from llmuxd.validate_jobs import ValidateJobs
 from llmuxd.workers import OpRunner
 
@@ -68,7 +70,11 @@ class Supervisor:
         self.runner = OpRunner(self.mailbox.post, self._op_ended)
         self.ops = Switcher(core, self.runner, self.gpu_sampler.soon)
         self.planner = Planner(core, self.ops)
-        self.ops.no_room = self.planner.make_room
+        self.upkeep = Upkeep(core, self.ops)
+        self.memory = HostMemoryKeeper(core, self.ops)
+        self.ops.no_room = self._no_room
+        self.ops.choose_level = self.memory.choose_level
+        self.ops.slept = self.memory.slept
         self.validations = ValidateJobs(core, self.ops)
         self.fe = FrontEndKeeper(core, frontend, self.mark_ready)
         self.port = DaemonPort(core, self.ops, self.validations, self.status, self.reload)
@@ -80,6 +86,11 @@ class Supervisor:
         self._watchdog_every = core.notifier.watchdog_interval()
         self._status_line = ""
         self.loop_thread: threading.Thread | None = None
+
+    def _no_room(self, m: ModelRuntime, why: str) -> bool:
+        """A preflight found too little memory: a prewarm gives up, else make room."""
+        handled = self.upkeep.no_room(m, why)
+        return self.planner.make_room(m, why) if handled is None else handled
 
     def _op_ended(self, m: ModelRuntime) -> None:
         """An operation of m ended and m is idle: the one place a pending config applies."""
@@ -206,12 +217,14 @@ class Supervisor:
             self.ops.refuse_failed()
             self.validations.progress(now)
             self.planner.schedule(now)
+            self.upkeep.progress(now)
             self.fe.check(now)
         if now >= self._next_sweep:
             self._next_sweep = now + PID_SWEEP
             self._sweep_pids()
             update_gauges(core.models, core.leases.view(), core.metrics)
         self.gpu_sampler.maybe_sample(core.probe, core.models, now)
+        self.memory.maybe_sample(now)
         if self._watchdog_every and now >= self._next_watchdog:
             self._next_watchdog = now + self._watchdog_every
             core.notifier.watchdog()
@@ -244,4 +257,7 @@ class Supervisor:
             socket=core.config.daemon.socket, ready=core.ready,
             shutting_down=core.shutdown is not None, policy=self.planner.policy.name,
             frontend_pid=self.fe.pid, probe=getattr(core.probe, "name", None))
-        return daemon_status(facts, core.models, core.leases.view(), self.gpu_sampler.gpus)
+        doc = daemon_status(facts, core.models, core.leases.view(), self.gpu_sampler.gpus)
+        doc["upkeep"] = self.upkeep.status()
+        doc["memory"] = self.memory.status()
+        return doc

@@ -34,6 +34,7 @@ from llmuxd.child_ops import (
 )
 from llmuxd.core import Core
 from llmuxd.errors import ApiError
+from llmuxd.hostmem import tree_rss
 from llmuxd.model import ModelRuntime, Operation, SwitchRecord, settle
 from llmuxd.states import HAS_PROCESS, ModelState
 from llmuxd.workers import OpRunner
@@ -54,6 +55,10 @@ class Switcher:
         self.gpu_changed = gpu_changed          # sample GPU memory soon
         # Preflight found too little memory: True if waiting is useful (planner).
         self.no_room: Callable[[ModelRuntime, str], bool] = lambda _m, _why: False
+        # The level an L1 sleep really gets (host-RAM budget), and what it took after.
+        self.choose_level: Callable[[ModelRuntime, int], int] = lambda _m, level: level
+        self.slept: Callable[[ModelRuntime, int, int | None, int | None], None] = \
+            lambda _m, _level, _before, _after: None
 
     # ------------------------------------------------------------------
     # Switch records
@@ -279,7 +284,7 @@ class Switcher:
             if m.drain_level == 3 or self.core.shutdown is not None:
                 self.stop_model(m, f"level 3 after drain ({in_flight} still in flight)")
             else:
-                self._sleep(m, m.drain_level)
+                self._sleep(m, self.choose_level(m, m.drain_level))
 
     def _sleep(self, m: ModelRuntime, level: int) -> None:
         core = self.core
@@ -288,10 +293,13 @@ class Switcher:
         timeout = cfg.daemon.sleep_timeout_secs
         residue = cfg.daemon.sleep_residue_mib
         gpus = m.config.gpu_indices
-        self.runner.launch(
-            m, f"sleep{level}",
-            lambda _op: sleep_child(client, child, probe, gpus, level, timeout, residue),
-            lambda mm, _op, res, err: self._sleep_done(mm, level, res, err))
+
+        def work(_op: Operation) -> Any:
+            before = tree_rss(child.pid) if child is not None else None
+            phases = sleep_child(client, child, probe, gpus, level, timeout, residue)
+            return phases, before, tree_rss(child.pid) if child is not None else None
+        self.runner.launch(m, f"sleep{level}", work,
+                           lambda mm, _op, res, err: self._sleep_done(mm, level, res, err))
 
     def _sleep_done(self, m: ModelRuntime, level: int, result: Any,
                     error: BaseException | None) -> None:
@@ -301,12 +309,14 @@ class Switcher:
             log.warning("sleep_failed", model=m.name, sleep_level=level, error=str(error))
             self.stop_model(m, msg)
             return
+        phases, before, after = result
         if m.switch is not None:
-            for phase, secs in result.items():
+            for phase, secs in phases.items():
                 m.switch.add(phase, secs)
         m.enter(S.SLEEPING, f"asleep at level {level}")
         m.sleep_level = level
         self._left_gpu(m)
+        self.slept(m, level, before, after)
 
     def stop_model(self, m: ModelRuntime, reason: str, kill: bool = False) -> None:
         """Any state with a process → STOPPING → (worker: SIGTERM, grace, SIGKILL) → STOPPED.

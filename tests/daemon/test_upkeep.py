@@ -1,0 +1,116 @@
+"""Prewarm, idle TTL and keep-active through the real daemon with simulated children."""
+
+from __future__ import annotations
+
+import time
+
+from llmux_testkit.daemon import sim_model
+
+from .daemon_helpers import lease, leased_chat, release
+
+
+def _events(d, event, **match):
+    return [e for e in d.log_events(event) if all(e.get(k) == v for k, v in match.items())]
+
+
+def test_prewarm_starts_models_at_boot_asleep_and_first_lease_wakes(make_daemon):
+    d = make_daemon({"a": sim_model(sleep_level=1, prewarm=True),
+                     "b": sim_model(sleep_level=2, prewarm=True),
+                     "c": sim_model(sleep_level=1)})
+    a = d.wait_state("a", "sleeping")
+    b = d.wait_state("b", "sleeping")
+    assert (a["sleep_level"], b["sleep_level"]) == (1, 2)
+    assert a["pid"] is not None and b["pid"] is not None
+    assert d.status("c")["state"] == "stopped"
+    assert a["prewarm"] == "done: asleep at level 1"
+    assert b["prewarm"] == "done: asleep at level 2"
+    up = d.status()["upkeep"]["prewarm"]
+    assert up["current"] is None and up["pending"] == []
+
+    # One at a time, in config order: b started only after a was asleep.
+    steps = [(e["model"], e["step"]) for e in d.log_events("prewarm")]
+    assert steps.index(("a", "done: asleep at level 1")) < steps.index(("b", "starting"))
+    starts = [e["model"] for e in _events(d, "transition", to_state="starting")]
+    assert starts == ["a", "b"]
+
+    pid = a["pid"]
+    leased_chat(d, "a")
+    a = d.status("a")
+    assert a["state"] == "active" and a["pid"] == pid
+    phases = a["last_switch"]["phases_ms"]
+    assert "wake" in phases and "start" not in phases
+    assert a["last_switch"]["to"] == "a"
+    assert d.stop() == 0
+
+
+def test_prewarm_gives_way_to_a_request(make_daemon):
+    """A request for the model being prewarmed wins: it is served and left active."""
+    d = make_daemon({"a": sim_model(sleep_level=1, prewarm=True)},
+                    env={"LLMUX_SIM_LOAD_S": "100"})       # 1 s of start at time scale 0.01
+    d.wait_state("a", "starting")
+    leased_chat(d, "a")
+    d.wait_for(lambda: (d.status("a")["prewarm"] or "").startswith("done"), 30, "prewarm end")
+    a = d.status("a")
+    assert a["state"] == "active"
+    assert a["prewarm"] == "done: in use: left active"
+
+
+def test_idle_sleep_secs_puts_an_idle_model_to_sleep_at_its_level(make_daemon):
+    ttl = 1.0
+    d = make_daemon({"a": sim_model(sleep_level=1, idle_sleep_secs=ttl),
+                     "b": sim_model(sleep_level=1)})
+    code, grant = lease(d, "a")
+    assert code == 200, grant
+    # A lease in flight keeps it active however long it takes.
+    deadline = time.monotonic() + 3 * ttl
+    while time.monotonic() < deadline:
+        s = d.status("a")
+        assert s["state"] == "active" and s["idle_s"] is None, s
+        time.sleep(0.1)
+    release(d, grant["lease_id"])
+    a = d.wait_state("a", "sleeping", timeout=30)
+    assert a["sleep_level"] == 1
+    sw = a["last_switch"]
+    assert (sw["from"], sw["to"], sw["result"]) == ("a", None, "ok")
+    idle = _events(d, "idle_sleep", model="a")
+    assert len(idle) == 1 and idle[0]["idle_s"] >= ttl
+    # b has no TTL: it stays active when idle.
+    leased_chat(d, "b")
+    assert d.status("a")["state"] == "sleeping"
+    deadline = time.monotonic() + 3 * ttl
+    while time.monotonic() < deadline:
+        assert d.status("b")["state"] == "active"
+        time.sleep(0.1)
+    assert d.status("b")["idle_s"] >= ttl
+
+
+def test_idle_sleep_at_level_3_stops_the_model(make_daemon):
+    d = make_daemon({"a": sim_model(sleep_level=3, idle_sleep_secs=0.5)})
+    leased_chat(d, "a")
+    a = d.wait_state("a", "stopped", timeout=30)
+    assert a["pid"] is None
+
+
+def test_keep_active_model_runs_from_boot_and_is_never_evicted(make_daemon):
+    d = make_daemon({"k": sim_model(keep_active=True, gpu_memory_utilization=0.4),
+                     "a": sim_model(sleep_level=1, gpu_memory_utilization=0.5),
+                     "b": sim_model(sleep_level=1, gpu_memory_utilization=0.5)})
+    k = d.wait_state("k", "active")          # no request asked for it
+    assert k["keep_active"] is True
+    leased_chat(d, "a")
+    leased_chat(d, "b")                      # a (not k) makes room
+    assert d.status("a")["state"] == "sleeping"
+    assert d.status("k")["state"] == "active"
+    leased_chat(d, "k")
+
+    code, body = d.request("POST", "/v1/models/k/sleep", {"level": 1})
+    assert code == 409, body
+    assert body["error"]["code"] == "conflict" and "keep_active" in body["error"]["message"]
+
+    old_pid = d.status("k")["pid"]
+    code, body = d.request("POST", "/v1/models/k/kill", {})
+    assert code == 200, body
+    k = d.wait_for(lambda: (lambda s: s if s["state"] == "active" and s["pid"] != old_pid
+                            else None)(d.status("k")), 60, "k back after a kill")
+    assert _events(d, "keep_active", model="k")
+    assert d.status("b")["state"] == "active"
