@@ -9,7 +9,9 @@ known in advance), a little above what they hold then.
 
 from __future__ import annotations
 
-from llmux_testkit.daemon import sim_model
+import urllib.request
+
+from llmux_testkit.daemon import free_port, sim_model
 
 from .daemon_helpers import leased_chat
 
@@ -44,7 +46,9 @@ def _set_limit_above_what_is_held(d, margin):
 
 
 def test_l1_sleep_over_the_host_budget_is_demoted_to_level_2(make_daemon):
-    d = make_daemon({"a": sim_model(sleep_level=1), "b": sim_model(sleep_level=1)}, env=ENV)
+    metrics_port = free_port()
+    d = make_daemon({"a": sim_model(sleep_level=1), "b": sim_model(sleep_level=1)}, env=ENV,
+                    config={"metrics_port": metrics_port})
     for name in ("a", "b", "a"):
         leased_chat(d, name)
     _learned(d, ["a", "b"])
@@ -61,6 +65,10 @@ def test_l1_sleep_over_the_host_budget_is_demoted_to_level_2(make_daemon):
     assert "level 2" in action["why"] and "measured" in action["why"]
     logged = [e for e in d.log_events("host_memory") if e["action"] == "demote_l2"]
     assert [e["model"] for e in logged] == ["a"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        page = r.read().decode()
+    assert 'llmux_memory_actions_total{action="demote_l2",model="a"} 1.0' in page
+    assert "llmux_host_memory_limit_bytes" in page and "llmux_model_host_memory_bytes" in page
     # The next wake of a reloads its weights (level 2), and it answers the same.
     leased_chat(d, "a")
     assert d.status("a")["state"] == "active"
@@ -84,3 +92,19 @@ def test_l1_sleep_stops_the_least_recently_used_l1_sleeper_first(make_daemon):
     stopping = [e for e in d.log_events("transition")
                 if e["model"] == "c" and e["to_state"] == "stopping"]
     assert len(stopping) == 1 and "host RAM" in stopping[0]["reason"]
+
+
+def test_gpu_residue_in_the_way_stops_only_the_least_recently_used_sleeper(make_daemon):
+    """10000 MiB GPU, 0.8 each: two sleepers' residue (2 x 1341) leave 7318 MiB, c needs
+    8000; stopping one sleeper (the LRU one, a) is enough, b keeps its fast wake."""
+    d = make_daemon({n: sim_model(sleep_level=1, gpu_memory_utilization=0.8)
+                     for n in ("a", "b", "c")}, gpu_mib=10000)
+    leased_chat(d, "a")
+    leased_chat(d, "b")
+    leased_chat(d, "c")
+    st = d.status()["models"]
+    assert (st["a"]["state"], st["b"]["state"], st["c"]["state"]) == (
+        "stopped", "sleeping", "active")
+    rooms = [e for e in d.log_events("making_room") if e.get("stop")]
+    assert [e["stop"] for e in rooms] == ["a"]
+    assert rooms[0]["reason"] == "least recently used sleeper"
