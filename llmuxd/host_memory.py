@@ -42,7 +42,7 @@ from prometheus_client import Counter, Gauge
 
 from llmuxd.config import ModelConfig, parse_memory_limit
 from llmuxd.core import Core
-from llmuxd.hostmem import HostMemory, read_meminfo, tree_rss
+from llmuxd.hostmem import HostMemory, read_meminfo, trees_rss
 from llmuxd.model import ModelRuntime
 from llmuxd.states import ModelState
 from llmuxd.switching import Switcher
@@ -216,7 +216,8 @@ class HostMemoryKeeper:
                          daemon=True).start()
 
     def _sample(self, pids: dict[str, int]) -> None:
-        sizes = {n: tree_rss(pid) for n, pid in pids.items()}
+        by_pid = trees_rss(list(pids.values())) if pids else {}
+        sizes = {n: by_pid.get(pid) for n, pid in pids.items()}
         try:
             host: HostMemory | None = self.read_host()
         except (OSError, ValueError, KeyError):

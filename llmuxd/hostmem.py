@@ -11,6 +11,7 @@ shared between the processes of a tree (libraries), which errs on the safe side.
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
 from dataclasses import dataclass
 
 import psutil
@@ -53,3 +54,30 @@ def tree_rss(pid: int) -> int | None:
         with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
     return total
+
+
+def trees_rss(roots: list[int]) -> dict[int, int | None]:
+    """``tree_rss`` of several roots from one pass over the process table (the sampler's
+    way: one scan every few seconds, not one per model)."""
+    children: dict[int, list[int]] = defaultdict(list)
+    rss: dict[int, int] = {}
+    for p in psutil.process_iter(["pid", "ppid", "memory_info"]):
+        info = p.info
+        children[info["ppid"] or 0].append(info["pid"])
+        mem = info["memory_info"]
+        rss[info["pid"]] = mem.rss if mem is not None else 0
+    out: dict[int, int | None] = {}
+    for root in roots:
+        if root not in rss:
+            out[root] = None
+            continue
+        total, stack, seen = 0, [root], set()
+        while stack:
+            pid = stack.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            total += rss.get(pid, 0)
+            stack.extend(children.get(pid, ()))
+        out[root] = total
+    return out

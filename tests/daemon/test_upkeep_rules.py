@@ -12,7 +12,7 @@ from llmuxd.host_memory import (
     plan_l1_sleep,
     resolve_limit,
 )
-from llmuxd.hostmem import HostMemory, read_meminfo
+from llmuxd.hostmem import HostMemory, read_meminfo, tree_rss, trees_rss
 from llmuxd.states import ModelState
 from llmuxd.upkeep import IdleFacts, PrewarmFacts, idle_expired, prewarm_step
 
@@ -139,3 +139,21 @@ def test_read_meminfo(tmp_path):
     assert (host.total, host.available) == (24684096 * 1024, 23522312 * 1024)
     real = read_meminfo()
     assert 0 < real.available <= real.total
+
+
+def test_trees_rss_sums_a_process_tree_like_tree_rss():
+    import os
+    import subprocess
+    import sys
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        me = os.getpid()
+        both = trees_rss([me, child.pid, 2**22 + 12345])
+        assert both[2**22 + 12345] is None
+        assert both[child.pid] and both[me] >= both[child.pid] + 1
+        single = tree_rss(child.pid)
+        assert single is not None and abs(single - both[child.pid]) < 16 << 20
+    finally:
+        child.stdin.close()
+        child.wait(10)
