@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 SLEEP_LEVELS = (1, 2, 3)
-POLICY_TYPES = ("fifo",)
+POLICY_TYPES = ("fifo", "cost_aware", "time_slice", "adaptive")
 GPU_PROBES = ("auto", "nvml", "sim", "none")
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
@@ -42,7 +42,9 @@ class DaemonConfig:
     startup_timeout_secs: float = 1800.0
     sleep_timeout_secs: float = 120.0
     wake_timeout_secs: float = 600.0
-    drain_timeout_secs: float = 60.0
+    # Below request_timeout_secs (60): a drain that outlasts the requests it makes
+    # room for only puts a model to sleep for nobody (issue 10).
+    drain_timeout_secs: float = 30.0
     stop_timeout_secs: float = 15.0
     sleep_residue_mib: int = 2048
     max_queue_per_model: int = 512
@@ -69,13 +71,26 @@ class ProxyConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """The seed's policy block (semantics kept), plus min_active_secs against thrash."""
+    """The seed's policy block (semantics kept), plus min_active_secs against thrash.
+
+    The option names and defaults after ``min_active_secs`` are the Rust llmux 0.9
+    ones (so its configs keep their meaning), then adaptive's; the planner hands
+    them to the policy as ``policy.options.PolicyOptions`` (same names).
+    """
 
     policy_type: str = "fifo"
     request_timeout_secs: float = 60.0
     drain_before_switch: bool = True
     sleep_level: int = 3
     min_active_secs: float = 0.0
+    max_wait_secs: float = 15.0
+    amortization_factor: float = 0.5
+    coalesce_window_ms: float = 2000.0
+    tick_interval_ms: float = 500.0
+    min_quantum_ms: float = 2000.0
+    default_switch_secs: float = 10.0
+    quantum_factor: float = 9.0
+    linger_factor: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,20 @@ class ModelConfig:
     prewarm: bool = False
     idle_sleep_secs: float = 0.0
     keep_active: bool = False
+
+    @property
+    def max_num_seqs(self) -> int:
+        """vLLM's batch limit as passed in extra_args (``--max-num-seqs``), else vLLM's 256."""
+        args = list(self.extra_args)
+        for i, arg in enumerate(args):
+            value = None
+            if arg == "--max-num-seqs" and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith("--max-num-seqs="):
+                value = arg.split("=", 1)[1]
+            if value is not None and value.isdigit() and int(value) > 0:
+                return int(value)
+        return 256
 
     @property
     def gpu_indices(self) -> tuple[int, ...]:
@@ -448,9 +477,22 @@ def _build_policy(c: _Checker, raw: dict[str, Any]) -> PolicyConfig:
     if min_active < 0:
         c.fail(f"{key}.min_active_secs", "must not be negative")
     drain = c.get(raw, key, "drain_before_switch", "bool", d.drain_before_switch)
+    options: dict[str, float] = {}
+    for name in POLICY_OPTIONS:
+        options[name] = c.get(raw, key, name, "float", getattr(d, name))
+        if options[name] < 0 or options[name] != options[name]:
+            c.fail(f"{key}.{name}", "must be a number >= 0")
+    _positive(c, f"{key}.tick_interval_ms", options["tick_interval_ms"])
     return PolicyConfig(policy_type=policy_type, request_timeout_secs=timeout,
                         drain_before_switch=drain, sleep_level=level,
-                        min_active_secs=min_active)
+                        min_active_secs=min_active, **options)
+
+
+# The tuning knobs of the policies (cost_aware, time_slice, adaptive), in seconds
+# unless the name says ms; each policy reads only its own (docs/configuration.md).
+POLICY_OPTIONS = ("max_wait_secs", "amortization_factor", "coalesce_window_ms",
+                  "tick_interval_ms", "min_quantum_ms", "default_switch_secs",
+                  "quantum_factor", "linger_factor")
 
 
 _MODEL_KEYS = set(ModelConfig.__dataclass_fields__) - {"name"}

@@ -76,7 +76,7 @@ class Gate:
     queue: deque[Waiter] = field(default_factory=deque)
     watch_idle: bool = False    # supervisor wants a kick when in_flight reaches 0
     hold: ApiError | None = None  # refuse at once (model FAILED)
-    grants: int = 0             # leases granted so far (activity between two looks)
+    last_use: float = 0.0       # monotonic time of the last grant or release (idle time)
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,8 @@ class GateView:
     in_flight: int
     queued: int
     oldest_wait: float | None
-    grants: int = 0
+    wait_sum: float = 0.0       # sum of the waiters' arrival times (their total age: n*now - sum)
+    last_use: float = 0.0       # the last grant or release (idle since, when nothing is in flight)
 
 
 class LeaseTable:
@@ -162,6 +163,7 @@ class LeaseTable:
             gate = self._gates.get(lease.model)
             if gate is not None:
                 gate.in_flight -= 1
+                gate.last_use = time.monotonic()
                 kick = gate.in_flight == 0 and gate.watch_idle
         if kick:
             self._kick()
@@ -274,7 +276,8 @@ class LeaseTable:
             return {
                 name: GateView(open=g.open, in_flight=g.in_flight, queued=len(g.queue),
                                oldest_wait=g.queue[0].enqueued_at if g.queue else None,
-                               grants=g.grants)
+                               wait_sum=sum(w.enqueued_at for w in g.queue),
+                               last_use=g.last_use)
                 for name, g in self._gates.items()
             }
 
@@ -304,7 +307,7 @@ class LeaseTable:
                       pid=pid, granted_at=now, waited_s=now - since, switched=switched)
         self._leases[lease.lease_id] = lease
         gate.in_flight += 1
-        gate.grants += 1
+        gate.last_use = now
         return lease
 
     def _remove_waiter(self, waiter: Waiter) -> None:

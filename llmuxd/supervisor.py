@@ -41,9 +41,16 @@ from llmuxd.host_memory import HostMemoryKeeper
 from llmuxd.metrics import Metrics
 from llmuxd.model import ModelRuntime
 from llmuxd.pidcheck import pid_alive
-from llmuxd.planner import Planner
+from llmuxd.planner import Planner, policy_options
 from llmuxd.sdnotify import SdNotify
-from llmuxd.status import DaemonFacts, GpuSampler, active_line, daemon_status, update_gauges
+from llmuxd.status import (
+    DaemonFacts,
+    GpuSampler,
+    active_line,
+    daemon_status,
+    scheduler_facts,
+    update_gauges,
+)
 from llmuxd.switching import Switcher
 from llmuxd.upkeep import Upkeep
 from llmuxd.validate_jobs import ValidateJobs
@@ -77,7 +84,8 @@ class Supervisor:
         self.ops.slept = self.memory.slept
         self.validations = ValidateJobs(core, self.ops)
         self.fe = FrontEndKeeper(core, frontend, self.mark_ready)
-        self.port = DaemonPort(core, self.ops, self.validations, self.status, self.reload)
+        self.port = DaemonPort(core, self.ops, self.validations, self.status, self.reload,
+                               lambda: self.planner.explained)
         self.server: Any = None
         self.done = False
         self.exit_code = 0
@@ -222,7 +230,8 @@ class Supervisor:
         if now >= self._next_sweep:
             self._next_sweep = now + PID_SWEEP
             self._sweep_pids()
-            update_gauges(core.models, core.leases.view(), core.metrics)
+            update_gauges(core.models, core.leases.view(), core.metrics,
+                          self.planner.explained, self.planner.policy.name, core.costs)
         self.gpu_sampler.maybe_sample(core.probe, core.models, now)
         self.memory.maybe_sample(now)
         if self._watchdog_every and now >= self._next_watchdog:
@@ -256,8 +265,11 @@ class Supervisor:
             started_at=core.started_at, config_path=core.config_path,
             socket=core.config.daemon.socket, ready=core.ready,
             shutting_down=core.shutdown is not None, policy=self.planner.policy.name,
-            frontend_pid=self.fe.pid, probe=getattr(core.probe, "name", None))
-        doc = daemon_status(facts, core.models, core.leases.view(), self.gpu_sampler.gpus)
+            frontend_pid=self.fe.pid, probe=getattr(core.probe, "name", None),
+            scheduler=scheduler_facts(self.planner.policy.name,
+                                      vars(policy_options(core.config.policy)), core.costs))
+        doc = daemon_status(facts, core.models, core.leases.view(), self.gpu_sampler.gpus,
+                            self.planner.explained)
         doc["upkeep"] = self.upkeep.status()
         doc["memory"] = self.memory.status()
         return doc

@@ -4,8 +4,8 @@ The policy (policy/) decides who comes and goes when requests wait; these are th
 decisions the daemon makes when nobody waits, each pass of the loop:
 
 * activity: from the lease gates, when each model was last used and since when an
-  ACTIVE model has been idle (nothing in flight, nobody waiting). A lease granted
-  and released between two passes still counts (the gate's grant counter moved).
+  ACTIVE model has been idle (nothing in flight, nobody waiting, since its last
+  release or since it became active).
 * idle TTL (``idle_sleep_secs``): an ACTIVE model idle that long goes to sleep at
   its level (drained first), so its GPU is free before the next model is asked for.
 * keep-active (``keep_active``): such a model is started at boot and brought back
@@ -27,6 +27,7 @@ switching layer, like the planner does with the policy.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -51,19 +52,22 @@ HOLDING = frozenset({S.ACTIVE, S.DRAINING, S.STARTING, S.WAKING, S.STOPPING})
 
 def track_activity(models: dict[str, ModelRuntime], gates: dict[str, GateView],
                    now: float) -> None:
-    """Update each model's ``last_used`` and ``idle_since`` from its lease gate."""
+    """Update each model's ``last_used`` and ``idle_since`` from its lease gate.
+
+    The gate stamps its last grant and release (``last_use``), so a request that
+    came and went between two passes counts, and idle time runs from its end.
+    """
     for name, m in models.items():
         gate = gates.get(name)
         in_flight = gate.in_flight if gate else 0
         queued = (gate.queued if gate else 0) + len(m.demands)
-        grants = gate.grants if gate else 0
-        used = in_flight > 0 or grants != m.lease_grants
-        m.lease_grants = grants
-        if used:
+        last = gate.last_use if gate is not None and gate.last_use > 0 else None
+        if in_flight:
             m.last_used = now
-        if m.state is S.ACTIVE and not m.busy and not used and not queued:
-            if m.idle_since is None:
-                m.idle_since = now
+        elif last is not None and (m.last_used is None or last > m.last_used):
+            m.last_used = last
+        if m.state is S.ACTIVE and not m.busy and not in_flight and not queued:
+            m.idle_since = max(last or 0.0, m.active_since or 0.0)
         else:
             m.idle_since = None
 
@@ -149,7 +153,7 @@ class Upkeep:
         self.attempted: dict[str, Any] = {}     # model -> the ModelConfig we prewarmed
         self.current: str | None = None
         self.stage = "pending"
-        self.grants_at_start = 0
+        self.prewarm_began = 0.0
 
     # -- the loop's entry --------------------------------------------------
 
@@ -214,17 +218,17 @@ class Upkeep:
                 return
             self.current, self.stage = m.name, "pending"
             self.attempted[m.name] = m.config
-            self.grants_at_start = gates[m.name].grants if m.name in gates else 0
+            self.prewarm_began = time.monotonic()
         gate = gates.get(m.name)
         in_flight = gate.in_flight if gate else 0
         queued = (gate.queued if gate else 0) + len(m.demands)
-        grants = gate.grants if gate else 0
         holders = [o for o in models.values()
                    if o is not m and not o.removed and (o.state in HOLDING or o.busy)
                    and set(o.config.gpu_indices) & set(m.config.gpu_indices)]
         facts = PrewarmFacts(
             state=m.state, busy=m.busy,
-            traffic=bool(in_flight or queued or grants != self.grants_at_start),
+            traffic=bool(in_flight or queued or (gate is not None
+                                                  and gate.last_use > self.prewarm_began)),
             anyone_waiting=any(
                 (g.queued if (g := gates.get(o.name)) else 0) + len(o.demands) > 0
                 for o in models.values() if not o.removed),

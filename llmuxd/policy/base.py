@@ -33,6 +33,7 @@ class ModelView:
     pinned: bool = False          # must not be evicted (validate runs on it)
     # Added for the scheduling policies (issue 10); the defaults keep fifo's inputs.
     wait_age_sum: float | None = None  # sum over waiters of (now - arrival); None: unknown
+    newest_wait: float | None = None   # monotonic time the newest waiter arrived
     max_num_seqs: int = 256       # vLLM serves this many at once; more wait inside vLLM
     idle_since: float | None = None    # ACTIVE with nothing in flight or queued since then
     always_active: bool = False   # operator wants it kept awake: never evicted by a policy
@@ -57,6 +58,7 @@ class PolicyInput:
     min_active_secs: float
     costs: dict[tuple[str | None, str], float] = field(default_factory=dict)
     options: PolicyOptions = field(default_factory=lambda: PolicyOptions())
+    request_timeout_secs: float = 60.0   # a waiter older than this gets a 504
 
 
 @dataclass(frozen=True)

@@ -18,20 +18,18 @@ class PolicyOptions:
     amortization_factor: float = 0.5     # cost_aware: switch when queue >= factor x cost_s
     coalesce_window_ms: float = 2000.0   # cost_aware: otherwise defer this long
     tick_interval_ms: float = 500.0      # time_slice: how often the idle check runs
-    min_quantum_ms: float = 2000.0       # adaptive: shortest quantum (unused by time_slice,
-    #                                      as in the original)
+    min_quantum_ms: float = 2000.0       # adaptive: shortest visit of a busy model (unused
+    #                                      by time_slice, as in the original)
     default_switch_secs: float = 10.0    # cost of a direction never measured (original: 10 s)
-    quantum_factor: float = 9.0          # adaptive: quantum = factor x switch cost (<= 10 %
-    #                                      of a busy cycle is switching)
-    linger_factor: float = 0.5           # adaptive: an idle active model is kept this x switch
-    #                                      cost before an early switch
+    linger_factor: float = 3.0           # adaptive: an idle active model is kept this x switch
+    #                                      cost / (target's waiters)^2 before it leaves
 
     def errors(self) -> list[str]:
         """What is wrong with these values (empty when usable)."""
         out = []
         for name in ("max_wait_secs", "amortization_factor", "coalesce_window_ms",
                      "tick_interval_ms", "min_quantum_ms", "default_switch_secs",
-                     "quantum_factor", "linger_factor"):
+                     "linger_factor"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or v < 0:
                 out.append(f"policy.{name} must be a number >= 0, got {v!r}")

@@ -65,7 +65,7 @@ def test_idle_sleep_secs_puts_an_idle_model_to_sleep_at_its_level(make_daemon):
     deadline = time.monotonic() + 3 * ttl
     while time.monotonic() < deadline:
         s = d.status("a")
-        assert s["state"] == "active" and s["idle_s"] is None, s
+        assert s["state"] == "active" and s["scheduling"]["idle_s"] is None, s
         time.sleep(0.1)
     release(d, grant["lease_id"])
     a = d.wait_state("a", "sleeping", timeout=30)
@@ -81,7 +81,7 @@ def test_idle_sleep_secs_puts_an_idle_model_to_sleep_at_its_level(make_daemon):
     while time.monotonic() < deadline:
         assert d.status("b")["state"] == "active"
         time.sleep(0.1)
-    assert d.status("b")["idle_s"] >= ttl
+    assert d.status("b")["scheduling"]["idle_s"] >= ttl
 
 
 def test_idle_sleep_at_level_3_stops_the_model(make_daemon):
