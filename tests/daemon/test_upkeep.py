@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 from llmux_testkit.daemon import sim_model
@@ -26,6 +28,10 @@ def test_prewarm_starts_models_at_boot_asleep_and_first_lease_wakes(make_daemon)
     assert b["prewarm"] == "done: asleep at level 2"
     up = d.status()["upkeep"]["prewarm"]
     assert up["current"] is None and up["pending"] == []
+    out = subprocess.run([sys.executable, "-m", "llmuxctl", "-s", d.socket, "status"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "prewarm: a done: asleep at level 1; b done: asleep at level 2" in out
+    assert "host RAM: models hold" in out
 
     # One at a time, in config order: b started only after a was asleep.
     steps = [(e["model"], e["step"]) for e in d.log_events("prewarm")]
