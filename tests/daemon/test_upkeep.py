@@ -120,3 +120,30 @@ def test_keep_active_model_runs_from_boot_and_is_never_evicted(make_daemon):
                             else None)(d.status("k")), 60, "k back after a kill")
     assert _events(d, "keep_active", model="k")
     assert d.status("b")["state"] == "active"
+
+
+def test_prewarm_never_makes_room_it_skips_a_model_the_residue_leaves_no_room_for(make_daemon):
+    """10000 MiB GPU, 0.8 each: after a and b sleep (2 x 1341 MiB of residue) c does not
+    fit; its prewarm is skipped, a and b keep their fast wake."""
+    d = make_daemon({n: sim_model(sleep_level=1, gpu_memory_utilization=0.8, prewarm=True)
+                     for n in ("a", "b", "c")}, gpu_mib=10000)
+    c = d.wait_for(lambda: (lambda s: s if (s["prewarm"] or "").startswith("skipped")
+                            else None)(d.status("c")), 60, "c's prewarm skipped")
+    assert "not enough free GPU memory" in c["prewarm"]
+    assert c["state"] == "stopped" and c["failures"] == 0
+    assert (d.status("a")["state"], d.status("b")["state"]) == ("sleeping", "sleeping")
+    assert not [e for e in d.log_events("making_room")]
+    # A request for c then makes room the usual way (the LRU sleeper goes).
+    leased_chat(d, "c")
+    assert d.status("c")["state"] == "active"
+
+
+def test_reload_adding_a_prewarm_model_prewarms_it(make_daemon):
+    d = make_daemon({"a": sim_model(sleep_level=1)})
+    d.models["b"] = sim_model(sleep_level=2, prewarm=True)
+    d.write_config()
+    code, body = d.request("POST", "/v1/reload", {})
+    assert code == 200 and body["added"] == ["b"], body
+    b = d.wait_state("b", "sleeping")
+    assert b["sleep_level"] == 2 and b["prewarm"] == "done: asleep at level 2"
+    assert d.status("a")["state"] == "stopped"
