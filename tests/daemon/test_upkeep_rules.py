@@ -157,3 +157,25 @@ def test_trees_rss_sums_a_process_tree_like_tree_rss():
     finally:
         child.stdin.close()
         child.wait(10)
+
+
+def test_weights_on_disk_local_dir_and_hf_cache(tmp_path):
+    from llmuxd.config import ModelConfig
+    from llmuxd.host_memory import weights_on_disk
+
+    local = tmp_path / "model"
+    (local / "sub").mkdir(parents=True)
+    (local / "a.safetensors").write_bytes(b"x" * 1000)
+    (local / "sub" / "b.safetensors").write_bytes(b"x" * 500)
+    (local / "config.json").write_bytes(b"{}" * 100)
+    assert weights_on_disk(ModelConfig("m", str(local), 8001)) == 1500
+
+    hub = tmp_path / "hf" / "hub" / "models--org--name" / "snapshots" / "abc"
+    hub.mkdir(parents=True)
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"x" * 700)
+    (hub / "model.safetensors").symlink_to(blob)        # the cache's layout
+    mc = ModelConfig("m", "org/name", 8001, env={"HF_HOME": str(tmp_path / "hf")})
+    assert weights_on_disk(mc) == 700
+    assert weights_on_disk(ModelConfig("m", "org/other", 8001,
+                                       env={"HF_HOME": str(tmp_path / "hf")})) is None
