@@ -13,7 +13,7 @@ import sys
 
 from llmuxd import __version__ as VERSION
 from llmuxd import tomlout
-from llmuxd.config import Config, ConfigError, load_config
+from llmuxd.config import Config, ConfigError, load_config, policy_warnings
 
 DEFAULT_CONFIG = "/etc/llmux.toml"
 
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check_config:
         print(json.dumps(config.to_dict(), indent=2) if args.json else render_toml(config))
+        for warning in policy_warnings(config):
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
     if args.validate:
         return _validate(config, args)

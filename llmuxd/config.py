@@ -89,8 +89,7 @@ class PolicyConfig:
     tick_interval_ms: float = 500.0
     min_quantum_ms: float = 2000.0
     default_switch_secs: float = 10.0
-    quantum_factor: float = 9.0
-    linger_factor: float = 0.5
+    linger_factor: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -488,11 +487,28 @@ def _build_policy(c: _Checker, raw: dict[str, Any]) -> PolicyConfig:
                         min_active_secs=min_active, **options)
 
 
+def policy_warnings(config: Config) -> list[str]:
+    """Usable but self-defeating scheduling settings (logged at start and reload, and
+    printed by --check-config): each names its keys and what happens."""
+    d, p = config.daemon, config.policy
+    out = []
+    if d.drain_timeout_secs >= p.request_timeout_secs:
+        out.append(f"daemon.drain_timeout_secs ({d.drain_timeout_secs:g}) is not below "
+                   f"policy.request_timeout_secs ({p.request_timeout_secs:g}): requests "
+                   "waiting for a switch would time out before the drain gives up; llmuxd "
+                   "ends such drains early for them (docs/configuration.md)")
+    if p.policy_type != "fifo" and p.max_wait_secs >= p.request_timeout_secs:
+        out.append(f"policy.max_wait_secs ({p.max_wait_secs:g}) is not below "
+                   f"policy.request_timeout_secs ({p.request_timeout_secs:g}): a waiting "
+                   "request times out (504) before the policy must serve it")
+    return out
+
+
 # The tuning knobs of the policies (cost_aware, time_slice, adaptive), in seconds
 # unless the name says ms; each policy reads only its own (docs/configuration.md).
 POLICY_OPTIONS = ("max_wait_secs", "amortization_factor", "coalesce_window_ms",
                   "tick_interval_ms", "min_quantum_ms", "default_switch_secs",
-                  "quantum_factor", "linger_factor")
+                  "linger_factor")
 
 
 _MODEL_KEYS = set(ModelConfig.__dataclass_fields__) - {"name"}

@@ -88,6 +88,7 @@ class GateView:
     queued: int
     oldest_wait: float | None
     wait_sum: float = 0.0       # sum of the waiters' arrival times (their total age: n*now - sum)
+    newest_wait: float | None = None
     last_use: float = 0.0       # the last grant or release (idle since, when nothing is in flight)
 
 
@@ -277,6 +278,7 @@ class LeaseTable:
                 name: GateView(open=g.open, in_flight=g.in_flight, queued=len(g.queue),
                                oldest_wait=g.queue[0].enqueued_at if g.queue else None,
                                wait_sum=sum(w.enqueued_at for w in g.queue),
+                               newest_wait=g.queue[-1].enqueued_at if g.queue else None,
                                last_use=g.last_use)
                 for name, g in self._gates.items()
             }

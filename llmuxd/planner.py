@@ -59,6 +59,8 @@ class Planner:
             queued = (gate.queued if gate else 0) + len(m.demands)
             waits = [t for t in (gate.oldest_wait if gate else None, m.demand_since)
                      if t is not None]
+            newest = [t for t in (gate.newest_wait if gate else None,
+                                  m.demand_since if m.demands else None) if t is not None]
             age = 0.0
             if gate is not None and gate.queued:
                 age += gate.queued * now - gate.wait_sum
@@ -75,6 +77,7 @@ class Planner:
                 gpus=m.config.gpu_indices, fraction=m.config.gpu_memory_utilization,
                 sleep_level=m.config.sleep_level, ready_at=m.backoff_until,
                 pinned=m.pinned, wait_age_sum=max(0.0, age),
+                newest_wait=max(newest) if newest else None,
                 max_num_seqs=m.config.max_num_seqs, idle_since=idle_since,
                 switched_in_secs=m.switched_in_secs if m.state is S.ACTIVE else 0.0,
                 wake_secs=m.expected_in_secs(), sleep_secs=m.expected_out_secs(),
@@ -87,7 +90,8 @@ class Planner:
         return PolicyInput(models=views, now=now,
                            drain_before_switch=policy.drain_before_switch,
                            min_active_secs=policy.min_active_secs,
-                           costs=dict(self.core.costs), options=policy_options(policy))
+                           costs=dict(self.core.costs), options=policy_options(policy),
+                           request_timeout_secs=policy.request_timeout_secs)
 
     def schedule(self, now: float) -> None:
         """Each loop pass: drop abandoned switches, then apply the policy's decisions."""
@@ -100,6 +104,7 @@ class Planner:
                 self.ops.finish_switch(rt, "abandoned")    # its waiters gave up
         if not any(v.queued for v in views.values()):
             self.explained = {}
+            self.recheck_at = None
             return
         inp = self.policy_input(views, now)
         decisions = self.policy.decide(inp)

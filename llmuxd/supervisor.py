@@ -32,7 +32,7 @@ import structlog
 
 from llmuxd import __version__ as VERSION
 from llmuxd import lifecycle
-from llmuxd.config import Config, load_config
+from llmuxd.config import Config, load_config, policy_warnings
 from llmuxd.core import Core, Mailbox
 from llmuxd.daemon_port import DaemonPort
 from llmuxd.errors import ApiError
@@ -126,7 +126,7 @@ class Supervisor:
         events = self.mailbox.events
         while not self.done:
             try:
-                ev = events.get(timeout=TICK)
+                ev = events.get(timeout=self._next_wait())
             except queue.Empty:
                 ev = None
             while True:
@@ -142,6 +142,15 @@ class Supervisor:
         self.mailbox.closed = True
         lifecycle.finish(self.core, self.server, self.exit_code)
         return self.exit_code
+
+    def _next_wait(self) -> float:
+        """Until the next pass: TICK, or sooner when the policy asked to be asked again
+        then (a deferral, a quantum's end) — not up to a TICK late."""
+        at = self.planner.recheck_at
+        left = None if at is None else at - time.monotonic()
+        if left is None or left <= 0:       # none, or already due: the regular pass
+            return TICK
+        return min(TICK, max(0.005, left))
 
     def _handle(self, ev: Any) -> None:
         if ev is None:
@@ -194,6 +203,8 @@ class Supervisor:
         self.server.start()
         core.guardian = Guardian.start_new(grace=core.config.daemon.stop_timeout_secs)
         core.metrics.serve(core.config.metrics_port, core.probe)
+        for warning in policy_warnings(core.config):
+            log.warning("config_warning", warning=warning)
         log.info("listening", socket=core.config.daemon.socket, pid=os.getpid(),
                  version=VERSION, models=sorted(core.models),
                  metrics_port=core.config.metrics_port)
@@ -252,6 +263,8 @@ class Supervisor:
 
     def reload(self, new: Config) -> dict[str, list[str]]:
         """Apply a checked new config (loop thread): added, removed, changed models."""
+        for warning in policy_warnings(new):
+            log.warning("config_warning", warning=warning)
         return lifecycle.reload(self.core, self.ops, self.planner, self.fe, new)
 
     def begin_shutdown(self, reason: str) -> None:

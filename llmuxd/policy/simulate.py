@@ -459,6 +459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in policies:
         if p not in POLICY_TYPES:
             ap.error(f"unknown policy {p!r} (one of {', '.join(POLICY_TYPES)})")
+    for c in (args.costs.split(",") if args.costs else []):
+        if c not in COSTS:
+            ap.error(f"unknown cost preset {c!r} (one of {', '.join(COSTS)})")
+    if not args.hours > 0:
+        ap.error("--hours must be > 0")
     parts = []
     if args.family in ("poisson", "all"):
         costs = args.costs.split(",") if args.costs else ["14B-L1", "14B-L2", "2s", "5s"]

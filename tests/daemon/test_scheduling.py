@@ -262,3 +262,33 @@ def test_status_and_metrics_say_who_waits_why_and_for_how_long(make_daemon):
     assert d.stop() == 0                                # b's waiter is answered (503)
     code, got = wait_b.result(30)
     assert code == 503, got
+
+
+def test_the_measured_switch_cost_reaches_the_policy(make_daemon):
+    """Seed: the per-direction switch-cost EMA was computed and read by no policy.
+    cost_aware keeps a busy model for the cost of the switch away from it: 40 s
+    while that direction is unmeasured (default_switch_secs), the measured ~0.5 s
+    once the daemon has seen that switch, so the same request is served at once."""
+    d = make_daemon({"a": slow_model(), "b": slow_model()}, env=REAL_TIME,
+                    config={"policy": {"policy_type": "cost_aware", "default_switch_secs": 40,
+                                       "max_wait_secs": 100}})
+    code, la = lease(d, "a")
+    assert code == 200, la
+    wait_b = Background(lambda: lease(d, "b"))
+    d.wait_for(lambda: d.status("b")["scheduling"]["why_waiting"], 10, "b's reason")
+    a = d.status("a")
+    assert a["state"] == "active" and a["scheduling"]["quantum_left_s"] > 20   # unmeasured
+    release(d, la["lease_id"])                          # a idle: cost_aware switches now
+    code, lb = wait_b.result(30)
+    assert code == 200, lb
+    release(d, lb["lease_id"])
+    code, la = lease(d, "a")                            # b idle: b -> a, measured too
+    assert code == 200, la
+    costs = {(c["from"], c["to"]): c["secs"] for c in d.status()["scheduler"]["switch_costs"]}
+    assert costs[("a", "b")] < 40 and costs[("b", "a")] < 40
+    wait_b = Background(lambda: lease(d, "b"))          # a busy again, b waits
+    d.wait_state("a", "draining", timeout=20)           # not after 40 s: the EMA was read
+    release(d, la["lease_id"])
+    code, lb = wait_b.result(30)
+    assert code == 200, lb
+    release(d, lb["lease_id"])
