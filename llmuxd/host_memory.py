@@ -33,7 +33,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -343,4 +343,15 @@ class HostMemoryKeeper:
             "limit_bytes": self.limit, "limit": self.core.config.daemon.host_memory_limit,
             "limit_how": self.limit_how or None,
             "recent_actions": list(self.actions),
+            # What sleepers keep on each GPU (CUDA context): in the way of wakes/starts.
+            "sleepers_gpu_mib": _residue(self.core.models.values()),
         }
+
+
+def _residue(models: Iterable[ModelRuntime]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for m in models:
+        if m.state is S.SLEEPING:
+            for gpu, mib in m.gpu_memory_mib.items():
+                out[str(gpu)] = out.get(str(gpu), 0) + mib
+    return dict(sorted(out.items()))

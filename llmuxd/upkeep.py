@@ -30,6 +30,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import structlog
@@ -110,14 +111,21 @@ class PrewarmFacts:
     blocking: tuple[str, ...] = ()  # who holds its GPUs (for the status line)
 
 
-def prewarm_step(stage: str, f: PrewarmFacts) -> tuple[str, str]:
+class Stage(Enum):
+    """Where the prewarm of one model is: PENDING -> STARTING -> SLEEPING (-> next)."""
+
+    PENDING = "pending"       # not started by us yet
+    STARTING = "starting"     # we asked for a start (preflight, start)
+    SLEEPING = "sleeping"     # we asked it to drain and sleep
+
+
+def prewarm_step(stage: Stage, f: PrewarmFacts) -> tuple[str, str]:
     """(action, note) for the model being prewarmed at ``stage``.
 
-    stage: "pending" (not started by us yet), "starting" (we asked for a start),
-    "sleeping" (we asked it to sleep). Actions: "wait", "start", "sleep",
-    "done", "skip" (note says why).
+    Actions: "wait", "start" (PENDING -> STARTING), "sleep" (STARTING -> SLEEPING),
+    "done", "skip" (the model is finished with; the note says how).
     """
-    if stage == "pending":
+    if stage is Stage.PENDING:
         if f.state is not S.STOPPED:
             return "done", f"nothing to do: already {f.state}"
         if f.busy or f.anyone_waiting or f.others_moving:
@@ -126,8 +134,8 @@ def prewarm_step(stage: str, f: PrewarmFacts) -> tuple[str, str]:
             return "wait", "waiting for room: " + ", ".join(f.blocking) + " on its GPUs"
         return "start", "starting"
     if f.busy or f.state in (S.STARTING, S.WAKING, S.DRAINING, S.STOPPING):
-        return "wait", "sleeping" if stage == "sleeping" else "starting"
-    if stage == "starting":
+        return "wait", stage.value
+    if stage is Stage.STARTING:
         if f.state is S.ACTIVE:
             if f.traffic:
                 return "done", "in use: left active"
@@ -152,7 +160,7 @@ class Upkeep:
         self.ops = ops
         self.attempted: dict[str, Any] = {}     # model -> the ModelConfig we prewarmed
         self.current: str | None = None
-        self.stage = "pending"
+        self.stage = Stage.PENDING
         self.prewarm_began = 0.0
 
     # -- the loop's entry --------------------------------------------------
@@ -216,7 +224,7 @@ class Upkeep:
             if m is None:
                 self.current = None
                 return
-            self.current, self.stage = m.name, "pending"
+            self.current, self.stage = m.name, Stage.PENDING
             self.attempted[m.name] = m.config
             self.prewarm_began = time.monotonic()
         gate = gates.get(m.name)
@@ -242,12 +250,12 @@ class Upkeep:
             return
         if action == "start":
             self._note(m, note, log_it=True)
-            self.stage = "starting"
+            self.stage = Stage.STARTING
             self.ops.activate(m, "prewarm")
         elif action == "sleep":
             level = m.config.sleep_level
             self._note(m, f"going to sleep at level {level}", log_it=True)
-            self.stage = "sleeping"
+            self.stage = Stage.SLEEPING
             m.switch = self.ops.new_switch(None, [m.name])
             self.ops.deactivate(m, level, True, f"prewarm: asleep at level {level} "
                                                 "until its first request")
@@ -268,7 +276,7 @@ class Upkeep:
         None when this is not our prewarm (the planner's ``make_room`` decides);
         a prewarm never evicts anything.
         """
-        if m.name != self.current or self.stage != "starting" or m.demands:
+        if m.name != self.current or self.stage is not Stage.STARTING or m.demands:
             return None
         gates = self.core.leases.view()
         if gates.get(m.name) is not None and gates[m.name].queued:

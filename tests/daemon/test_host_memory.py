@@ -105,6 +105,8 @@ def test_gpu_residue_in_the_way_stops_only_the_least_recently_used_sleeper(make_
     st = d.status()["models"]
     assert (st["a"]["state"], st["b"]["state"], st["c"]["state"]) == (
         "stopped", "sleeping", "active")
+    d.wait_for(lambda: d.status()["memory"]["sleepers_gpu_mib"].get("0", 0) > 0, 30,
+               "b's residue shown")
     rooms = [e for e in d.log_events("making_room") if e.get("stop")]
     assert [e["stop"] for e in rooms] == ["a"]
     assert rooms[0]["reason"] == "least recently used sleeper"

@@ -14,7 +14,7 @@ from llmuxd.host_memory import (
 )
 from llmuxd.hostmem import HostMemory, read_meminfo, tree_rss, trees_rss
 from llmuxd.states import ModelState
-from llmuxd.upkeep import IdleFacts, PrewarmFacts, idle_expired, prewarm_step
+from llmuxd.upkeep import IdleFacts, PrewarmFacts, Stage, idle_expired, prewarm_step
 
 S = ModelState
 GIB = 1 << 30
@@ -46,20 +46,20 @@ def pw(state=S.STOPPED, **kw):
 
 
 def test_prewarm_steps():
-    assert prewarm_step("pending", pw()) == ("start", "starting")
-    assert prewarm_step("pending", pw(anyone_waiting=True))[0] == "wait"
-    assert prewarm_step("pending", pw(others_moving=True))[0] == "wait"
-    action, note = prewarm_step("pending", pw(fits=False, blocking=("x",)))
+    assert prewarm_step(Stage.PENDING, pw()) == ("start", "starting")
+    assert prewarm_step(Stage.PENDING, pw(anyone_waiting=True))[0] == "wait"
+    assert prewarm_step(Stage.PENDING, pw(others_moving=True))[0] == "wait"
+    action, note = prewarm_step(Stage.PENDING, pw(fits=False, blocking=("x",)))
     assert action == "wait" and "x" in note
-    assert prewarm_step("pending", pw(state=S.ACTIVE))[0] == "done"
-    assert prewarm_step("starting", pw(state=S.STARTING))[0] == "wait"
-    assert prewarm_step("starting", pw(state=S.ACTIVE)) == ("sleep", "going to sleep")
-    assert prewarm_step("starting", pw(state=S.ACTIVE, traffic=True))[0] == "done"
-    assert prewarm_step("starting", pw(state=S.BACKOFF))[0] == "skip"
-    assert prewarm_step("starting", pw(state=S.STOPPED))[0] == "skip"
-    assert prewarm_step("sleeping", pw(state=S.DRAINING))[0] == "wait"
-    assert prewarm_step("sleeping", pw(state=S.SLEEPING)) == ("done", "asleep")
-    assert prewarm_step("sleeping", pw(state=S.STOPPED))[0] == "done"
+    assert prewarm_step(Stage.PENDING, pw(state=S.ACTIVE))[0] == "done"
+    assert prewarm_step(Stage.STARTING, pw(state=S.STARTING))[0] == "wait"
+    assert prewarm_step(Stage.STARTING, pw(state=S.ACTIVE)) == ("sleep", "going to sleep")
+    assert prewarm_step(Stage.STARTING, pw(state=S.ACTIVE, traffic=True))[0] == "done"
+    assert prewarm_step(Stage.STARTING, pw(state=S.BACKOFF))[0] == "skip"
+    assert prewarm_step(Stage.STARTING, pw(state=S.STOPPED))[0] == "skip"
+    assert prewarm_step(Stage.SLEEPING, pw(state=S.DRAINING))[0] == "wait"
+    assert prewarm_step(Stage.SLEEPING, pw(state=S.SLEEPING)) == ("done", "asleep")
+    assert prewarm_step(Stage.SLEEPING, pw(state=S.STOPPED))[0] == "done"
 
 
 @pytest.mark.parametrize(("spec", "want"), [
