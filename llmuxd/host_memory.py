@@ -238,9 +238,18 @@ class HostMemoryKeeper:
             self.host = host
             self._budget()
 
+    def _read_host(self) -> None:
+        """A fresh /proc/meminfo before a decision (one small file; the last one if not)."""
+        try:
+            self.host = self.read_host()
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("meminfo_unreadable", error=str(exc))
+
     def _held(self) -> int:
+        """What the model processes hold, those being stopped left out: their memory is
+        on its way out, and counting it would stop more sleepers than needed."""
         return sum(m.host_memory_bytes or 0 for m in self.core.models.values()
-                   if m.child is not None)
+                   if m.child is not None and m.state is not S.STOPPING)
 
     def _budget(self) -> int | None:
         if self.host is None:
@@ -283,10 +292,7 @@ class HostMemoryKeeper:
         """The level m really sleeps at (loop thread, right before the sleep)."""
         if level != 1:
             return level
-        try:
-            self.host = self.read_host()
-        except (OSError, ValueError, KeyError):
-            return level
+        self._read_host()
         limit = self._budget()
         expected, source = self.expected_l1(m)
         if limit is None or expected is None:
@@ -316,6 +322,7 @@ class HostMemoryKeeper:
         m.l1_host = (m.config.model_path, max(0, after - before))
         log.info("host_memory_learned", model=m.name, l1_bytes=m.l1_host[1],
                  tree_rss_bytes=after)
+        self._read_host()
         limit = self._budget()
         if limit is None:
             return

@@ -179,3 +179,66 @@ def test_weights_on_disk_local_dir_and_hf_cache(tmp_path):
     assert weights_on_disk(mc) == 700
     assert weights_on_disk(ModelConfig("m", "org/other", 8001,
                                        env={"HF_HOME": str(tmp_path / "hf")})) is None
+
+
+class _FakeOps:
+    def __init__(self):
+        self.stopped = []
+
+    def stop_model(self, m, reason, kill=False):
+        self.stopped.append(m.name)
+
+
+class _FakeChild:
+    pid = 1
+
+
+def _keeper(limit, states):
+    """A HostMemoryKeeper over a real Core whose models are put in ``states`` by hand."""
+    from llmuxd.config import build_config
+    from llmuxd.core import Core, Mailbox
+    from llmuxd.host_memory import HostMemoryKeeper
+
+    config = build_config({"models": {n: {"model_path": "x/y", "port": 8001 + i,
+                                          "sleep_level": 1}
+                                      for i, n in enumerate(states)},
+                           "daemon": {"host_memory_limit": str(limit)}})
+    core = Core(config, "", Mailbox())
+    for n, (state, level, rss, used) in states.items():
+        m = core.models[n]
+        m.state, m.sleep_level, m.host_memory_bytes, m.last_used = state, level, rss, used
+        m.child = _FakeChild() if state is not S.STOPPED else None
+    ops = _FakeOps()
+    keeper = HostMemoryKeeper(core, ops, read_host=lambda: HostMemory(64 * GIB, 60 * GIB))
+    return core, ops, keeper
+
+
+def test_a_model_being_stopped_does_not_count_against_the_budget():
+    """c is being stopped to make room for a's L1 sleep; when a's sleep is done, c's
+    memory (still sampled) must not make the keeper stop a too."""
+    mib = 1 << 20
+    core, ops, keeper = _keeper(600 * mib, {
+        "a": (S.SLEEPING, 1, 300 * mib, 3.0),
+        "b": (S.WAKING, 1, 200 * mib, 2.0),
+        "c": (S.STOPPING, 1, 170 * mib, 1.0),
+    })
+    keeper.slept(core.models["a"], 1, 170 * mib, 300 * mib)
+    assert ops.stopped == []
+    assert core.models["a"].l1_host == ("x/y", 130 * mib)
+
+
+def test_choose_level_stops_the_lru_sleeper_or_demotes():
+    mib = 1 << 20
+    core, ops, keeper = _keeper(600 * mib, {
+        "a": (S.DRAINING, 1, 170 * mib, 5.0),
+        "b": (S.SLEEPING, 1, 300 * mib, 1.0),
+    })
+    a = core.models["a"]
+    a.l1_host = ("x/y", 200 * mib)
+    assert keeper.choose_level(a, 1) == 1 and ops.stopped == ["b"]
+    assert [x["action"] for x in keeper.actions] == ["stop_sleeper"]
+    core.models["b"].last_used = 9.0          # b is the more recent one: a is demoted
+    ops.stopped.clear()
+    assert keeper.choose_level(a, 1) == 2 and ops.stopped == []
+    assert keeper.actions[-1]["action"] == "demote_l2"
+    assert keeper.choose_level(a, 2) == 2     # only level-1 sleeps are budgeted
