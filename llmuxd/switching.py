@@ -338,10 +338,12 @@ class Switcher:
         residue = cfg.daemon.sleep_residue_mib
         gpus = m.config.gpu_indices
 
+        measure = level == 1 and child is not None     # what its host copy takes
+
         def work(_op: Operation) -> Any:
-            before = tree_rss(child.pid) if child is not None else None
+            before = tree_rss(child.pid) if measure else None
             phases = sleep_child(client, child, probe, gpus, level, timeout, residue)
-            return phases, before, tree_rss(child.pid) if child is not None else None
+            return phases, before, tree_rss(child.pid) if measure else None
         self.runner.launch(m, f"sleep{level}", work,
                            lambda mm, _op, res, err: self._sleep_done(mm, level, res, err))
 
