@@ -207,36 +207,29 @@ class Upkeep:
 
     # -- prewarm ---------------------------------------------------------------
 
-    def _next_prewarm(self) -> ModelRuntime | None:
+    def _pending_prewarms(self) -> list[ModelRuntime]:
+        """Prewarm models not yet tried with their current config, in config order."""
+        out = []
         for name in self.core.config.models:
             m = self.core.models.get(name)
             if (m is None or m.removed or not m.config.prewarm or m.pending_config is not None
                     or self.attempted.get(name) is m.config):
                 continue
-            return m
-        return None
+            out.append(m)
+        return out
 
-    def _prewarm(self, gates: dict[str, GateView]) -> None:
+    def _facts(self, m: ModelRuntime, gates: dict[str, GateView]) -> PrewarmFacts:
         models = self.core.models
-        m = models.get(self.current) if self.current else None
-        if m is None or m.removed:
-            m = self._next_prewarm()
-            if m is None:
-                self.current = None
-                return
-            self.current, self.stage = m.name, Stage.PENDING
-            self.attempted[m.name] = m.config
-            self.prewarm_began = time.monotonic()
         gate = gates.get(m.name)
         in_flight = gate.in_flight if gate else 0
         queued = (gate.queued if gate else 0) + len(m.demands)
         holders = [o for o in models.values()
                    if o is not m and not o.removed and (o.state in HOLDING or o.busy)
                    and set(o.config.gpu_indices) & set(m.config.gpu_indices)]
-        facts = PrewarmFacts(
+        began = self.prewarm_began if m.name == self.current else float("inf")
+        return PrewarmFacts(
             state=m.state, busy=m.busy,
-            traffic=bool(in_flight or queued or (gate is not None
-                                                  and gate.last_use > self.prewarm_began)),
+            traffic=bool(in_flight or queued or (gate is not None and gate.last_use > began)),
             anyone_waiting=any(
                 (g.queued if (g := gates.get(o.name)) else 0) + len(o.demands) > 0
                 for o in models.values() if not o.removed),
@@ -244,11 +237,37 @@ class Upkeep:
                 S.STARTING, S.WAKING, S.DRAINING, S.STOPPING)) for o in models.values()),
             fits=fits(_placed(m), [_placed(o) for o in holders]),
             blocking=tuple(sorted(o.name for o in holders)))
-        action, note = prewarm_step(self.stage, facts)
+
+    def _prewarm(self, gates: dict[str, GateView]) -> None:
+        """One step of the prewarm sequence: the model in progress, else the next one.
+
+        The next one is the first pending model, in config order, that can go now: one
+        waiting for room (its GPUs held) does not hold up the models behind it.
+        """
+        m = self.core.models.get(self.current) if self.current else None
+        if m is not None and not m.removed:
+            self._act(m, prewarm_step(self.stage, self._facts(m, gates)))
+            return
+        self.current = None
+        for m in self._pending_prewarms():
+            facts = self._facts(m, gates)
+            action, note = prewarm_step(Stage.PENDING, facts)
+            if action == "wait":
+                self._note(m, note)
+                if facts.fits:
+                    return          # not quiet: the same for every model
+                continue            # no room for this one: try the next
+            self.attempted[m.name] = m.config
+            self.current, self.stage = m.name, Stage.PENDING
+            self.prewarm_began = time.monotonic()
+            self._act(m, (action, note))
+            return
+
+    def _act(self, m: ModelRuntime, step: tuple[str, str]) -> None:
+        action, note = step
         if action == "wait":
             self._note(m, note)
-            return
-        if action == "start":
+        elif action == "start":
             self._note(m, note, log_it=True)
             self.stage = Stage.STARTING
             self.ops.activate(m, "prewarm")
@@ -295,7 +314,8 @@ class Upkeep:
         """The ``upkeep`` part of ``/v1/status``."""
         models = self.core.models
         pending = [n for n, mc in self.core.config.models.items()
-                   if mc.prewarm and n in models and self.attempted.get(n) is not models[n].config]
+                   if mc.prewarm and n in models and not models[n].removed
+                   and self.attempted.get(n) is not models[n].config]
         return {
             "prewarm": {"current": self.current, "pending": pending,
                         "models": {n: m.prewarm for n, m in models.items()

@@ -147,3 +147,23 @@ def test_reload_adding_a_prewarm_model_prewarms_it(make_daemon):
     b = d.wait_state("b", "sleeping")
     assert b["sleep_level"] == 2 and b["prewarm"] == "done: asleep at level 2"
     assert d.status("a")["state"] == "stopped"
+
+
+def test_a_prewarm_waiting_for_room_does_not_hold_up_the_next_one(make_daemon):
+    d = make_daemon({"x": sim_model(sleep_level=1, gpus=[0])}, gpus=2)
+    leased_chat(d, "x")                                  # x holds GPU 0
+    d.models["a"] = sim_model(sleep_level=1, gpus=[0], prewarm=True)
+    d.models["b"] = sim_model(sleep_level=1, gpus=[1], prewarm=True)
+    d.write_config()
+    code, body = d.request("POST", "/v1/reload", {})
+    assert code == 200, body
+    b = d.wait_state("b", "sleeping")
+    assert b["prewarm"] == "done: asleep at level 1"
+    a = d.status("a")
+    assert a["state"] == "stopped" and a["prewarm"] == "waiting for room: x on its GPUs"
+    assert d.status()["upkeep"]["prewarm"]["pending"] == ["a"]
+    # Once x leaves GPU 0, a is prewarmed too.
+    code, body = d.request("POST", "/v1/models/x/sleep", {"level": 1})
+    assert code == 200, body
+    a = d.wait_state("a", "sleeping")
+    assert a["prewarm"] == "done: asleep at level 1"
