@@ -34,6 +34,7 @@ from enum import Enum
 from typing import Any
 
 import structlog
+from prometheus_client import Counter, Gauge
 
 from llmuxd.core import Core
 from llmuxd.leases import GateView
@@ -152,12 +153,29 @@ def prewarm_step(stage: Stage, f: PrewarmFacts) -> tuple[str, str]:
 # Acting on them (loop thread)
 
 
+class UpkeepMetrics:
+    """The upkeep series, on the daemon's registry."""
+
+    def __init__(self, registry: Any) -> None:
+        self.prewarms = Counter("llmux_prewarm_total", "Prewarms ended, by result "
+                                "(asleep, in_use, skipped, nothing)", ["model", "result"],
+                                registry=registry)
+        self.pending = Gauge("llmux_prewarm_pending", "Prewarm models not done yet",
+                             registry=registry)
+        self.idle_sleeps = Counter("llmux_idle_sleeps_total", "Models put to sleep by "
+                                   "idle_sleep_secs", ["model"], registry=registry)
+        self.keep_active = Counter("llmux_keep_active_restarts_total", "keep_active models "
+                                   "brought back after they stopped", ["model"],
+                                   registry=registry)
+
+
 class Upkeep:
     """Idle TTL, keep-active and prewarm, run once per loop pass after the planner."""
 
     def __init__(self, core: Core, ops: Switcher) -> None:
         self.core = core
         self.ops = ops
+        self.metrics = UpkeepMetrics(core.metrics.registry)
         self.attempted: dict[str, Any] = {}     # model -> the ModelConfig we prewarmed
         self.current: str | None = None
         self.stage = Stage.PENDING
@@ -174,6 +192,7 @@ class Upkeep:
         self._idle_ttl(now)
         self._keep_active(now)
         self._prewarm(gates)
+        self.metrics.pending.set(len(self._pending_prewarms()) + (self.current is not None))
 
     # -- idle TTL ------------------------------------------------------------
 
@@ -189,6 +208,7 @@ class Upkeep:
                      idle_sleep_secs=ttl, sleep_level=level)
             m.switch = self.ops.new_switch(None, [name])
             self.ops.deactivate(m, level, True, f"idle for {ttl:g}s (idle_sleep_secs)")
+            self.metrics.idle_sleeps.labels(name).inc()
 
     # -- keep-active -----------------------------------------------------------
 
@@ -201,6 +221,8 @@ class Upkeep:
             log.info("keep_active", model=m.name, state=str(m.state),
                      action="bringing it back")
             m.demands.append(Future())
+            if m.starts:                        # not its first start: it came down
+                self.metrics.keep_active.labels(m.name).inc()
             if m.demand_since is None:
                 m.demand_since = now
             self.core.kick()
@@ -279,6 +301,8 @@ class Upkeep:
             self.ops.deactivate(m, level, True, f"prewarm: asleep at level {level} "
                                                 "until its first request")
         else:
+            result = "skipped" if action == "skip" else "in_use" if note.startswith("in use") \
+                else "nothing" if note.startswith("nothing") else "asleep"
             if action == "done" and note == "asleep":
                 note = f"done: asleep at level {m.sleep_level}"
             elif action == "skip":
@@ -287,6 +311,7 @@ class Upkeep:
             elif not note.startswith("nothing"):
                 note = f"done: {note}"
             self._note(m, note, log_it=True)
+            self.metrics.prewarms.labels(m.name, result).inc()
             self.current = None
 
     def no_room(self, m: ModelRuntime, why: str) -> bool | None:
@@ -302,6 +327,7 @@ class Upkeep:
             return None
         m.switch = None
         self._note(m, f"skipped: not enough free GPU memory ({why})", log_it=True)
+        self.metrics.prewarms.labels(m.name, "skipped").inc()
         self.current = None
         return True
 
@@ -313,9 +339,7 @@ class Upkeep:
     def status(self) -> dict[str, Any]:
         """The ``upkeep`` part of ``/v1/status``."""
         models = self.core.models
-        pending = [n for n, mc in self.core.config.models.items()
-                   if mc.prewarm and n in models and not models[n].removed
-                   and self.attempted.get(n) is not models[n].config]
+        pending = [m.name for m in self._pending_prewarms()]
         return {
             "prewarm": {"current": self.current, "pending": pending,
                         "models": {n: m.prewarm for n, m in models.items()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.request
 
-from llmux_testkit.daemon import sim_model
+from llmux_testkit.daemon import free_port, sim_model
 
 from .daemon_helpers import lease, leased_chat, release
 
@@ -15,10 +16,16 @@ def _events(d, event, **match):
     return [e for e in d.log_events(event) if all(e.get(k) == v for k, v in match.items())]
 
 
+def _metrics(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
 def test_prewarm_starts_models_at_boot_asleep_and_first_lease_wakes(make_daemon):
+    port = free_port()
     d = make_daemon({"a": sim_model(sleep_level=1, prewarm=True),
                      "b": sim_model(sleep_level=2, prewarm=True),
-                     "c": sim_model(sleep_level=1)})
+                     "c": sim_model(sleep_level=1)}, config={"metrics_port": port})
     a = d.wait_state("a", "sleeping")
     b = d.wait_state("b", "sleeping")
     assert (a["sleep_level"], b["sleep_level"]) == (1, 2)
@@ -32,6 +39,10 @@ def test_prewarm_starts_models_at_boot_asleep_and_first_lease_wakes(make_daemon)
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert "prewarm: a done: asleep at level 1; b done: asleep at level 2" in out
     assert "host RAM: models hold" in out
+    page = _metrics(port)
+    assert 'llmux_prewarm_total{model="a",result="asleep"} 1.0' in page
+    assert 'llmux_prewarm_total{model="b",result="asleep"} 1.0' in page
+    d.wait_for(lambda: "llmux_prewarm_pending 0.0" in _metrics(port), 10, "pending 0")
 
     # One at a time, in config order: b started only after a was asleep.
     steps = [(e["model"], e["step"]) for e in d.log_events("prewarm")]
@@ -63,8 +74,9 @@ def test_prewarm_gives_way_to_a_request(make_daemon):
 
 def test_idle_sleep_secs_puts_an_idle_model_to_sleep_at_its_level(make_daemon):
     ttl = 1.0
+    port = free_port()
     d = make_daemon({"a": sim_model(sleep_level=1, idle_sleep_secs=ttl),
-                     "b": sim_model(sleep_level=1)})
+                     "b": sim_model(sleep_level=1)}, config={"metrics_port": port})
     code, grant = lease(d, "a")
     assert code == 200, grant
     # A lease in flight keeps it active however long it takes.
@@ -80,6 +92,7 @@ def test_idle_sleep_secs_puts_an_idle_model_to_sleep_at_its_level(make_daemon):
     assert (sw["from"], sw["to"], sw["result"]) == ("a", None, "ok")
     idle = _events(d, "idle_sleep", model="a")
     assert len(idle) == 1 and idle[0]["idle_s"] >= ttl
+    assert 'llmux_idle_sleeps_total{model="a"} 1.0' in _metrics(port)
     # b has no TTL: it stays active when idle.
     leased_chat(d, "b")
     assert d.status("a")["state"] == "sleeping"
@@ -98,9 +111,11 @@ def test_idle_sleep_at_level_3_stops_the_model(make_daemon):
 
 
 def test_keep_active_model_runs_from_boot_and_is_never_evicted(make_daemon):
+    port = free_port()
     d = make_daemon({"k": sim_model(keep_active=True, gpu_memory_utilization=0.4),
                      "a": sim_model(sleep_level=1, gpu_memory_utilization=0.5),
-                     "b": sim_model(sleep_level=1, gpu_memory_utilization=0.5)})
+                     "b": sim_model(sleep_level=1, gpu_memory_utilization=0.5)},
+                    config={"metrics_port": port})
     k = d.wait_state("k", "active")          # no request asked for it
     assert k["keep_active"] is True
     leased_chat(d, "a")
@@ -118,7 +133,8 @@ def test_keep_active_model_runs_from_boot_and_is_never_evicted(make_daemon):
     assert code == 200, body
     k = d.wait_for(lambda: (lambda s: s if s["state"] == "active" and s["pid"] != old_pid
                             else None)(d.status("k")), 60, "k back after a kill")
-    assert _events(d, "keep_active", model="k")
+    assert len(_events(d, "keep_active", model="k")) == 2     # boot, after the kill
+    assert 'llmux_keep_active_restarts_total{model="k"} 1.0' in _metrics(port)
     assert d.status("b")["state"] == "active"
 
 
