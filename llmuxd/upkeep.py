@@ -36,6 +36,7 @@ from typing import Any
 import structlog
 from prometheus_client import Counter, Gauge
 
+from llmuxd.config import ModelConfig
 from llmuxd.core import Core
 from llmuxd.leases import GateView
 from llmuxd.model import ModelRuntime
@@ -176,7 +177,7 @@ class Upkeep:
         self.core = core
         self.ops = ops
         self.metrics = UpkeepMetrics(core.metrics.registry)
-        self.attempted: dict[str, Any] = {}     # model -> the ModelConfig we prewarmed
+        self.attempted: dict[str, ModelConfig] = {}   # model -> the config we prewarmed
         self.current: str | None = None
         self.stage = Stage.PENDING
         self.prewarm_began = 0.0
