@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,12 @@ class ModelConfig:
     prewarm: bool = False
     idle_sleep_secs: float = 0.0
     keep_active: bool = False
+
+    def same_child(self, other: ModelConfig) -> bool:
+        """Equal but for the upkeep keys, which say when llmuxd moves the model, not how
+        its child runs: a reload that changes only those keeps the child."""
+        return replace(self, prewarm=False, idle_sleep_secs=0.0, keep_active=False) == \
+            replace(other, prewarm=False, idle_sleep_secs=0.0, keep_active=False)
 
     @property
     def max_num_seqs(self) -> int:

@@ -45,6 +45,12 @@ def reload(core: Core, ops: Switcher, planner: Planner, fe: FrontEndKeeper,
     changed = sorted(n for n in new.models
                      if n in old.models and new.models[n] != old.models[n])
     core.config = new
+    for name in changed:        # only prewarm / idle_sleep_secs / keep_active: in place
+        m = core.models.get(name)
+        if m is not None and m.pending_config is None and not m.removed \
+                and new.models[name].same_child(m.config):
+            m.config = new.models[name]
+            log.info("model_config_applied", model=name, restart=False)
     core.leases.max_queue = new.daemon.max_queue_per_model
     if new.policy.policy_type != old.policy.policy_type:
         planner.set_policy(new.policy.policy_type)
@@ -68,6 +74,8 @@ def reload(core: Core, ops: Switcher, planner: Planner, fe: FrontEndKeeper,
         ops.apply_pending(m)
     for name in changed:
         m = core.models[name]
+        if m.config is new.models[name]:
+            continue
         m.pending_config = new.models[name]
         ops.apply_pending(m)
     for m in core.models.values():

@@ -183,3 +183,19 @@ def test_a_prewarm_waiting_for_room_does_not_hold_up_the_next_one(make_daemon):
     assert code == 200, body
     a = d.wait_state("a", "sleeping")
     assert a["prewarm"] == "done: asleep at level 1"
+
+
+def test_reload_changing_only_upkeep_keys_keeps_the_child(make_daemon):
+    """prewarm, idle_sleep_secs and keep_active say when llmuxd moves a model, not how
+    its vLLM runs: changing them by reload must not restart it."""
+    d = make_daemon({"a": sim_model(sleep_level=1)})
+    leased_chat(d, "a")
+    pid = d.status("a")["pid"]
+    d.models["a"] = {**d.models["a"], "idle_sleep_secs": 0.5}
+    d.write_config()
+    code, body = d.request("POST", "/v1/reload", {})
+    assert code == 200 and body["changed"] == ["a"], body
+    a = d.wait_state("a", "sleeping", timeout=30)        # the new TTL applies...
+    assert a["pid"] == pid and a["idle_sleep_secs"] == 0.5  # ...to the same child
+    assert not [e for e in d.log_events("transition")
+                if e["model"] == "a" and e["to_state"] == "stopping"]
