@@ -95,3 +95,11 @@ def test_keep_active_models_must_fit_and_leave_room_for_the_others():
     # Another GPU is fine.
     cfg({"k": m(8001, keep_active=True, gpu_memory_utilization=0.9, gpus=[0]),
          "a": m(8002, gpu_memory_utilization=0.9, gpus=[1])})
+
+
+def test_same_child_ignores_only_the_upkeep_keys():
+    base = cfg({"a": m(8001, sleep_level=1)}).models["a"]
+    tuned = cfg({"a": m(8001, sleep_level=1, prewarm=True, idle_sleep_secs=9)}).models["a"]
+    assert tuned != base and tuned.same_child(base)
+    moved = cfg({"a": m(8002, sleep_level=1)}).models["a"]
+    assert not moved.same_child(base)
