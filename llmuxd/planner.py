@@ -188,9 +188,13 @@ class Planner:
         if actives:
             return True
         # Sleepers' residue (CUDA context) is in the way: the least recently used one
-        # goes first, one at a time; the preflight runs again when it is gone.
+        # goes first (those requests wait for, last), one at a time; the preflight runs
+        # again when it is gone.
+        gates = self.core.leases.view()
         sleepers = sorted((o for o in others if o.state is S.SLEEPING),
-                          key=lambda o: lru_key(o.last_used, o.state_since_mono))
+                          key=lambda o: (bool(o.demands or (o.name in gates
+                                                            and gates[o.name].queued)),
+                                         lru_key(o.last_used, o.state_since_mono)))
         if sleepers:
             other = sleepers[0]
             log.info("making_room", model=m.name, stop=other.name, why=why,
