@@ -13,9 +13,9 @@ from typing import Any
 
 from llmuxctl.errors import first_line
 
-COLUMNS = ("MODEL", "STATE", "SLEEP", "PID", "PORT", "IN-FLIGHT", "QUEUED", "GPU MEM",
-           "IN STATE", "LAST SWITCH")
-RIGHT = frozenset({"PID", "PORT", "IN-FLIGHT", "QUEUED", "GPU MEM"})
+COLUMNS = ("MODEL", "STATE", "SLEEP", "PID", "PORT", "IN-FLIGHT", "QUEUED", "QUANTUM",
+           "IDLE", "GPU MEM", "IN STATE", "LAST SWITCH")
+RIGHT = frozenset({"PID", "PORT", "IN-FLIGHT", "QUEUED", "QUANTUM", "IDLE", "GPU MEM"})
 
 
 def duration(secs: float | None) -> str:
@@ -74,6 +74,41 @@ def last_switch_cell(switch: Any, now: float) -> str:
     return cell
 
 
+def seconds_cell(value: Any) -> str:
+    """``2.4s`` / ``3m`` for a number of seconds; '-' when none; ``?`` when unknown (-1)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "-"
+    if value < 0:
+        return "?"
+    return f"{value:.1f}s" if value < 60 else ago(value)
+
+
+def _sched(status: Mapping[str, Any]) -> Mapping[str, Any]:
+    sched = status.get("scheduling")
+    return sched if isinstance(sched, Mapping) else {}
+
+
+def scheduling_lines(status: Mapping[str, Any]) -> list[str]:
+    """``policy: adaptive``, then one line per model that waits: how long and why."""
+    lines: list[str] = []
+    daemon = status.get("daemon")
+    policy = daemon.get("policy") if isinstance(daemon, Mapping) else None
+    if policy:
+        lines.append(f"policy: {policy}")
+    models = status.get("models")
+    for m in (models.values() if isinstance(models, Mapping) else []):
+        if not isinstance(m, Mapping):
+            continue
+        sched = _sched(m)
+        waiting = sched.get("waiting")
+        if not waiting or m.get("state") == "active":
+            continue
+        why = sched.get("why_waiting") or "waiting for the next scheduling pass"
+        oldest = seconds_cell(sched.get("oldest_wait_s"))
+        lines.append(f"{m.get('name')}: {waiting} waiting (oldest {oldest}): {why}")
+    return lines
+
+
 def _cell(value: Any) -> str:
     return "-" if value is None or value == "" else str(value)
 
@@ -89,6 +124,8 @@ def status_row(status: Mapping[str, Any], now: float) -> list[str]:
         _cell(status.get("port")),
         _cell(status.get("in_flight")),
         _cell(status.get("queued")),
+        seconds_cell(_sched(status).get("quantum_left_s")),
+        seconds_cell(_sched(status).get("idle_s")),
         mib(status.get("gpu_memory_mib")),
         duration(in_state),
         last_switch_cell(status.get("last_switch"), now),

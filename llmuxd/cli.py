@@ -13,7 +13,7 @@ import sys
 
 from llmuxd import __version__ as VERSION
 from llmuxd import tomlout
-from llmuxd.config import Config, ConfigError, load_config
+from llmuxd.config import Config, ConfigError, load_config, policy_warnings
 from llmuxd.redact import redact_config
 
 DEFAULT_CONFIG = "/etc/llmux.toml"
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         data = redact_config(config.to_dict())
         print(json.dumps(data, indent=2) if args.json else render_toml(config))
+        for warning in policy_warnings(config):
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
     if args.validate:
         return _validate(config, args)

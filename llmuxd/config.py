@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 SLEEP_LEVELS = (1, 2, 3)
-POLICY_TYPES = ("fifo",)
+POLICY_TYPES = ("fifo", "cost_aware", "time_slice", "adaptive")
 GPU_PROBES = ("auto", "nvml", "sim", "none")
 TRANSPORTS = ("unix", "tcp")
 # AF_UNIX paths: 108 bytes on Linux, including the terminating NUL.
@@ -51,7 +51,9 @@ class DaemonConfig:
     startup_timeout_secs: float = 1800.0
     sleep_timeout_secs: float = 120.0
     wake_timeout_secs: float = 600.0
-    drain_timeout_secs: float = 60.0
+    # Below request_timeout_secs (60): a drain that outlasts the requests it makes
+    # room for only puts a model to sleep for nobody (issue 10).
+    drain_timeout_secs: float = 30.0
     stop_timeout_secs: float = 15.0
     sleep_residue_mib: int = 2048
     max_queue_per_model: int = 512
@@ -70,6 +72,9 @@ class DaemonConfig:
     watchdog_timeout_secs: float = 5.0
     watchdog_misses: int = 3
     watchdog_stuck_secs: float = 0.0     # requests running, no token this long (0: off)
+    # Host RAM llmux's model processes may hold (L1 sleepers keep their weights
+    # there): bytes, "64GiB", "50%" of RAM, or "auto" = what leaves 10 % free.
+    host_memory_limit: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -95,13 +100,25 @@ class ProxyConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """The seed's policy block (semantics kept), plus min_active_secs against thrash."""
+    """The seed's policy block (semantics kept), plus min_active_secs against thrash.
+
+    The option names and defaults after ``min_active_secs`` are the Rust llmux 0.9
+    ones (so its configs keep their meaning), then adaptive's; the planner hands
+    them to the policy as ``policy.options.PolicyOptions`` (same names).
+    """
 
     policy_type: str = "fifo"
     request_timeout_secs: float = 60.0
     drain_before_switch: bool = True
     sleep_level: int = 3
     min_active_secs: float = 0.0
+    max_wait_secs: float = 15.0
+    amortization_factor: float = 0.5
+    coalesce_window_ms: float = 2000.0
+    tick_interval_ms: float = 500.0
+    min_quantum_ms: float = 2000.0
+    default_switch_secs: float = 10.0
+    linger_factor: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -126,12 +143,31 @@ class ModelConfig:
     transport: str = "tcp"
     socket_path: str = ""            # derived (unix): <child_socket_dir>/<name>.sock
 
+    # Upkeep (docs/scheduling.md): start at boot and sleep; TTL; never evicted.
+    prewarm: bool = False
+    idle_sleep_secs: float = 0.0
+    keep_active: bool = False
+
     @property
     def upstream(self) -> str:
         """Where the child listens, as a lease names it: ``unix:/PATH`` or ``http://H:P``."""
         if self.transport == "unix":
             return f"unix:{self.socket_path}"
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def max_num_seqs(self) -> int:
+        """vLLM's batch limit as passed in extra_args (``--max-num-seqs``), else vLLM's 256."""
+        args = list(self.extra_args)
+        for i, arg in enumerate(args):
+            value = None
+            if arg == "--max-num-seqs" and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith("--max-num-seqs="):
+                value = arg.split("=", 1)[1]
+            if value is not None and value.isdigit() and int(value) > 0:
+                return int(value)
+        return 256
 
     @property
     def gpu_indices(self) -> tuple[int, ...]:
@@ -351,6 +387,7 @@ def build_config(raw: dict[str, Any], source: str = "") -> Config:
             if alias in models or alias in names:
                 c.fail(f"models.{name}.aliases", f"'{alias}' is already a model name or alias")
             names[alias] = name
+    _keep_active_fits(c, models)
 
     if c.errors:
         raise ConfigError(c.errors)
@@ -358,6 +395,33 @@ def build_config(raw: dict[str, Any], source: str = "") -> Config:
                   metrics_host=metrics_host, vllm_command=vllm_command,
                   vllm_logging=vllm_logging, daemon=daemon,
                   proxy=proxy, policy=policy, source=source)
+
+
+def _keep_active_fits(c: _Checker, models: dict[str, ModelConfig]) -> None:
+    """keep_active models never leave their GPUs: they must fit together, and every
+    other model must fit beside them, or it could never run (an error now, not a
+    request that waits forever)."""
+    kept: dict[int, float] = {}
+    for model in models.values():
+        if model.keep_active:
+            for gpu in model.gpu_indices:
+                kept[gpu] = kept.get(gpu, 0.0) + model.gpu_memory_utilization
+    if not kept:
+        return
+    names = ", ".join(n for n, m in models.items() if m.keep_active)
+    for gpu, load in sorted(kept.items()):
+        if load > 1 + 1e-9:
+            c.fail("models", f"the keep_active models ({names}) need {load:g} of GPU {gpu} "
+                             f"together (more than 1)")
+    for name, model in models.items():
+        if model.keep_active:
+            continue
+        for gpu in model.gpu_indices:
+            if gpu in kept and kept[gpu] + model.gpu_memory_utilization > 1 + 1e-9:
+                c.fail(f"models.{name}", f"can never run: the keep_active models ({names}) "
+                       f"hold {kept[gpu]:g} of GPU {gpu} and it needs "
+                       f"{model.gpu_memory_utilization:g}")
+                break
 
 
 def _build_daemon(c: _Checker, raw: dict[str, Any]) -> DaemonConfig:
@@ -411,7 +475,55 @@ def _build_daemon(c: _Checker, raw: dict[str, Any]) -> DaemonConfig:
     _positive(c, f"{key}.watchdog_timeout_secs", values["watchdog_timeout_secs"])
     values["watchdog_misses"] = c.get(raw, key, "watchdog_misses", "int", d.watchdog_misses)
     _positive(c, f"{key}.watchdog_misses", values["watchdog_misses"])
+    values["host_memory_limit"] = _host_limit(c, raw, key, d.host_memory_limit)
     return DaemonConfig(**values)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2,
+               "mb": 1000**2, "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
+               "t": 1000**4, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_memory_limit(spec: str) -> tuple[str, float]:
+    """``host_memory_limit``: ("auto", 0), ("percent", p) or ("bytes", n); ValueError if bad.
+
+    Accepted: "auto", an integer byte count, a size with a unit ("64GiB", "500MB",
+    "1.5 TiB"; GB = 10^9, GiB = 2^30), or a percentage of the host's RAM ("80%").
+    """
+    text = spec.strip().lower()
+    if text == "auto":
+        return "auto", 0.0
+    if text.endswith("%"):
+        pct = float(text[:-1])
+        if not 0 < pct <= 100:
+            raise ValueError("a percentage must be in (0, 100]")
+        return "percent", pct
+    num = text.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = text[len(num):].strip()
+    if unit not in _SIZE_UNITS or not num:
+        raise ValueError(f"unknown size {spec!r}")
+    value = float(num) * _SIZE_UNITS[unit]
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return "bytes", value
+
+
+def _host_limit(c: _Checker, raw: dict[str, Any], key: str, default: str) -> str:
+    value = raw.get("host_memory_limit", default)
+    path = f"{key}.host_memory_limit"
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        c.fail(path, f"must be \"auto\", a byte count, a size like \"64GiB\" or a "
+                     f"percentage like \"80%\" (got {json.dumps(value)})")
+        return default
+    try:
+        parse_memory_limit(value)
+    except ValueError as exc:
+        c.fail(path, f"must be \"auto\", a byte count, a size like \"64GiB\" or a "
+                     f"percentage like \"80%\" ({exc})")
+        return default
+    return value
 
 
 def _build_proxy(c: _Checker, raw: dict[str, Any], top_port: int, top_given: bool
@@ -502,9 +614,39 @@ def _build_policy(c: _Checker, raw: dict[str, Any]) -> PolicyConfig:
     if min_active < 0:
         c.fail(f"{key}.min_active_secs", "must not be negative")
     drain = c.get(raw, key, "drain_before_switch", "bool", d.drain_before_switch)
+    options: dict[str, float] = {}
+    for name in POLICY_OPTIONS:
+        options[name] = c.get(raw, key, name, "float", getattr(d, name))
+        if options[name] < 0 or options[name] != options[name]:
+            c.fail(f"{key}.{name}", "must be a number >= 0")
+    _positive(c, f"{key}.tick_interval_ms", options["tick_interval_ms"])
     return PolicyConfig(policy_type=policy_type, request_timeout_secs=timeout,
                         drain_before_switch=drain, sleep_level=level,
-                        min_active_secs=min_active)
+                        min_active_secs=min_active, **options)
+
+
+def policy_warnings(config: Config) -> list[str]:
+    """Usable but self-defeating scheduling settings (logged at start and reload, and
+    printed by --check-config): each names its keys and what happens."""
+    d, p = config.daemon, config.policy
+    out = []
+    if d.drain_timeout_secs >= p.request_timeout_secs:
+        out.append(f"daemon.drain_timeout_secs ({d.drain_timeout_secs:g}) is not below "
+                   f"policy.request_timeout_secs ({p.request_timeout_secs:g}): requests "
+                   "waiting for a switch would time out before the drain gives up; llmuxd "
+                   "ends such drains early for them (docs/configuration.md)")
+    if p.policy_type != "fifo" and p.max_wait_secs >= p.request_timeout_secs:
+        out.append(f"policy.max_wait_secs ({p.max_wait_secs:g}) is not below "
+                   f"policy.request_timeout_secs ({p.request_timeout_secs:g}): a waiting "
+                   "request times out (504) before the policy must serve it")
+    return out
+
+
+# The tuning knobs of the policies (cost_aware, time_slice, adaptive), in seconds
+# unless the name says ms; each policy reads only its own (docs/configuration.md).
+POLICY_OPTIONS = ("max_wait_secs", "amortization_factor", "coalesce_window_ms",
+                  "tick_interval_ms", "min_quantum_ms", "default_switch_secs",
+                  "linger_factor")
 
 
 def socket_file_name(model_name: str) -> str:
@@ -607,13 +749,38 @@ def _build_model(c: _Checker, key: str, name: str, raw: dict[str, Any],
         if len(socket_path.encode()) > MAX_SOCKET_PATH:
             c.fail(f"{key}", f"socket path {socket_path} is longer than {MAX_SOCKET_PATH} "
                    "bytes (AF_UNIX): choose a shorter daemon.child_socket_dir")
+    sleep_mode = c.get(raw, key, "enable_sleep_mode", "bool", True)
+    upkeep = _upkeep(c, key, raw, level, sleep_mode)
     if missing:
         return None
     return ModelConfig(
         name=name, model_path=model_path, port=port, sleep_level=level,
         gpu_memory_utilization=util, tensor_parallel_size=tp, dtype=dtype,
         extra_args=extra_args, gpus=gpus, transport=transport, socket_path=socket_path,
-        enable_sleep_mode=c.get(raw, key, "enable_sleep_mode", "bool", True),
+        enable_sleep_mode=sleep_mode,
         env=c.get(raw, key, "env", "strmap", {}),
         aliases=c.get(raw, key, "aliases", "strlist", ()), startup_timeout_secs=startup,
+        **upkeep,
     )
+
+
+def _upkeep(c: _Checker, key: str, raw: dict[str, Any], level: int, sleep_mode: bool
+            ) -> dict[str, Any]:
+    """prewarm, idle_sleep_secs, keep_active: each checked, and against each other."""
+    prewarm = c.get(raw, key, "prewarm", "bool", False)
+    idle = c.get(raw, key, "idle_sleep_secs", "float", 0.0)
+    keep = c.get(raw, key, "keep_active", "bool", False)
+    if idle < 0:
+        c.fail(f"{key}.idle_sleep_secs", "must not be negative (0 = never)")
+    if prewarm and level == 3:
+        c.fail(f"{key}.prewarm", "needs sleep_level 1 or 2 (a model asleep at level 3 "
+                                 "is stopped: nothing to prewarm)")
+    if prewarm and not sleep_mode:
+        c.fail(f"{key}.prewarm", "needs enable_sleep_mode = true")
+    if keep and prewarm:
+        c.fail(f"{key}.prewarm", "has no effect with keep_active = true (a keep_active "
+                                 "model is started at boot and stays active); set one")
+    if keep and idle > 0:
+        c.fail(f"{key}.idle_sleep_secs", "conflicts with keep_active = true (a "
+                                         "keep_active model never goes to sleep)")
+    return {"prewarm": prewarm, "idle_sleep_secs": idle, "keep_active": keep}

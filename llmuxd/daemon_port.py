@@ -9,7 +9,7 @@ reaches the daemon only through it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -22,6 +22,7 @@ from llmuxd.leases import LeaseTable
 from llmuxd.metrics import Metrics
 from llmuxd.model import ModelRuntime
 from llmuxd.model_commands import validate_timeout, wait_timeout
+from llmuxd.policy.explain import Explained
 from llmuxd.status import model_status
 from llmuxd.switching import Switcher
 from llmuxd.validate_jobs import ValidateJobs
@@ -38,8 +39,10 @@ class DaemonPort:
 
     def __init__(self, core: Core, ops: Switcher, validations: ValidateJobs,
                  status: Callable[[], dict[str, Any]],
-                 reload: Callable[[Config], dict[str, list[str]]]) -> None:
+                 reload: Callable[[Config], dict[str, list[str]]],
+                 explained: Callable[[], Mapping[str, Explained]] = dict) -> None:
         self._core = core
+        self._explained = explained     # the planner's last word per model (status)
         self._ops = ops
         self._validations = validations
         self._status = status
@@ -74,7 +77,8 @@ class DaemonPort:
         return self._core.resolve(name)
 
     def _status_of(self, m: ModelRuntime) -> dict[str, Any]:
-        return model_status(m, self._core.leases.view().get(m.name))
+        return model_status(m, self._core.leases.view().get(m.name),
+                            self._explained().get(m.name))
 
     def model_status(self, name: str) -> dict[str, Any]:
         core = self._core

@@ -76,6 +76,7 @@ class Gate:
     queue: deque[Waiter] = field(default_factory=deque)
     watch_idle: bool = False    # supervisor wants a kick when in_flight reaches 0
     hold: ApiError | None = None  # refuse at once (model FAILED)
+    last_use: float = 0.0       # monotonic time of the last grant or release (idle time)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,9 @@ class GateView:
     in_flight: int
     queued: int
     oldest_wait: float | None
+    wait_sum: float = 0.0       # sum of the waiters' arrival times (their total age: n*now - sum)
+    newest_wait: float | None = None
+    last_use: float = 0.0       # the last grant or release (idle since, when nothing is in flight)
 
 
 class LeaseTable:
@@ -184,6 +188,7 @@ class LeaseTable:
             gate = self._gates.get(lease.model)
             if gate is not None:
                 gate.in_flight -= 1
+                gate.last_use = time.monotonic()
                 kick = gate.in_flight == 0 and gate.watch_idle
         if kick:
             self._kick()
@@ -324,7 +329,10 @@ class LeaseTable:
         with self._lock:
             return {
                 name: GateView(open=g.open, in_flight=g.in_flight, queued=len(g.queue),
-                               oldest_wait=g.queue[0].enqueued_at if g.queue else None)
+                               oldest_wait=g.queue[0].enqueued_at if g.queue else None,
+                               wait_sum=sum(w.enqueued_at for w in g.queue),
+                               newest_wait=g.queue[-1].enqueued_at if g.queue else None,
+                               last_use=g.last_use)
                 for name, g in self._gates.items()
             }
 
@@ -354,6 +362,7 @@ class LeaseTable:
                       pid=pid, granted_at=now, waited_s=now - since, switched=switched)
         self._leases[lease.lease_id] = lease
         gate.in_flight += 1
+        gate.last_use = now
         return lease
 
     def _remove_waiter(self, waiter: Waiter) -> None:

@@ -64,6 +64,29 @@ class Metrics:
                               registry=r)
         self.child_hangs = Counter("llmux_child_hangs_total", "Children the health "
                                    "watchdog found hung (and killed)", ["model"], registry=r)
+        # Scheduling (issue 10): what llmuxctl status shows, as series.
+        self.policy_info = Gauge("llmux_policy_info", "1 for the scheduling policy in use",
+                                 ["policy"], registry=r)
+        self.quantum_left = Gauge("llmux_model_quantum_left_seconds",
+                                  "Time before an active model that others wait behind may "
+                                  "be switched out (-1: not yet known; absent: nobody waits)",
+                                  ["model"], registry=r)
+        self.oldest_wait = Gauge("llmux_model_oldest_wait_seconds",
+                                 "Age of the oldest request waiting for the model (0: none)",
+                                 ["model"], registry=r)
+        self.idle_seconds = Gauge("llmux_model_idle_seconds",
+                                  "Time an active model has had nothing in flight or queued "
+                                  "(0: busy or not active)", ["model"], registry=r)
+        self.waiting_reason = Gauge("llmux_model_waiting_reason",
+                                    "1 for why requests for the model wait (quantum, draining, "
+                                    "switching_out, switching_in, pinned, queued, backoff, "
+                                    "failed, leaving)", ["model", "reason"], registry=r)
+        self.switch_cost = Gauge("llmux_switch_cost_ema_seconds",
+                                 "Learned GPU time of a switch (EMA, alpha 0.3; drain excluded)",
+                                 ["from", "to"], registry=r)
+        self._policy: str | None = None
+        self._reasons: dict[str, str] = {}
+        self._quantum_set: set[str] = set()
         self._server: Any = None
         # Label lookups cost a lock and a tuple per call: cache the hot-path children.
         self._wait_children: dict[str, Any] = {}
@@ -120,8 +143,40 @@ class Metrics:
 
     def model_gpu_memory(self, model: str, used_mib: int) -> None:
         self.model_gpu.labels(model).set(used_mib)
+
     def child_hung(self, model: str) -> None:
         self.child_hangs.labels(model).inc()
 
     def gpu_memory(self, index: int, used_mib: int) -> None:
         self.gpu_used.labels(str(index)).set(used_mib)
+
+    def scheduling(self, model: str, quantum_left: float | None, oldest_wait: float | None,
+                   idle: float | None, reason: str | None) -> None:
+        """One model's scheduling gauges (a series per reason, 1 for the current one)."""
+        if quantum_left is None:
+            if model in self._quantum_set:
+                self._quantum_set.discard(model)
+                self.quantum_left.remove(model)
+        else:
+            self._quantum_set.add(model)
+            self.quantum_left.labels(model).set(quantum_left)
+        self.oldest_wait.labels(model).set(oldest_wait or 0.0)
+        self.idle_seconds.labels(model).set(idle or 0.0)
+        old = self._reasons.get(model)
+        if old is not None and old != reason:
+            self.waiting_reason.labels(model, old).set(0)
+        if reason is not None:
+            self.waiting_reason.labels(model, reason).set(1)
+            self._reasons[model] = reason
+        else:
+            self._reasons.pop(model, None)
+
+    def scheduler(self, policy: str, costs: dict[tuple[str | None, str], float]) -> None:
+        """The policy in use and the learned switch costs."""
+        if policy != self._policy:
+            if self._policy is not None:
+                self.policy_info.labels(self._policy).set(0)
+            self.policy_info.labels(policy).set(1)
+            self._policy = policy
+        for (src, dst), secs in costs.items():
+            self.switch_cost.labels(src or "", dst).set(secs)

@@ -21,6 +21,8 @@ from llmuxd.states import ModelState, check_transition
 
 log = structlog.get_logger("llmuxd.model")
 
+LEARN_ALPHA = 0.3       # the original's switch-cost EMA weight
+
 
 @dataclass
 class SwitchRecord:
@@ -127,11 +129,22 @@ class ModelRuntime:
         self.drain_deadline: float | None = None
         self.drain_started: float | None = None
         self.drain_level: int = 3
+        self.drain_was: float | None = None               # active_since before the drain
         self.pending_config: ModelConfig | None = None    # reload changed it: apply when stopped
         self.removed = False
         self.pinned = False                               # validate runs: do not evict
         self.validate_job: ValidateJob | None = None
         self.gpu_memory_mib: dict[int, int] = {}
+        # What its operations took (EMA per kind: start, wake1, wake2, sleep1, sleep2,
+        # stop), so a policy can price a switch before that direction was ever measured.
+        self.learned: dict[str, float] = {}
+        self.switched_in_secs = 0.0       # GPU time of the switch that made it ACTIVE
+        # Upkeep and host memory (upkeep.py, host_memory.py), loop thread only.
+        self.idle_since: float | None = None        # ACTIVE, nothing in flight or waiting
+        self.last_used: float | None = None         # last seen holding a lease (monotonic)
+        self.prewarm: str | None = None             # prewarm progress, for status
+        self.host_memory_bytes: int | None = None   # RSS of its process tree (sampled)
+        self.l1_host: tuple[str, int] | None = None  # (model_path, bytes its L1 sleep took)
 
     @property
     def level(self) -> int:
@@ -157,6 +170,25 @@ class ModelRuntime:
     @property
     def busy(self) -> bool:
         return self.op is not None
+
+    def learn(self, kind: str, seconds: float) -> None:
+        """Fold one measured operation into its running average (EMA, alpha 0.3)."""
+        old = self.learned.get(kind)
+        self.learned[kind] = seconds if old is None else (
+            LEARN_ALPHA * seconds + (1 - LEARN_ALPHA) * old)
+
+    def expected_in_secs(self) -> float | None:
+        """Seconds to become ACTIVE from where it is now (None: never measured)."""
+        if self.state is ModelState.SLEEPING:
+            return self.learned.get(f"wake{self.sleep_level or self.config.sleep_level}")
+        if self.state in (ModelState.STOPPED, ModelState.BACKOFF, ModelState.FAILED):
+            return self.learned.get("start")
+        return 0.0 if self.state is ModelState.ACTIVE else None
+
+    def expected_out_secs(self) -> float | None:
+        """Seconds to leave the GPU at its configured level (None: never measured)."""
+        level = self.config.sleep_level
+        return self.learned.get("stop" if level == 3 else f"sleep{level}")
 
 
 def settle(futures: list[Future[Any]], error: Exception | None,

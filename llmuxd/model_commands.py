@@ -53,6 +53,10 @@ def sleep(core: Core, ops: Switcher, name: str, level: int, fut: Future[Any],
     if core.shutdown is not None:
         raise shutting_down()
     m = core.model_named(name)
+    if m.config.keep_active and m.state in HAS_PROCESS:
+        raise ApiError("conflict", f"model '{name}' has keep_active = true: llmuxd keeps "
+                       "it active (remove keep_active and reload to let it sleep)",
+                       model=name, state=str(m.state))
     if m.state in (S.STOPPED, S.BACKOFF, S.FAILED) or (
             m.state is S.SLEEPING and level != 3):
         fut.set_result(m)

@@ -25,6 +25,7 @@ from llmuxd import __version__ as VERSION
 from llmuxd.leases import GateView
 from llmuxd.metrics import Metrics
 from llmuxd.model import ModelRuntime
+from llmuxd.policy.explain import Explained
 from llmuxd.states import ModelState
 
 log = structlog.get_logger("llmuxd.supervisor")
@@ -33,8 +34,37 @@ S = ModelState
 GPU_SAMPLE = 2.0           # GPU memory per model for status and metrics
 
 
-def model_status(m: ModelRuntime, gate: GateView | None) -> dict[str, Any]:
-    """One model's ``ModelStatus``."""
+def scheduling(m: ModelRuntime, gate: GateView | None, sched: Explained | None,
+               now: float) -> dict[str, Any]:
+    """The scheduler's view of one model: waiting, quantum left, idle time, why it waits."""
+    queued = (gate.queued if gate else 0) + len(m.demands)
+    in_flight = gate.in_flight if gate else 0
+    waits = [t for t in (gate.oldest_wait if gate else None,
+                         m.demand_since if m.demands else None) if t is not None]
+    idle = None
+    if m.state is S.ACTIVE and not in_flight and not queued:
+        idle = now - max(gate.last_use if gate else 0.0, m.active_since or 0.0)
+    quantum = sched.quantum_left_s if sched is not None else None
+    return {
+        "waiting": queued,
+        "oldest_wait_s": round(now - min(waits), 3) if waits else None,
+        "quantum_left_s": None if quantum is None else (
+            round(quantum, 3) if quantum != float("inf") else -1),
+        "idle_s": None if idle is None else round(max(0.0, idle), 3),
+        "why_waiting": sched.why if sched is not None and queued else None,
+        "waiting_reason": sched.reason if sched is not None and queued else None,
+        "expected_switch_in_s": _round(m.expected_in_secs()),
+        "expected_switch_out_s": _round(m.expected_out_secs()),
+    }
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
+
+
+def model_status(m: ModelRuntime, gate: GateView | None,
+                 sched: Explained | None = None) -> dict[str, Any]:
+    """One model's ``ModelStatus`` (``scheduling``: the planner's last explanation)."""
     mc = m.config
     # A starting child has a pid before it is healthy (the start operation holds it).
     child = m.child if m.child is not None else (m.op.child if m.op is not None else None)
@@ -53,6 +83,19 @@ def model_status(m: ModelRuntime, gate: GateView | None) -> dict[str, Any]:
         "restarts": m.restarts, "last_error": m.last_error,
         "last_switch": m.last_switch.to_dict() if m.last_switch else None,
         "failures": m.failures, "operation": m.op.kind if m.op else None,
+        "scheduling": scheduling(m, gate, sched, time.monotonic()),
+        **upkeep_status(m),
+    }
+
+
+def upkeep_status(m: ModelRuntime) -> dict[str, Any]:
+    """Keep-active, idle TTL, prewarm progress and host RAM of one model (its idle
+    time is ``scheduling.idle_s``)."""
+    mc = m.config
+    return {
+        "idle_sleep_secs": mc.idle_sleep_secs or None, "keep_active": mc.keep_active,
+        "prewarm": m.prewarm, "host_memory_bytes": m.host_memory_bytes,
+        "l1_host_bytes": m.l1_host[1] if m.l1_host else None,
     }
 
 
@@ -68,11 +111,14 @@ class DaemonFacts:
     policy: str
     frontend_pid: int | None
     probe: str | None
+    scheduler: dict[str, Any] | None = None   # policy, options, learned switch costs
 
 
 def daemon_status(facts: DaemonFacts, models: Mapping[str, ModelRuntime],
-                  gates: Mapping[str, GateView], gpus: list[dict[str, Any]]) -> dict[str, Any]:
+                  gates: Mapping[str, GateView], gpus: list[dict[str, Any]],
+                  explained: Mapping[str, Explained] | None = None) -> dict[str, Any]:
     """The whole ``/v1/status`` document: the daemon, the GPUs, every model."""
+    explained = explained or {}
     return {
         "daemon": {
             "pid": os.getpid(), "version": VERSION, "started_at": facts.started_at,
@@ -85,8 +131,20 @@ def daemon_status(facts: DaemonFacts, models: Mapping[str, ModelRuntime],
             "active": sorted(m.name for m in models.values() if m.state is S.ACTIVE),
         },
         "gpus": list(gpus),
-        "models": {n: model_status(m, gates.get(n)) for n, m in models.items()
-                   if not m.removed},
+        "scheduler": facts.scheduler,
+        "models": {n: model_status(m, gates.get(n), explained.get(n))
+                   for n, m in models.items() if not m.removed},
+    }
+
+
+def scheduler_facts(policy: str, options: Mapping[str, Any],
+                    costs: Mapping[tuple[str | None, str], float]) -> dict[str, Any]:
+    """``/v1/status`` ``scheduler``: the policy, its options, the learned switch costs."""
+    return {
+        "policy": policy, "options": dict(options),
+        "switch_costs": [{"from": k[0], "to": k[1], "secs": round(v, 3)}
+                         for k, v in sorted(costs.items(), key=lambda kv: (kv[0][0] or "",
+                                                                           kv[0][1]))],
     }
 
 
@@ -99,12 +157,23 @@ def active_line(shutting_down: bool, models: Mapping[str, ModelRuntime]) -> str:
 
 
 def update_gauges(models: Mapping[str, ModelRuntime], gates: Mapping[str, GateView],
-                  metrics: Metrics) -> None:
-    """Per-model state, in-flight and queue gauges for /metrics."""
+                  metrics: Metrics, explained: Mapping[str, Explained] | None = None,
+                  policy: str | None = None,
+                  costs: Mapping[tuple[str | None, str], float] | None = None) -> None:
+    """Per-model state, in-flight, queue and scheduling gauges for /metrics."""
+    explained = explained or {}
+    now = time.monotonic()
     for name, m in models.items():
         gate = gates.get(name)
         metrics.model_gauges(name, str(m.state), gate.in_flight if gate else 0,
                              gate.queued if gate else 0)
+        if m.removed:
+            continue
+        s = scheduling(m, gate, explained.get(name), now)
+        metrics.scheduling(name, s["quantum_left_s"], s["oldest_wait_s"], s["idle_s"],
+                           s["waiting_reason"])
+    if policy is not None:
+        metrics.scheduler(policy, dict(costs or {}))
 
 
 class GpuSampler:

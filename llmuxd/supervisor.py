@@ -32,18 +32,27 @@ import structlog
 
 from llmuxd import __version__ as VERSION
 from llmuxd import lifecycle
-from llmuxd.config import Config, load_config
+from llmuxd.config import Config, load_config, policy_warnings
 from llmuxd.core import Core, Mailbox
 from llmuxd.daemon_port import DaemonPort
 from llmuxd.errors import ApiError
 from llmuxd.frontend_keeper import FrontEndKeeper
+from llmuxd.host_memory import HostMemoryKeeper
 from llmuxd.metrics import Metrics
 from llmuxd.model import ModelRuntime
 from llmuxd.pidcheck import pid_alive
-from llmuxd.planner import Planner
+from llmuxd.planner import Planner, policy_options
 from llmuxd.sdnotify import SdNotify
-from llmuxd.status import DaemonFacts, GpuSampler, active_line, daemon_status, update_gauges
+from llmuxd.status import (
+    DaemonFacts,
+    GpuSampler,
+    active_line,
+    daemon_status,
+    scheduler_facts,
+    update_gauges,
+)
 from llmuxd.switching import Switcher
+from llmuxd.upkeep import Upkeep
 from llmuxd.validate_jobs import ValidateJobs
 from llmuxd.watchdog_keeper import WatchdogKeeper
 from llmuxd.workers import OpRunner
@@ -69,11 +78,16 @@ class Supervisor:
         self.runner = OpRunner(self.mailbox.post, self._op_ended)
         self.ops = Switcher(core, self.runner, self.gpu_sampler.soon)
         self.planner = Planner(core, self.ops)
-        self.ops.no_room = self.planner.make_room
+        self.upkeep = Upkeep(core, self.ops)
+        self.memory = HostMemoryKeeper(core, self.ops)
+        self.ops.no_room = self._no_room
+        self.ops.choose_level = self.memory.choose_level
+        self.ops.slept = self.memory.slept
         self.validations = ValidateJobs(core, self.ops)
         self.fe = FrontEndKeeper(core, frontend, self.mark_ready)
         self.watchdog = WatchdogKeeper(core, self.ops)
-        self.port = DaemonPort(core, self.ops, self.validations, self.status, self.reload)
+        self.port = DaemonPort(core, self.ops, self.validations, self.status, self.reload,
+                               lambda: self.planner.explained)
         self.server: Any = None
         self.done = False
         self.exit_code = 0
@@ -82,6 +96,11 @@ class Supervisor:
         self._watchdog_every = core.notifier.watchdog_interval()
         self._status_line = ""
         self.loop_thread: threading.Thread | None = None
+
+    def _no_room(self, m: ModelRuntime, why: str) -> bool:
+        """A preflight found too little memory: a prewarm gives up, else make room."""
+        handled = self.upkeep.no_room(m, why)
+        return self.planner.make_room(m, why) if handled is None else handled
 
     def _op_ended(self, m: ModelRuntime) -> None:
         """An operation of m ended and m is idle: the one place a pending config applies."""
@@ -110,7 +129,7 @@ class Supervisor:
         events = self.mailbox.events
         while not self.done:
             try:
-                ev = events.get(timeout=TICK)
+                ev = events.get(timeout=self._next_wait())
             except queue.Empty:
                 ev = None
             while True:
@@ -127,6 +146,15 @@ class Supervisor:
         self.watchdog.stop()
         lifecycle.finish(self.core, self.server, self.exit_code)
         return self.exit_code
+
+    def _next_wait(self) -> float:
+        """Until the next pass: TICK, or sooner when the policy asked to be asked again
+        then (a deferral, a quantum's end) — not up to a TICK late."""
+        at = self.planner.recheck_at
+        left = None if at is None else at - time.monotonic()
+        if left is None or left <= 0:       # none, or already due: the regular pass
+            return TICK
+        return min(TICK, max(0.005, left))
 
     def _handle(self, ev: Any) -> None:
         if ev is None:
@@ -184,6 +212,8 @@ class Supervisor:
         core.metrics.serve(core.config.metrics_port, core.probe, core.config.metrics_host,
                            core.config.daemon.read_timeout_secs)
         self.watchdog.configure()
+        for warning in policy_warnings(core.config):
+            log.warning("config_warning", warning=warning)
         log.info("listening", socket=core.config.daemon.socket, pid=os.getpid(),
                  version=VERSION, models=sorted(core.models),
                  metrics_port=core.config.metrics_port)
@@ -216,6 +246,7 @@ class Supervisor:
             self.ops.refuse_failed()
             self.validations.progress(now)
             self.planner.schedule(now)
+            self.upkeep.progress(now)
             self.fe.check(now)
         if now >= self._next_sweep:
             self._next_sweep = now + PID_SWEEP
@@ -223,8 +254,10 @@ class Supervisor:
             for gone in core.leases.expire(core.config.daemon.max_lease_secs):
                 log.warning("lease_expired", model=gone.model, lease=gone.lease_id,
                             pid=gone.pid)
-            update_gauges(core.models, core.leases.view(), core.metrics)
+            update_gauges(core.models, core.leases.view(), core.metrics,
+                          self.planner.explained, self.planner.policy.name, core.costs)
         self.gpu_sampler.maybe_sample(core.probe, core.models, now)
+        self.memory.maybe_sample(now)
         if self._watchdog_every and now >= self._next_watchdog:
             self._next_watchdog = now + self._watchdog_every
             core.notifier.watchdog()
@@ -243,6 +276,8 @@ class Supervisor:
 
     def reload(self, new: Config) -> dict[str, list[str]]:
         """Apply a checked new config (loop thread): added, removed, changed models."""
+        for warning in policy_warnings(new):
+            log.warning("config_warning", warning=warning)
         result = lifecycle.reload(self.core, self.ops, self.planner, self.fe, new)
         self.watchdog.configure()
         return result
@@ -258,5 +293,11 @@ class Supervisor:
             started_at=core.started_at, config_path=core.config_path,
             socket=core.config.daemon.socket, ready=core.ready,
             shutting_down=core.shutdown is not None, policy=self.planner.policy.name,
-            frontend_pid=self.fe.pid, probe=getattr(core.probe, "name", None))
-        return daemon_status(facts, core.models, core.leases.view(), self.gpu_sampler.gpus)
+            frontend_pid=self.fe.pid, probe=getattr(core.probe, "name", None),
+            scheduler=scheduler_facts(self.planner.policy.name,
+                                      vars(policy_options(core.config.policy)), core.costs))
+        doc = daemon_status(facts, core.models, core.leases.view(), self.gpu_sampler.gpus,
+                            self.planner.explained)
+        doc["upkeep"] = self.upkeep.status()
+        doc["memory"] = self.memory.status()
+        return doc

@@ -35,6 +35,8 @@ from llmuxd.child_ops import (
 from llmuxd.config import ModelConfig
 from llmuxd.core import Core
 from llmuxd.errors import ApiError
+from llmuxd.hostmem import tree_rss
+from llmuxd.leases import GateView
 from llmuxd.model import ModelRuntime, Operation, SwitchRecord, settle
 from llmuxd.states import HAS_PROCESS, ModelState
 from llmuxd.workers import OpRunner
@@ -46,7 +48,8 @@ COST_ALPHA = 0.3
 # What a reload may change on a model without restarting its child: names clients
 # use (resolved from the config at each request), the level of its next sleep, and
 # a timeout that only a future start reads.
-IN_PLACE = ("aliases", "sleep_level", "startup_timeout_secs")
+IN_PLACE = ("aliases", "sleep_level", "startup_timeout_secs",
+            "prewarm", "idle_sleep_secs", "keep_active")
 # Operations that bring a model in: a reload that changes or removes the model
 # cancels them (their child would serve the old config, or nobody).
 COMING_IN = ("preflight", "start", "wake")
@@ -68,6 +71,10 @@ class Switcher:
         self.gpu_changed = gpu_changed          # sample GPU memory soon
         # Preflight found too little memory: True if waiting is useful (planner).
         self.no_room: Callable[[ModelRuntime, str], bool] = lambda _m, _why: False
+        # The level an L1 sleep really gets (host-RAM budget), and what it took after.
+        self.choose_level: Callable[[ModelRuntime, int], int] = lambda _m, level: level
+        self.slept: Callable[[ModelRuntime, int, int | None, int | None], None] = \
+            lambda _m, _level, _before, _after: None
 
     # ------------------------------------------------------------------
     # Switch records
@@ -91,9 +98,11 @@ class Switcher:
                 other.last_switch = sw
         self._record_switch(sw)
         if result == "ok" and sw.total_ms is not None:
+            # What the switch cost the GPU: everything but the drain (which still serves).
+            secs = max(0.0, sw.total_ms - sw.phases_ms.get("drain", 0.0)) / 1000
+            m.switched_in_secs = secs
             costs = self.core.costs
             key = (sw.from_[0] if sw.from_ else None, m.name)
-            secs = sw.total_ms / 1000
             old = costs.get(key)
             costs[key] = secs if old is None else COST_ALPHA * secs + (1 - COST_ALPHA) * old
 
@@ -173,6 +182,7 @@ class Switcher:
         if m.switch is not None:
             for phase, secs in phases.items():
                 m.switch.add(phase, secs)
+        m.learn("start", sum(phases.values()))
         m.enter(S.ACTIVE, f"healthy (pid {child.pid})")
         self.became_active(m)
 
@@ -241,6 +251,7 @@ class Switcher:
         if m.switch is not None:
             for phase, secs in result.items():
                 m.switch.add(phase, secs)
+        m.learn(f"wake{m.sleep_level or m.config.sleep_level}", sum(result.values()))
         m.enter(S.ACTIVE, "awake")
         self.became_active(m)
 
@@ -267,14 +278,23 @@ class Switcher:
     # ------------------------------------------------------------------
     # Leaving: drain, sleep, stop
 
-    def deactivate(self, m: ModelRuntime, level: int, drain: bool, reason: str) -> None:
-        """ACTIVE → DRAINING: close the gate; the drain ends at 0 in flight or the timeout."""
+    def deactivate(self, m: ModelRuntime, level: int, drain: bool, reason: str,
+                   drain_secs: float | None = None) -> None:
+        """ACTIVE → DRAINING: close the gate; the drain ends at 0 in flight or the timeout.
+
+        ``drain_secs`` caps the drain below ``daemon.drain_timeout_secs`` (the planner
+        ends it in time for the waiters it makes room for, see planner.drain_cap).
+        """
         if m.state is not S.ACTIVE or m.busy:
             return
         in_flight = self.core.leases.close_gate(m.name)
         now = time.monotonic()
+        limit = self.core.config.daemon.drain_timeout_secs
+        if drain_secs is not None:
+            limit = max(0.0, min(limit, drain_secs))
         m.drain_started = now
-        m.drain_deadline = now + (self.core.config.daemon.drain_timeout_secs if drain else 0.0)
+        m.drain_deadline = now + (limit if drain else 0.0)
+        m.drain_was = m.active_since
         m.drain_level = level
         m.enter(S.DRAINING, f"{reason} (level {level}, {in_flight} in flight)")
         self.core.kick()  # progress the drain on the next pass, not a TICK later
@@ -287,6 +307,9 @@ class Switcher:
                 continue
             gate = gates.get(m.name)
             in_flight = gate.in_flight if gate else 0
+            if self._nobody_waits_for(m, gates):
+                self._cancel_drain(m, in_flight)
+                continue
             if in_flight and now < m.drain_deadline:
                 continue
             drained = now - (m.drain_started or now)
@@ -305,7 +328,34 @@ class Switcher:
             if m.drain_level == 3 or self.core.shutdown is not None:
                 self.stop_model(m, f"level 3 after drain ({in_flight} still in flight)")
             else:
-                self._sleep(m, m.drain_level)
+                self._sleep(m, self.choose_level(m, m.drain_level))
+
+    def _nobody_waits_for(self, m: ModelRuntime, gates: dict[str, GateView]) -> bool:
+        """m drains to make room for another model that no one waits for any more."""
+        sw = m.switch
+        if self.core.shutdown is not None or sw is None or sw.to in (None, m.name):
+            return False
+        target = self.core.models.get(sw.to or "")
+        if target is None or target.busy or target.switch is not sw \
+                or target.state not in (S.STOPPED, S.SLEEPING, S.BACKOFF):
+            return False
+        gate = gates.get(target.name)
+        return not (gate.queued if gate else 0) and not target.demands
+
+    def _cancel_drain(self, m: ModelRuntime, in_flight: int) -> None:
+        """Call a drain off: its model serves again instead of sleeping for nobody."""
+        sw = m.switch
+        target = self.core.models.get(sw.to or "") if sw is not None else None
+        log.info("drain_cancelled", model=m.name, for_model=sw.to if sw else None,
+                 in_flight=in_flight, reason="nobody waits for it any more")
+        since = m.drain_was
+        m.drain_deadline = None
+        m.switch = None
+        m.enter(S.ACTIVE, f"drain cancelled: nobody waits for {sw.to if sw else '?'} any more")
+        m.active_since = since if since is not None else m.active_since
+        self.core.leases.open_gate(m.name)
+        if target is not None and target.switch is sw:
+            self.finish_switch(target, "abandoned")
 
     def _sleep(self, m: ModelRuntime, level: int) -> None:
         core = self.core
@@ -314,10 +364,15 @@ class Switcher:
         timeout = cfg.daemon.sleep_timeout_secs
         residue = cfg.daemon.sleep_residue_mib
         gpus = m.config.gpu_indices
-        self.runner.launch(
-            m, f"sleep{level}",
-            lambda _op: sleep_child(client, child, probe, gpus, level, timeout, residue),
-            lambda mm, _op, res, err: self._sleep_done(mm, level, res, err))
+
+        measure = level == 1 and child is not None     # what its host copy takes
+
+        def work(_op: Operation) -> Any:
+            before = tree_rss(child.pid) if measure else None
+            phases = sleep_child(client, child, probe, gpus, level, timeout, residue)
+            return phases, before, tree_rss(child.pid) if measure else None
+        self.runner.launch(m, f"sleep{level}", work,
+                           lambda mm, _op, res, err: self._sleep_done(mm, level, res, err))
 
     def _sleep_done(self, m: ModelRuntime, level: int, result: Any,
                     error: BaseException | None) -> None:
@@ -328,12 +383,15 @@ class Switcher:
             self.core.metrics.sleep_failed(m.name)
             self.stop_model(m, msg)
             return
+        phases, before, after = result
         if m.switch is not None:
-            for phase, secs in result.items():
+            for phase, secs in phases.items():
                 m.switch.add(phase, secs)
+        m.learn(f"sleep{level}", sum(phases.values()))
         m.enter(S.SLEEPING, f"asleep at level {level}")
         m.sleep_level = level
         self._left_gpu(m)
+        self.slept(m, level, before, after)
 
     def stop_model(self, m: ModelRuntime, reason: str, kill: bool = False) -> None:
         """Any state with a process → STOPPING → (worker: SIGTERM, grace, SIGKILL) → STOPPED.
@@ -367,6 +425,8 @@ class Switcher:
             log.error("stop_failed", model=m.name, error=repr(error))
         if m.switch is not None:
             m.switch.add("sleep", secs)
+        if error is None and m.state is S.STOPPING:
+            m.learn("stop", secs)
         m.child = None
         m.client = None
         m.enter(S.STOPPED, f"process ended (exit code {rc})")
