@@ -118,7 +118,7 @@ class PolicyConfig:
     tick_interval_ms: float = 500.0
     min_quantum_ms: float = 2000.0
     default_switch_secs: float = 10.0
-    linger_factor: float = 3.0
+    linger_factor: float = 6.0
 
 
 @dataclass(frozen=True)
