@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psutil
 
@@ -122,7 +123,11 @@ class DaemonProcess:
                   "sim_gpu_state": str(self.gpu_dir), "startup_timeout_secs": 60.0,
                   "stop_timeout_secs": 5.0, "restart_backoff_secs": 0.5,
                   "drain_timeout_secs": 10.0, "sleep_timeout_secs": 10.0,
-                  "wake_timeout_secs": 20.0, "sleep_residue_mib": 2048}
+                  "wake_timeout_secs": 20.0, "sleep_residue_mib": 2048,
+                  # The suites written before issue 12 talk to children by port
+                  # (faults, upstream_post); tests/reliability runs the default (unix).
+                  "child_transport": "tcp",
+                  "child_socket_dir": str(self.tmp / "children")}
         data: dict[str, Any] = {"port": free_port(), "metrics_port": 0,
                                 "vllm_command": SIM_COMMAND}
         data["daemon"] = daemon
@@ -279,7 +284,8 @@ class DaemonProcess:
         return unix_request(self.socket, method, path, body, timeout)
 
     def status(self, model: str | None = None) -> Any:
-        status, body = self.request("GET", f"/v1/models/{model}" if model else "/v1/status")
+        path = "/v1/models/" + quote(model, safe="") if model else "/v1/status"
+        status, body = self.request("GET", path)
         assert status == 200, body
         return body
 

@@ -9,12 +9,14 @@ nothing below it prints a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from llmuxctl import __version__
+from llmuxctl import __version__, fleet
 from llmuxctl.client import ControlClient
 from llmuxctl.commands import COMMANDS, DEFAULT_OP_TIMEOUT, Context
 from llmuxctl.errors import (
@@ -64,7 +66,7 @@ examples:
   llmuxctl status --json | jq '.models[] | {{name, state}}'"""
 
 VISIBLE = ("status", "start", "sleep", "wake", "kill", "switch", "logs", "reload",
-           "validate", "version")
+           "validate", "version", "fleet")
 
 
 def _positive_float(text: str) -> float:
@@ -187,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECS", help="give up waiting after SECS")
 
     add("version", "print the versions of llmuxctl and of the running llmuxd")
+    help_text = "config for a router in front of several llmux boxes"
+    fleet.build_parser(sub.add_parser("fleet", help=help_text, description=help_text))
     # For shell completion only: model names, one a line (not listed in --help).
     sub.add_parser("_models", parents=[common])
     sub._choices_actions = [a for a in sub._choices_actions if a.dest in VISIBLE]
@@ -202,9 +206,22 @@ def _quiet_broken_pipe() -> None:
         pass
 
 
+def _install_sigint() -> None:
+    """Ctrl-C raises KeyboardInterrupt, whatever disposition we inherited.
+
+    Python keeps an inherited SIG_IGN (a background job of a non-interactive shell
+    starts that way), and then Ctrl-C or ``kill -INT`` would do nothing while we wait.
+    Only from the main thread (signal.signal refuses elsewhere: tests calling main).
+    """
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
          err: TextIO | None = None) -> int:
     """Run one command; return its exit code (docs/interfaces.md section 7)."""
+    _install_sigint()
     out = out or sys.stdout
     err = err or sys.stderr
     parser = build_parser()
@@ -216,6 +233,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
         parser.print_usage(err)
         err.write(f"{PROG}: error: a command is required (see: {PROG} --help)\n")
         return EXIT_USAGE
+    if args.command == "fleet":  # talks to front ends over TCP, not to a socket
+        return fleet.run(args, out, err)
     ctx: Context | None = None
     try:
         target = resolve(args.socket, args.config)

@@ -21,6 +21,7 @@ from llmuxctl.errors import EXIT_FAILED, EXIT_OK, CtlError, OperationFailed
 from llmuxctl.locate import Target
 from llmuxctl.progress import LongOperation
 from llmuxctl.table import gpu_lines, scheduling_lines, state_phrase, status_table
+from llmuxctl.upkeep_lines import upkeep_lines
 
 DEFAULT_OP_TIMEOUT = 3600.0   # llmuxd bounds each operation itself; this guards a hung one
 FOLLOW_WINDOW = 1000          # lines fetched per poll of `logs -f`
@@ -88,6 +89,8 @@ def cmd_status(ctx: Context) -> int:
         for line in scheduling_lines(status if not names else {"models": models}):
             ctx.say(line)
         if not names:
+            for line in upkeep_lines(status):
+                ctx.say(line)
             for line in gpu_lines(status.get("gpus")):
                 ctx.say(line)
     for failure in failures:

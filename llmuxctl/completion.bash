@@ -31,7 +31,7 @@ _llmuxctl()
         cword=$COMP_CWORD
     fi
 
-    local commands="status start sleep wake kill switch logs reload validate version"
+    local commands="status start sleep wake kill switch logs reload validate version fleet"
     local global_opts="-c --config -s --socket --json -h --help -V --version"
 
     # The command is the first word that is not an option or an option's value.
@@ -73,6 +73,7 @@ _llmuxctl()
         logs) opts+=" -f --follow -n --lines" ;;
         validate) opts+=" --levels --verbose -v --timeout" ;;
         reload) opts+=" --timeout" ;;
+        fleet) opts="-h --help --bind --api-key --check-inter -o --output" ;;
     esac
     if [[ "$cur" == -* ]]; then
         COMPREPLY=($(compgen -W "$opts" -- "$cur"))
@@ -94,6 +95,10 @@ _llmuxctl()
         start|sleep|wake|kill|switch|logs|validate)
             if ((nargs == 0)); then
                 COMPREPLY=($(compgen -W "$(_llmuxctl_models)" -- "$cur"))
+            fi ;;
+        fleet)
+            if ((nargs == 0)); then
+                COMPREPLY=($(compgen -W "haproxy" -- "$cur"))
             fi ;;
     esac
 } &&

@@ -10,9 +10,12 @@ and a stop only ends when no member of the group is left. The guardian
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import shlex
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -37,10 +40,33 @@ class SpawnError(OSError):
     """The child could not be started at all (missing binary, bad log dir)."""
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+
+
+def log_file_name(model_name: str) -> str:
+    """The file name of a model's log in ``log_dir``: safe, and distinct per model.
+
+    Why not just ``<name>.log``: model names are Hugging Face ids (``Qwen/Qwen3-14B``)
+    and may hold any character vLLM accepts. A plain name keeps ``<name>.log`` (the
+    file an operator already knows); any other becomes a readable slug plus ``~`` and
+    a hash of the exact name. ``~`` never occurs in a plain name, so a slug cannot
+    collide with one, and two slugs only collide if their hashes do.
+    """
+    if _SAFE_NAME.fullmatch(model_name):
+        return f"{model_name}.log"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).lstrip(".")[:100]
+    digest = hashlib.sha256(model_name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{slug}~{digest}.log"
+
+
 def build_command(config: Config, model: ModelConfig) -> list[str]:
     """The ``vllm serve`` command line for a model (the seed's, plus host and name)."""
     cmd = shlex.split(config.vllm_command)
-    cmd += ["serve", model.model_path, "--host", "127.0.0.1", "--port", str(model.port)]
+    cmd += ["serve", model.model_path]
+    if model.transport == "unix":
+        cmd += ["--uds", model.socket_path]
+    else:
+        cmd += ["--host", "127.0.0.1", "--port", str(model.port)]
     if model.enable_sleep_mode:
         cmd.append("--enable-sleep-mode")
     cmd += [
@@ -56,6 +82,64 @@ def build_command(config: Config, model: ModelConfig) -> list[str]:
 def _number(value: float) -> str:
     """0.9 -> "0.9", 1.0 -> "1.0": what a user would have typed, never 0.90000001."""
     return repr(float(value))
+
+
+def prepare_socket_dir(path: str | Path) -> None:
+    """Make the children's socket directory: ours, mode 0700, no stale entries checked here.
+
+    Why 0700 and owned by the daemon's user: the child runs with
+    VLLM_SERVER_DEV_MODE=1 (``/sleep``, ``/collective_rpc``) and no auth, so the
+    directory is what keeps every other local user (and any foreign process that
+    would impersonate a child) away from it. A directory owned by someone else is
+    refused rather than taken over.
+    """
+    folder = Path(path)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = folder.lstat()
+        if not stat.S_ISDIR(st.st_mode):
+            raise SpawnError(f"child socket dir {folder} is not a directory")
+        if st.st_uid != os.geteuid():
+            raise SpawnError(f"child socket dir {folder} is owned by uid {st.st_uid}, "
+                             f"not by llmuxd's uid {os.geteuid()}")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(folder, 0o700)
+    except OSError as exc:
+        if isinstance(exc, SpawnError):
+            raise
+        raise SpawnError(f"cannot prepare child socket dir {folder}: "
+                         f"{exc.strerror or exc}") from exc
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a killed child (vLLM cannot bind over it)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+
+
+def listener_pids(model: ModelConfig, pids: list[int]) -> list[int]:
+    """Those of ``pids`` that hold the model's listening socket (its path or its port).
+
+    Before a child is marked healthy, the server that answered must be ours: with
+    TCP a foreign server already on the port answers ``/health`` while our child
+    failed to bind (issue 12).
+    """
+    owners = []
+    for pid in pids:
+        try:
+            if model.transport == "unix":
+                conns = psutil.Process(pid).net_connections(kind="unix")
+                if any(c.laddr == model.socket_path for c in conns):
+                    owners.append(pid)
+            else:
+                conns = psutil.Process(pid).net_connections(kind="inet")
+                if any(c.status == psutil.CONN_LISTEN and c.laddr
+                       and c.laddr.port == model.port for c in conns):
+                    owners.append(pid)
+        except psutil.Error:
+            continue
+    return owners
 
 
 def build_env(config: Config, model: ModelConfig,
@@ -121,6 +205,9 @@ class ChildProcess:
         """
         command = build_command(config, model)
         env = build_env(config, model, base_env)
+        if model.transport == "unix":
+            prepare_socket_dir(Path(model.socket_path).parent)
+            remove_stale_socket(model.socket_path)
         return cls.spawn_command(command, env, model.name, Path(log_dir), on_line, guardian)
 
     @classmethod
@@ -128,7 +215,7 @@ class ChildProcess:
                       log_dir: Path, on_line: Callable[[str], None] | None = None,
                       guardian: Guardian | None = None) -> ChildProcess:
         """Spawn any command the way a vLLM child is spawned (tests, stand-ins)."""
-        log_path = Path(log_dir) / f"{model_name}.log"
+        log_path = Path(log_dir) / log_file_name(model_name)
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log = open(log_path, "ab", buffering=0)  # noqa: SIM115 (handed to the child)
@@ -136,7 +223,9 @@ class ChildProcess:
             raise SpawnError(f"cannot open log file {log_path}: {exc.strerror or exc}") from exc
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
         shown = shlex.join(command).replace("\r", "\\r").replace("\n", "\\n")  # one line
-        log.write(f"=== llmux {stamp} start: {shown}\n".encode())
+        # A full disk loses log lines, never the model (R2 "disk full for the logs").
+        with contextlib.suppress(OSError):
+            log.write(f"=== llmux {stamp} start: {shown}\n".encode())
         try:
             proc = subprocess.Popen(
                 command, env=dict(env), stdin=subprocess.DEVNULL,
@@ -144,7 +233,8 @@ class ChildProcess:
                 close_fds=True, start_new_session=True,
             )
         except OSError as exc:
-            log.write(f"=== llmux: cannot start: {exc}\n".encode())
+            with contextlib.suppress(OSError):
+                log.write(f"=== llmux: cannot start: {exc}\n".encode())
             log.close()
             raise SpawnError(f"cannot start {command[0]!r}: {exc.strerror or exc}") from exc
         child = cls(proc, model_name, log_path, command, guardian)
@@ -188,6 +278,14 @@ class ChildProcess:
     def group_pids(self) -> list[int]:
         """Every live pid in the child's process group (leader, engine, workers)."""
         return pids_in_group(self.pgid)
+
+    def serves(self, model: ModelConfig) -> str:
+        """"" when a process of this child holds the model's listener, else why not."""
+        if listener_pids(model, self.group_pids()):
+            return ""
+        where = model.socket_path if model.transport == "unix" else f"port {model.port}"
+        return (f"the server answering on {where} is not our child (pid {self.pid}): "
+                "another process holds it")
 
     # -- stop ----------------------------------------------------------------
 

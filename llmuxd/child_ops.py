@@ -21,6 +21,8 @@ from llmuxd.model import Operation
 
 VERIFY_WINDOW = 3.0        # a sleeping child's memory may take a moment to drop
 TAIL_LINES = 20
+# A stop waits this long for the operation it cancelled (a start still spawning).
+DETACHED_WAIT = 10.0
 
 
 class OpFailed(Exception):
@@ -58,12 +60,16 @@ def start_child(ctx: Operation, cfg: Config, mc: ModelConfig, log_dir: Path,
         raise OpFailed(f"start failed: {exc}") from None
     ctx.child = child
     if ctx.cancelled:
-        child.stop(grace)
+        _end_child(child, grace, ctx.kill)
         raise OpFailed("start cancelled")
-    client = VllmClient(mc.port, mc.name)
+    client = VllmClient.for_model(mc)
     phases: dict[str, float] = {}
+    foreign = ""
     try:
         client.wait_healthy(t0 + timeout, lambda: child.poll() is None and not ctx.cancelled)
+        foreign = child.serves(mc)       # a foreign server on the port answers /health too
+        if foreign:
+            raise VllmError(foreign)
         phases["start"] = time.monotonic() - t0
         if warm:
             t1 = time.monotonic()
@@ -73,13 +79,15 @@ def start_child(ctx: Operation, cfg: Config, mc: ModelConfig, log_dir: Path,
         rc = child.poll()
         if ctx.cancelled:
             why = "start cancelled"
+        elif foreign:
+            why = foreign
         elif isinstance(exc, ChildExited) or rc is not None:
             why = f"the child exited with code {rc} during startup"
         elif isinstance(exc, OpTimeout) and "start" not in phases:
             why = f"not healthy within {timeout:g}s"
         else:
             why = str(exc)
-        child.stop(grace)
+        _end_child(child, grace, ctx.cancelled and ctx.kill)
         tail = child.tail(TAIL_LINES)
         msg = f"start of '{mc.name}' failed: {why}"
         if tail:
@@ -139,13 +147,33 @@ def sleep_child(client: Any, child: Any, probe: Any, gpus: tuple[int, ...], leve
     return phases
 
 
-def stop_child(child: Any, grace: float, kill: bool) -> tuple[float, int | None]:
-    """SIGTERM, ``grace`` seconds, SIGKILL (or SIGKILL at once): (seconds, exit code)."""
+def stop_child(child: Any, grace: float, kill: bool,
+               detached: Operation | None = None) -> tuple[float, int | None]:
+    """SIGTERM, ``grace`` seconds, SIGKILL (or SIGKILL at once): (seconds, exit code).
+
+    ``detached``: the operation this stop cancelled. A start may still be spawning
+    its child (``detached.child`` not set yet): once the known child is down, wait
+    for that worker (at most ``DETACHED_WAIT``) and end a child it started late, so
+    that STOPPED always means no process of this model is left.
+    """
     t0 = time.monotonic()
     rc = None
+    if child is None and detached is not None:
+        child = detached.child
     if child is not None:
-        rc = child.kill() if kill else child.stop(grace)
+        rc = _end_child(child, grace, kill)
+    if detached is not None:
+        detached.ended.wait(DETACHED_WAIT)
+        late = detached.child
+        if late is not None and late is not child:
+            rc = _end_child(late, grace, kill)
     return time.monotonic() - t0, rc
+
+
+def _end_child(child: Any, grace: float, kill: bool) -> int:
+    """SIGKILL the group now (a kill) or SIGTERM, ``grace``, SIGKILL (a stop)."""
+    rc: int = child.kill() if kill else child.stop(grace)
+    return rc
 
 
 def wake_fits(probe: Any, gpus: tuple[int, ...], util: float,

@@ -14,6 +14,7 @@ import sys
 from llmuxd import __version__ as VERSION
 from llmuxd import tomlout
 from llmuxd.config import Config, ConfigError, load_config, policy_warnings
+from llmuxd.redact import redact_config
 
 DEFAULT_CONFIG = "/etc/llmux.toml"
 
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             print(line, file=sys.stderr)
         return 2
     if args.check_config:
-        print(json.dumps(config.to_dict(), indent=2) if args.json else render_toml(config))
+        data = redact_config(config.to_dict())
+        print(json.dumps(data, indent=2) if args.json else render_toml(config))
         for warning in policy_warnings(config):
             print(f"warning: {warning}", file=sys.stderr)
         return 0
@@ -103,7 +105,7 @@ def _validate(config: Config, args: argparse.Namespace) -> int:
 
 
 def render_toml(config: Config) -> str:
-    """The resolved config in TOML form (every default filled in)."""
-    data = config.to_dict()
+    """The resolved config in TOML form (every default filled in, secrets redacted)."""
+    data = redact_config(config.to_dict())
     data.pop("source", None)
     return f"# resolved from {config.source}\n" + tomlout.dumps(data)

@@ -8,8 +8,12 @@ reported at once so an operator fixes the file in one pass.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import re
+import stat
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +22,11 @@ from typing import Any
 SLEEP_LEVELS = (1, 2, 3)
 POLICY_TYPES = ("fifo", "cost_aware", "time_slice", "adaptive")
 GPU_PROBES = ("auto", "nvml", "sim", "none")
+TRANSPORTS = ("unix", "tcp")
+# AF_UNIX paths: 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH = 107
+# extra_args that would move the child's listener away from where llmux talks to it.
+LISTEN_FLAGS = ("--host", "--port", "--uds")
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 
@@ -51,6 +60,21 @@ class DaemonConfig:
     max_start_failures: int = 3
     restart_backoff_secs: float = 2.0
     warmup: bool = True
+    max_connections: int = 1024
+    idle_timeout_secs: float = 300.0
+    read_timeout_secs: float = 10.0
+    max_lease_secs: float = 0.0      # revoke a lease held longer (0: never; issue 12)
+    child_transport: str = "unix"    # "unix": --uds in child_socket_dir; "tcp": 127.0.0.1:port
+    child_socket_dir: str = "/run/llmux/children"
+    validate_timeout_secs: float = 0.0   # a validate job's deadline (0: derived, see docs)
+    # Health watchdog of the children (llmuxd/watchdog.py; period 0 turns it off).
+    watchdog_period_secs: float = 5.0
+    watchdog_timeout_secs: float = 5.0
+    watchdog_misses: int = 3
+    watchdog_stuck_secs: float = 0.0     # requests running, no token this long (0: off)
+    # Host RAM llmux's model processes may hold (L1 sleepers keep their weights
+    # there): bytes, "64GiB", "50%" of RAM, or "auto" = what leaves 10 % free.
+    host_memory_limit: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -64,6 +88,14 @@ class ProxyConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     api_keys: tuple[str, ...] = ()
     upstream_timeout_secs: float = 600.0
+    api_keys_file: str = ""
+    # The asyncio front end's guards (issue 11; docs/configuration.md).
+    upstream_idle_timeout_secs: float = 300.0
+    client_write_timeout_secs: float = 30.0
+    head_timeout_secs: float = 10.0
+    body_timeout_secs: float = 60.0
+    max_connections: int = 4096
+    max_concurrent_body_parses: int = 4
 
 
 @dataclass(frozen=True)
@@ -86,7 +118,7 @@ class PolicyConfig:
     tick_interval_ms: float = 500.0
     min_quantum_ms: float = 2000.0
     default_switch_secs: float = 10.0
-    linger_factor: float = 3.0
+    linger_factor: float = 6.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +138,22 @@ class ModelConfig:
     env: dict[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     startup_timeout_secs: float = 0.0
+    # Resolved by the loader: the model's own or daemon.child_transport (unix by
+    # default). "tcp" here only for a ModelConfig built by hand (port, no socket).
+    transport: str = "tcp"
+    socket_path: str = ""            # derived (unix): <child_socket_dir>/<name>.sock
+
+    # Upkeep (docs/scheduling.md): start at boot and sleep; TTL; never evicted.
+    prewarm: bool = False
+    idle_sleep_secs: float = 0.0
+    keep_active: bool = False
+
+    @property
+    def upstream(self) -> str:
+        """Where the child listens, as a lease names it: ``unix:/PATH`` or ``http://H:P``."""
+        if self.transport == "unix":
+            return f"unix:{self.socket_path}"
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def max_num_seqs(self) -> int:
@@ -136,6 +184,7 @@ class Config:
     metrics_port: int = 9090
     vllm_command: str = "vllm"
     vllm_logging: bool = False
+    metrics_host: str = "127.0.0.1"
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -165,11 +214,23 @@ class Config:
 def _model_dict(model: ModelConfig) -> dict[str, Any]:
     data = asdict(model)
     data.pop("name")
+    data.pop("socket_path")      # derived from the name and daemon.child_socket_dir
     return data
 
 
 # ---------------------------------------------------------------------------
 # Loading
+
+
+def lease_socket_path(control_socket: str) -> str:
+    """Where the lease listener lives, next to the control socket.
+
+    ``/run/llmux/llmuxd.sock`` → ``/run/llmux/llmuxd.lease.sock``. A convention, so
+    the front end needs no extra setting to find it."""
+    path = Path(control_socket)
+    if path.suffix == ".sock":
+        return str(path.with_suffix(".lease.sock"))
+    return str(path) + ".lease"
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -179,6 +240,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{p}: not UTF-8 text (byte {exc.start})"]) from None
     raw = parse_text(text, p)
     return build_config(raw, source=str(p))
 
@@ -225,6 +288,11 @@ class _Checker:
         checked = _coerce(value, kind)
         if checked is _BAD:
             self.fail(path, f"must be {_KIND_WORDS[kind]} (got {json.dumps(value)})")
+            return default
+        if kind == "float" and not math.isfinite(checked):
+            # TOML has nan and inf; nan passes every `<= 0` check and inf overflows
+            # sleeps and deadlines, so neither is ever a usable number here.
+            self.fail(path, f"must be a finite number (got {abs(checked)!r})")
             return default
         return checked
 
@@ -283,13 +351,16 @@ def _positive(c: _Checker, key: str, value: float) -> None:
 def build_config(raw: dict[str, Any], source: str = "") -> Config:
     """Turn parsed data into a Config, or raise ConfigError with every problem found."""
     c = _Checker()
-    top_keys = {"models", "port", "metrics_port", "vllm_command", "vllm_logging",
-                "daemon", "proxy", "policy"}
+    top_keys = {"models", "port", "metrics_port", "metrics_host", "vllm_command",
+                "vllm_logging", "daemon", "proxy", "policy"}
     c.unknown(raw, "", top_keys)
     port = c.get(raw, "", "port", "int", 3000)
     _port_ok(c, "port", port)
     metrics_port = c.get(raw, "", "metrics_port", "int", 9090)
     _port_ok(c, "metrics_port", metrics_port, allow_zero=True)
+    metrics_host = c.get(raw, "", "metrics_host", "str", "127.0.0.1")
+    if not metrics_host.strip():
+        c.fail("metrics_host", "must not be empty")
     vllm_command = c.get(raw, "", "vllm_command", "str", "vllm")
     if not vllm_command.strip():
         c.fail("vllm_command", "must not be empty")
@@ -298,12 +369,14 @@ def build_config(raw: dict[str, Any], source: str = "") -> Config:
     daemon = _build_daemon(c, c.table(raw, "", "daemon"))
     proxy = _build_proxy(c, c.table(raw, "", "proxy"), port, "port" in raw)
     policy = _build_policy(c, c.table(raw, "", "policy"))
-    models = _build_models(c, c.table(raw, "", "models"), policy)
+    models = _build_models(c, c.table(raw, "", "models"), policy, daemon)
 
     used = {port: "port", metrics_port: "metrics_port"} if metrics_port else {port: "port"}
     if proxy.port != port:
         used[proxy.port] = "proxy.port"
     for name, model in models.items():
+        if model.transport != "tcp":
+            continue
         other = used.get(model.port)
         if other is not None:
             c.fail(f"models.{name}.port", f"{model.port} is already used by {other}")
@@ -314,12 +387,41 @@ def build_config(raw: dict[str, Any], source: str = "") -> Config:
             if alias in models or alias in names:
                 c.fail(f"models.{name}.aliases", f"'{alias}' is already a model name or alias")
             names[alias] = name
+    _keep_active_fits(c, models)
 
     if c.errors:
         raise ConfigError(c.errors)
     return Config(models=models, port=port, metrics_port=metrics_port,
-                  vllm_command=vllm_command, vllm_logging=vllm_logging, daemon=daemon,
+                  metrics_host=metrics_host, vllm_command=vllm_command,
+                  vllm_logging=vllm_logging, daemon=daemon,
                   proxy=proxy, policy=policy, source=source)
+
+
+def _keep_active_fits(c: _Checker, models: dict[str, ModelConfig]) -> None:
+    """keep_active models never leave their GPUs: they must fit together, and every
+    other model must fit beside them, or it could never run (an error now, not a
+    request that waits forever)."""
+    kept: dict[int, float] = {}
+    for model in models.values():
+        if model.keep_active:
+            for gpu in model.gpu_indices:
+                kept[gpu] = kept.get(gpu, 0.0) + model.gpu_memory_utilization
+    if not kept:
+        return
+    names = ", ".join(n for n, m in models.items() if m.keep_active)
+    for gpu, load in sorted(kept.items()):
+        if load > 1 + 1e-9:
+            c.fail("models", f"the keep_active models ({names}) need {load:g} of GPU {gpu} "
+                             f"together (more than 1)")
+    for name, model in models.items():
+        if model.keep_active:
+            continue
+        for gpu in model.gpu_indices:
+            if gpu in kept and kept[gpu] + model.gpu_memory_utilization > 1 + 1e-9:
+                c.fail(f"models.{name}", f"can never run: the keep_active models ({names}) "
+                       f"hold {kept[gpu]:g} of GPU {gpu} and it needs "
+                       f"{model.gpu_memory_utilization:g}")
+                break
 
 
 def _build_daemon(c: _Checker, raw: dict[str, Any]) -> DaemonConfig:
@@ -338,19 +440,90 @@ def _build_daemon(c: _Checker, raw: dict[str, Any]) -> DaemonConfig:
     if probe not in GPU_PROBES:
         c.fail(f"{key}.gpu_probe", f"must be one of {', '.join(GPU_PROBES)}")
     values: dict[str, Any] = {"socket_mode": mode, "gpu_probe": probe}
-    for name in ("socket", "socket_group", "log_dir", "sim_gpu_state"):
+    for name in ("socket", "socket_group", "log_dir", "sim_gpu_state", "child_transport",
+                 "child_socket_dir"):
         values[name] = c.get(raw, key, name, "str", getattr(d, name))
     if not values["socket"]:
         c.fail(f"{key}.socket", "must not be empty")
     for name in ("startup_timeout_secs", "sleep_timeout_secs", "wake_timeout_secs",
-                 "drain_timeout_secs", "stop_timeout_secs", "restart_backoff_secs"):
+                 "drain_timeout_secs", "stop_timeout_secs", "restart_backoff_secs",
+                 "idle_timeout_secs", "read_timeout_secs"):
         values[name] = c.get(raw, key, name, "float", getattr(d, name))
         _positive(c, f"{key}.{name}", values[name])
-    for name in ("sleep_residue_mib", "max_queue_per_model", "max_start_failures"):
+    for name in ("sleep_residue_mib", "max_queue_per_model", "max_start_failures",
+                 "max_connections"):
         values[name] = c.get(raw, key, name, "int", getattr(d, name))
         _positive(c, f"{key}.{name}", values[name])
     values["warmup"] = c.get(raw, key, "warmup", "bool", d.warmup)
+    if values["child_transport"] not in TRANSPORTS:
+        c.fail(f"{key}.child_transport", f"must be one of {', '.join(TRANSPORTS)}")
+    if not os.path.isabs(values["child_socket_dir"]):
+        c.fail(f"{key}.child_socket_dir", "must be an absolute path")
+    values["max_lease_secs"] = c.get(raw, key, "max_lease_secs", "float", d.max_lease_secs)
+    if values["max_lease_secs"] < 0:
+        c.fail(f"{key}.max_lease_secs", "must not be negative (0 turns it off)")
+    values["validate_timeout_secs"] = c.get(raw, key, "validate_timeout_secs", "float",
+                                            d.validate_timeout_secs)
+    if values["validate_timeout_secs"] < 0:
+        c.fail(f"{key}.validate_timeout_secs", "must not be negative (0: derived)")
+    for name in ("watchdog_period_secs", "watchdog_stuck_secs"):
+        values[name] = c.get(raw, key, name, "float", getattr(d, name))
+        if values[name] < 0:
+            c.fail(f"{key}.{name}", "must not be negative (0 turns it off)")
+    values["watchdog_timeout_secs"] = c.get(raw, key, "watchdog_timeout_secs", "float",
+                                            d.watchdog_timeout_secs)
+    _positive(c, f"{key}.watchdog_timeout_secs", values["watchdog_timeout_secs"])
+    values["watchdog_misses"] = c.get(raw, key, "watchdog_misses", "int", d.watchdog_misses)
+    _positive(c, f"{key}.watchdog_misses", values["watchdog_misses"])
+    values["host_memory_limit"] = _host_limit(c, raw, key, d.host_memory_limit)
     return DaemonConfig(**values)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2,
+               "mb": 1000**2, "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
+               "t": 1000**4, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_memory_limit(spec: str) -> tuple[str, float]:
+    """``host_memory_limit``: ("auto", 0), ("percent", p) or ("bytes", n); ValueError if bad.
+
+    Accepted: "auto", an integer byte count, a size with a unit ("64GiB", "500MB",
+    "1.5 TiB"; GB = 10^9, GiB = 2^30), or a percentage of the host's RAM ("80%").
+    """
+    text = spec.strip().lower()
+    if text == "auto":
+        return "auto", 0.0
+    if text.endswith("%"):
+        pct = float(text[:-1])
+        if not 0 < pct <= 100:
+            raise ValueError("a percentage must be in (0, 100]")
+        return "percent", pct
+    num = text.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = text[len(num):].strip()
+    if unit not in _SIZE_UNITS or not num:
+        raise ValueError(f"unknown size {spec!r}")
+    value = float(num) * _SIZE_UNITS[unit]
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return "bytes", value
+
+
+def _host_limit(c: _Checker, raw: dict[str, Any], key: str, default: str) -> str:
+    value = raw.get("host_memory_limit", default)
+    path = f"{key}.host_memory_limit"
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        c.fail(path, f"must be \"auto\", a byte count, a size like \"64GiB\" or a "
+                     f"percentage like \"80%\" (got {json.dumps(value)})")
+        return default
+    try:
+        parse_memory_limit(value)
+    except ValueError as exc:
+        c.fail(path, f"must be \"auto\", a byte count, a size like \"64GiB\" or a "
+                     f"percentage like \"80%\" ({exc})")
+        return default
+    return value
 
 
 def _build_proxy(c: _Checker, raw: dict[str, Any], top_port: int, top_given: bool
@@ -370,11 +543,59 @@ def _build_proxy(c: _Checker, raw: dict[str, Any], top_port: int, top_given: boo
     values["upstream_timeout_secs"] = c.get(raw, key, "upstream_timeout_secs", "float",
                                             d.upstream_timeout_secs)
     _positive(c, f"{key}.upstream_timeout_secs", values["upstream_timeout_secs"])
+    for name in ("upstream_idle_timeout_secs", "client_write_timeout_secs",
+                 "head_timeout_secs", "body_timeout_secs"):
+        values[name] = c.get(raw, key, name, "float", getattr(d, name))
+        _positive(c, f"{key}.{name}", values[name])
+    for name in ("max_connections", "max_concurrent_body_parses"):
+        values[name] = c.get(raw, key, name, "int", getattr(d, name))
+        _positive(c, f"{key}.{name}", values[name])
     keys = c.get(raw, key, "api_keys", "strlist", d.api_keys)
     if any(not k for k in keys):
         c.fail(f"{key}.api_keys", "must not contain an empty key")
+    keys_file = c.get(raw, key, "api_keys_file", "str", d.api_keys_file)
+    if keys_file:
+        file_keys = _read_keys_file(c, f"{key}.api_keys_file", keys_file)
+        keys = tuple(dict.fromkeys((*keys, *file_keys)))
     values["api_keys"] = keys
+    values["api_keys_file"] = keys_file
     return ProxyConfig(**values)
+
+
+def _read_keys_file(c: _Checker, key: str, raw_path: str) -> tuple[str, ...]:
+    """The keys of ``proxy.api_keys_file``: one a line, ``#`` comments and blanks skipped.
+
+    Why a file: the config itself must stay readable by the daemon's group, but keys
+    belong in a systemd credential (``LoadCredential=``, read from
+    ``$CREDENTIALS_DIRECTORY``) or a root-only file. A file any user can read (or
+    write) defeats that, so it is refused rather than warned about: a warning in a
+    log is easily missed, a daemon that does not start is not.
+    """
+    wants_creds = "$CREDENTIALS_DIRECTORY" in raw_path or "${CREDENTIALS_DIRECTORY}" in raw_path
+    if wants_creds and not os.environ.get("CREDENTIALS_DIRECTORY"):
+        c.fail(key, "$CREDENTIALS_DIRECTORY is not set (systemd sets it from the unit's "
+                    "LoadCredential=; outside the service: CREDENTIALS_DIRECTORY=/etc/llmux)")
+        return ()
+    path = os.path.expandvars(raw_path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            text = f.read()
+    except OSError as exc:
+        c.fail(key, f"cannot read {path}: {exc.strerror or exc}")
+        return ()
+    except UnicodeDecodeError:
+        c.fail(key, f"{path} is not UTF-8 text")
+        return ()
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        c.fail(key, f"{path} is readable or writable by all users "
+                    f"(mode {stat.S_IMODE(mode):04o}); run: chmod o-rwx {path}")
+        return ()
+    keys = tuple(line.strip() for line in text.splitlines()
+                 if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        c.fail(key, f"{path} holds no key (one key per line)")
+    return keys
 
 
 def _build_policy(c: _Checker, raw: dict[str, Any]) -> PolicyConfig:
@@ -428,31 +649,68 @@ POLICY_OPTIONS = ("max_wait_secs", "amortization_factor", "coalesce_window_ms",
                   "linger_factor")
 
 
+def socket_file_name(model_name: str) -> str:
+    """The child's socket file name: ``<name>.sock`` for a short plain name, else a hash.
+
+    AF_UNIX paths are short (107 bytes), so unlike log files there is no room for a
+    readable slug of a long Hugging Face id; the hash keeps names distinct.
+    """
+    if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,39}", model_name):
+        return f"{model_name}.sock"
+    digest = hashlib.sha256(model_name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"m-{digest}.sock"
+
+
+def name_problem(name: str) -> str:
+    """Why ``name`` cannot name a model ("" when it can).
+
+    Any name vLLM's ``--served-model-name`` takes is fine: Hugging Face ids with
+    '/', dots, colons, unicode. Refused: empty, surrounding spaces, control
+    characters (they break log lines and HTTP paths), and an empty path segment
+    ('/x', 'x/', 'a//b'), which no client could type unambiguously.
+    """
+    if not name:
+        return "must not be empty"
+    if name.strip() != name:
+        return "must not have surrounding spaces"
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        return "must not contain control characters"
+    if "" in name.split("/"):
+        return "must not start or end with '/' or contain '//'"
+    return ""
+
+
 _MODEL_KEYS = set(ModelConfig.__dataclass_fields__) - {"name"}
 
 
-def _build_models(c: _Checker, raw: dict[str, Any], policy: PolicyConfig
-                  ) -> dict[str, ModelConfig]:
+def _build_models(c: _Checker, raw: dict[str, Any], policy: PolicyConfig,
+                  daemon: DaemonConfig) -> dict[str, ModelConfig]:
     if not raw:
         c.fail("models", "at least one model is required")
     models: dict[str, ModelConfig] = {}
     for name, table in raw.items():
         key = f"models.{name}"
-        if not name or "/" in name or name.strip() != name:
-            c.fail(key, "a model name must be non-empty, without '/' or surrounding spaces")
+        problem = name_problem(name)
+        if problem:
+            c.fail(key, f"a model name {problem}")
         if not isinstance(table, dict):
             c.fail(key, "must be a table")
             continue
-        model = _build_model(c, key, name, table, policy)
+        model = _build_model(c, key, name, table, policy, daemon)
         if model is not None:
             models[name] = model
     return models
 
 
 def _build_model(c: _Checker, key: str, name: str, raw: dict[str, Any],
-                 policy: PolicyConfig) -> ModelConfig | None:
-    c.unknown(raw, key, _MODEL_KEYS)
-    missing = [k for k in ("model_path", "port") if k not in raw]
+                 policy: PolicyConfig, daemon: DaemonConfig) -> ModelConfig | None:
+    c.unknown(raw, key, _MODEL_KEYS - {"socket_path"})
+    transport = c.get(raw, key, "transport", "str", daemon.child_transport)
+    if transport not in TRANSPORTS:
+        c.fail(f"{key}.transport", f"must be one of {', '.join(TRANSPORTS)}")
+    # A Unix-socket child needs no port; seed configs keep theirs (accepted, unused).
+    required = ("model_path", "port") if transport == "tcp" else ("model_path",)
+    missing = [k for k in required if k not in raw]
     for k in missing:
         c.fail(f"{key}.{k}", "is required")
     model_path = c.get(raw, key, "model_path", "str", "")
@@ -480,13 +738,49 @@ def _build_model(c: _Checker, key: str, name: str, raw: dict[str, Any],
     startup = c.get(raw, key, "startup_timeout_secs", "float", 0.0)
     if startup < 0:
         c.fail(f"{key}.startup_timeout_secs", "must not be negative")
+    extra_args = c.get(raw, key, "extra_args", "strlist", ())
+    listen = [a for a in extra_args if a.split("=", 1)[0] in LISTEN_FLAGS]
+    if listen:
+        c.fail(f"{key}.extra_args", f"{', '.join(listen)}: llmux chooses where the child "
+               "listens (use transport / port)")
+    socket_path = ""
+    if transport == "unix":
+        socket_path = os.path.join(daemon.child_socket_dir, socket_file_name(name))
+        if len(socket_path.encode()) > MAX_SOCKET_PATH:
+            c.fail(f"{key}", f"socket path {socket_path} is longer than {MAX_SOCKET_PATH} "
+                   "bytes (AF_UNIX): choose a shorter daemon.child_socket_dir")
+    sleep_mode = c.get(raw, key, "enable_sleep_mode", "bool", True)
+    upkeep = _upkeep(c, key, raw, level, sleep_mode)
     if missing:
         return None
     return ModelConfig(
         name=name, model_path=model_path, port=port, sleep_level=level,
         gpu_memory_utilization=util, tensor_parallel_size=tp, dtype=dtype,
-        extra_args=c.get(raw, key, "extra_args", "strlist", ()), gpus=gpus,
-        enable_sleep_mode=c.get(raw, key, "enable_sleep_mode", "bool", True),
+        extra_args=extra_args, gpus=gpus, transport=transport, socket_path=socket_path,
+        enable_sleep_mode=sleep_mode,
         env=c.get(raw, key, "env", "strmap", {}),
         aliases=c.get(raw, key, "aliases", "strlist", ()), startup_timeout_secs=startup,
+        **upkeep,
     )
+
+
+def _upkeep(c: _Checker, key: str, raw: dict[str, Any], level: int, sleep_mode: bool
+            ) -> dict[str, Any]:
+    """prewarm, idle_sleep_secs, keep_active: each checked, and against each other."""
+    prewarm = c.get(raw, key, "prewarm", "bool", False)
+    idle = c.get(raw, key, "idle_sleep_secs", "float", 0.0)
+    keep = c.get(raw, key, "keep_active", "bool", False)
+    if idle < 0:
+        c.fail(f"{key}.idle_sleep_secs", "must not be negative (0 = never)")
+    if prewarm and level == 3:
+        c.fail(f"{key}.prewarm", "needs sleep_level 1 or 2 (a model asleep at level 3 "
+                                 "is stopped: nothing to prewarm)")
+    if prewarm and not sleep_mode:
+        c.fail(f"{key}.prewarm", "needs enable_sleep_mode = true")
+    if keep and prewarm:
+        c.fail(f"{key}.prewarm", "has no effect with keep_active = true (a keep_active "
+                                 "model is started at boot and stays active); set one")
+    if keep and idle > 0:
+        c.fail(f"{key}.idle_sleep_secs", "conflicts with keep_active = true (a "
+                                         "keep_active model never goes to sleep)")
+    return {"prewarm": prewarm, "idle_sleep_secs": idle, "keep_active": keep}

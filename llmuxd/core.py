@@ -113,7 +113,7 @@ class Core:
     def add_model(self, mc: ModelConfig) -> ModelRuntime:
         m = ModelRuntime(mc)
         self.models[mc.name] = m
-        self.leases.add_model(mc.name, f"http://127.0.0.1:{mc.port}", mc.name)
+        self.leases.add_model(mc.name, mc.upstream, mc.name)
         return m
 
     def resolve(self, name: str) -> str:

@@ -21,13 +21,17 @@ from llmuxd.core import Core
 from llmuxd.leases import LeaseTable
 from llmuxd.metrics import Metrics
 from llmuxd.model import ModelRuntime
-from llmuxd.model_commands import wait_timeout
+from llmuxd.model_commands import validate_timeout, wait_timeout
 from llmuxd.policy.explain import Explained
 from llmuxd.status import model_status
 from llmuxd.switching import Switcher
 from llmuxd.validate_jobs import ValidateJobs
 
 log = structlog.get_logger("llmuxd.supervisor")
+
+# A validate caller waits this much longer than the job's own deadline, so that it
+# gets the job's answer (which says where it got stuck), not a bare timeout.
+VALIDATE_ANSWER_MARGIN = 15.0
 
 
 class DaemonPort:
@@ -113,7 +117,7 @@ class DaemonPort:
         core = self._core
         report: dict[str, Any] = core.mailbox.call(
             lambda fut: self._validations.request(name, list(levels), fut, verbose),
-            wait_timeout(core.config, name, "validate") * (1 + len(levels)))
+            validate_timeout(core.config, name, len(levels)) + VALIDATE_ANSWER_MARGIN)
         return report
 
     def reclaim_pid(self, pid: int) -> int:

@@ -148,9 +148,33 @@ class LeaseTable:
                                 model=model)
                 break
         if waiter.lease is not None:
+            # Granted, but the client may have left between its last poll and the
+            # grant: a lease handed to nobody would count until its worker dies and
+            # hold every drain of the model for the full drain timeout.
+            if cancelled is not None and cancelled():
+                self.release(waiter.lease.lease_id)
+                raise ApiError("bad_request", "client went away", model=model)
             return waiter.lease
         assert waiter.error is not None
         raise waiter.error
+
+    def try_acquire(self, model: str, pid: int) -> Lease | None:
+        """The non-blocking half of acquire(): a lease through an open gate, a refusal
+        (raised), or None when the caller would have to wait (then call acquire()).
+
+        For the lease listener's event loop, which must never block on a switch."""
+        start = time.monotonic()
+        with self._lock:
+            if self.closed:
+                raise shutting_down()
+            gate = self._gates.get(model)
+            if gate is None:
+                raise model_not_found(model)
+            if gate.open and not gate.queue:
+                return self._grant(gate, pid, start, switched=False)
+            if gate.hold is not None:
+                raise gate.hold
+            return None
 
     def release(self, lease_id: str) -> Lease | None:
         """End a lease; None when it was already revoked/reclaimed (idempotent)."""
@@ -252,6 +276,35 @@ class LeaseTable:
             if gate is not None:
                 gate.in_flight = 0
             return gone
+
+    def expire(self, max_age: float, now: float | None = None) -> list[Lease]:
+        """Revoke the leases older than ``max_age`` seconds (``max_lease_secs``); <= 0: none.
+
+        A lease is one request; one that outlives any sane request is a leak (a
+        worker that lost track of it), and it would hold every drain of its model.
+        """
+        if max_age <= 0:
+            return []
+        now = time.monotonic() if now is None else now
+        kick = False
+        with self._lock:
+            gone = [lease for lease in self._leases.values()
+                    if now - lease.granted_at > max_age]
+            for lease in gone:
+                del self._leases[lease.lease_id]
+                self._tomb(lease.lease_id, f"lease older than max_lease_secs ({max_age:g}s)")
+                gate = self._gates.get(lease.model)
+                if gate is not None:
+                    gate.in_flight -= 1
+                    kick = kick or (gate.in_flight == 0 and gate.watch_idle)
+        if kick:
+            self._kick()
+        return gone
+
+    def revoked_reason(self, lease_id: str) -> str | None:
+        """Why a lease was revoked or reclaimed (None: unknown or released normally)."""
+        with self._lock:
+            return self._tombstones.get(lease_id)
 
     def pids_with_leases(self) -> set[int]:
         with self._lock:

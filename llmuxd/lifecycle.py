@@ -1,8 +1,10 @@
 """The daemon's reload and shutdown, run on the supervisor's loop thread.
 
 Reload (SIGHUP or ``POST /v1/reload``) applies an already checked config: added
-models appear, removed ones are refused and stopped, changed ones stop and restart
-lazily with the new table, FAILED holds are cleared, gunicorn gets SIGHUP.
+models appear, removed ones are refused, drained and stopped, changed ones take
+aliases and sleep level in place and otherwise drain, stop and restart lazily with
+the new table (a start in progress is cancelled), FAILED holds are cleared,
+gunicorn gets SIGHUP. Refused during a shutdown.
 
 Shutdown (SIGTERM/SIGINT) goes drain -> stopping -> done: leases and waiters are
 refused at once, in-flight leases get ``drain_timeout_secs`` to finish (a second
@@ -37,7 +39,14 @@ S = ModelState
 
 def reload(core: Core, ops: Switcher, planner: Planner, fe: FrontEndKeeper,
            new: Config) -> dict[str, list[str]]:
-    """Apply a checked new config (loop thread): added, removed, changed models."""
+    """Apply a checked new config (loop thread): added, removed, changed models.
+
+    Refused while shutting down (the children are being stopped; a model added now
+    would start after the drain). A model whose aliases or sleep level alone changed
+    keeps its child; another change drains it and restarts it lazily.
+    """
+    if core.shutdown is not None:
+        raise shutting_down()
     core.notifier.reloading()
     old = core.config
     added = sorted(n for n in new.models if n not in old.models)
@@ -52,8 +61,8 @@ def reload(core: Core, ops: Switcher, planner: Planner, fe: FrontEndKeeper,
         old_rt = core.models.get(name)
         if old_rt is not None and old_rt.removed:   # removed, then re-added
             old_rt.removed = False
-            old_rt.pending_config = new.models[name]
             core.leases.set_hold(name, None)
+            ops.reconfigure(old_rt, new.models[name])
         else:
             core.add_model(new.models[name])
     for name in removed:
@@ -65,11 +74,10 @@ def reload(core: Core, ops: Switcher, planner: Planner, fe: FrontEndKeeper,
         core.leases.refuse(name, err)
         settle(m.demands, err)
         m.demand_since = None
+        ops.cancel_coming_in(m, "removed by reload")
         ops.apply_pending(m)
     for name in changed:
-        m = core.models[name]
-        m.pending_config = new.models[name]
-        ops.apply_pending(m)
+        ops.reconfigure(core.models[name], new.models[name])
     for m in core.models.values():
         if m.state is S.FAILED and not m.removed:
             m.failures = 0

@@ -9,9 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from llmuxd.metrics_server import METRICS_MAX_CONNECTIONS, serve_metrics
 from llmuxd.states import ModelState
+
+__all__ = ["METRICS_MAX_CONNECTIONS", "Metrics"]
 
 log = structlog.get_logger("llmuxd.metrics")
 
@@ -49,8 +52,18 @@ class Metrics:
                                          buckets=REQUEST_BUCKETS, registry=r)
         self.lease_refusals = Counter("llmux_lease_refusals_total", "Leases refused",
                                       ["model", "code"], registry=r)
+        # A sleep that failed, or that vLLM acknowledged without freeing GPU memory
+        # (caught by the verification step); either way the model was stopped.
+        self.sleep_failures = Counter("llmux_sleep_failures_total",
+                                      "Sleeps that failed or freed no GPU memory (model "
+                                      "stopped instead)", ["model"], registry=r)
+        self.model_gpu = Gauge("llmux_model_gpu_memory_mib",
+                               "GPU memory held by the model's processes", ["model"],
+                               registry=r)
         self.gpu_used = Gauge("llmux_gpu_memory_used_mib", "GPU memory used", ["gpu"],
                               registry=r)
+        self.child_hangs = Counter("llmux_child_hangs_total", "Children the health "
+                                   "watchdog found hung (and killed)", ["model"], registry=r)
         # Scheduling (issue 10): what llmuxctl status shows, as series.
         self.policy_info = Gauge("llmux_policy_info", "1 for the scheduling policy in use",
                                  ["policy"], registry=r)
@@ -80,14 +93,15 @@ class Metrics:
         self._request_children: dict[tuple[str, str], Any] = {}
         self._duration_children: dict[str, Any] = {}
 
-    def serve(self, port: int, probe: Any = None) -> None:
-        """Serve /metrics on ``port`` (0: not served); failures are logged, not fatal."""
+    def serve(self, port: int, probe: Any = None, host: str = "127.0.0.1",
+              read_timeout: float = 10.0) -> None:
+        """Serve /metrics on ``host:port`` (port 0: not served); failures are logged."""
         if not port:
             return
         try:
-            self._server = start_http_server(port, registry=self.registry)
+            self._server = serve_metrics(host, port, self.registry, read_timeout)
         except OSError as exc:
-            log.error("metrics_listen_failed", port=port, error=str(exc))
+            log.error("metrics_listen_failed", host=host, port=port, error=str(exc))
 
     def switch(self, from_: str, to: str, result: str, seconds: float,
                phases_ms: dict[str, float]) -> None:
@@ -123,6 +137,15 @@ class Metrics:
             if hist is None:
                 hist = self._duration_children[model] = self.request_seconds.labels(model)
             hist.observe(float(duration_ms) / 1000)
+
+    def sleep_failed(self, model: str) -> None:
+        self.sleep_failures.labels(model).inc()
+
+    def model_gpu_memory(self, model: str, used_mib: int) -> None:
+        self.model_gpu.labels(model).set(used_mib)
+
+    def child_hung(self, model: str) -> None:
+        self.child_hangs.labels(model).inc()
 
     def gpu_memory(self, index: int, used_mib: int) -> None:
         self.gpu_used.labels(str(index)).set(used_mib)

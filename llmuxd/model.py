@@ -7,6 +7,7 @@ the log alone tells the story of a model.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -66,15 +67,24 @@ class Operation:
     kind: str
     child: Any = None             # set by the worker as soon as it spawns
     cancelled: bool = False
+    kill: bool = False            # cancelled by a kill: the worker SIGKILLs its child
     cleanups: list[Callable[[], None]] = field(default_factory=list)
+    # Set by the worker thread when its work returned (before the report is posted):
+    # a stop that detached this operation waits for it, so a child the worker was
+    # still spawning cannot outlive the stop (workers.OpRunner).
+    ended: threading.Event = field(default_factory=threading.Event)
 
     def on_cleanup(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the loop thread when this operation ends, whatever the path."""
         self.cleanups.append(fn)
 
-    def detach(self) -> None:
-        """Cancel: the worker stops as soon as it can; its report will be ignored."""
+    def detach(self, kill: bool = False) -> None:
+        """Cancel: the worker stops as soon as it can; its report will be ignored.
+
+        With ``kill`` a child the worker started is SIGKILLed, not stopped gracefully.
+        """
         self.cancelled = True
+        self.kill = self.kill or kill
 
 
 @dataclass
@@ -88,6 +98,8 @@ class ValidateJob:
     verbose: bool = False
     steps: list[str] = field(default_factory=list)
     drain_deadline: float = 0.0
+    deadline: float = float("inf")   # the whole job's (validate_jobs.validate_timeout)
+    error: Exception | None = None   # the answer once the deadline cut the run short
 
 
 class ModelRuntime:
@@ -127,6 +139,12 @@ class ModelRuntime:
         # stop), so a policy can price a switch before that direction was ever measured.
         self.learned: dict[str, float] = {}
         self.switched_in_secs = 0.0       # GPU time of the switch that made it ACTIVE
+        # Upkeep and host memory (upkeep.py, host_memory.py), loop thread only.
+        self.idle_since: float | None = None        # ACTIVE, nothing in flight or waiting
+        self.last_used: float | None = None         # last seen holding a lease (monotonic)
+        self.prewarm: str | None = None             # prewarm progress, for status
+        self.host_memory_bytes: int | None = None   # RSS of its process tree (sampled)
+        self.l1_host: tuple[str, int] | None = None  # (model_path, bytes its L1 sleep took)
 
     @property
     def level(self) -> int:

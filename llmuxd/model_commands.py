@@ -53,6 +53,10 @@ def sleep(core: Core, ops: Switcher, name: str, level: int, fut: Future[Any],
     if core.shutdown is not None:
         raise shutting_down()
     m = core.model_named(name)
+    if m.config.keep_active and m.state in HAS_PROCESS:
+        raise ApiError("conflict", f"model '{name}' has keep_active = true: llmuxd keeps "
+                       "it active (remove keep_active and reload to let it sleep)",
+                       model=name, state=str(m.state))
     if m.state in (S.STOPPED, S.BACKOFF, S.FAILED) or (
             m.state is S.SLEEPING and level != 3):
         fut.set_result(m)
@@ -73,9 +77,13 @@ def sleep(core: Core, ops: Switcher, name: str, level: int, fut: Future[Any],
 
 
 def kill(core: Core, ops: Switcher, name: str, fut: Future[Any], wait: bool) -> None:
-    """SIGKILL ``name``'s process group now; its leases are revoked, its waiters refused."""
+    """SIGKILL ``name``'s process group now; its leases are revoked, its waiters refused.
+
+    A model with no process yet but a preflight running (the first step of a start)
+    has that start cancelled too: a kill never lets a start go on.
+    """
     m = core.model_named(name)
-    if m.state not in HAS_PROCESS:
+    if m.state not in HAS_PROCESS and not m.busy:
         fut.set_result(m)
         return
     err = ApiError("model_failed", f"model '{name}' was killed by an operator",
@@ -86,6 +94,9 @@ def kill(core: Core, ops: Switcher, name: str, fut: Future[Any], wait: bool) -> 
     if m.switch is not None and m.switch.to == m.name:
         ops.finish_switch(m, "failed")
     ops.stop_model(m, "kill requested", kill=True)
+    if m.state not in HAS_PROCESS:         # only a preflight was cancelled: done
+        fut.set_result(m)
+        return
     m.sleepers.append(fut if wait else Future())
     if not wait:
         fut.set_result(m)
@@ -100,3 +111,15 @@ def wait_timeout(config: Config, name: str, op: str) -> float:
     if op in ("start", "wake", "switch", "validate"):
         return base + startup + d.wake_timeout_secs
     return base
+
+
+def validate_timeout(config: Config, name: str, levels: int) -> float:
+    """A validate job's deadline in seconds, from its request to its answer.
+
+    ``daemon.validate_timeout_secs`` when set; else (0) what its steps may take at
+    most: ``wait_timeout`` for getting the model active and alone on its GPUs, and
+    again for each level run. Past it the job ends with ``timeout`` and unpins.
+    """
+    if config.daemon.validate_timeout_secs > 0:
+        return config.daemon.validate_timeout_secs
+    return wait_timeout(config, name, "validate") * (1 + levels)

@@ -19,6 +19,7 @@ import structlog
 
 from llmuxd.config import PolicyConfig
 from llmuxd.core import Core
+from llmuxd.host_memory import lru_key
 from llmuxd.model import ModelRuntime
 from llmuxd.policy import make_policy
 from llmuxd.policy.base import Activate, Deactivate, ModelView, Policy, PolicyInput
@@ -79,7 +80,8 @@ class Planner:
                 newest_wait=max(newest) if newest else None,
                 max_num_seqs=m.config.max_num_seqs, idle_since=idle_since,
                 switched_in_secs=m.switched_in_secs if m.state is S.ACTIVE else 0.0,
-                wake_secs=m.expected_in_secs(), sleep_secs=m.expected_out_secs())
+                wake_secs=m.expected_in_secs(), sleep_secs=m.expected_out_secs(),
+                always_active=m.config.keep_active)
         return views
 
     def policy_input(self, views: dict[str, ModelView], now: float) -> PolicyInput:
@@ -176,7 +178,8 @@ class Planner:
         if any(o.busy or o.state in (S.DRAINING, S.STOPPING, S.STARTING, S.WAKING)
                for o in others):
             return True
-        actives = [o for o in others if o.state is S.ACTIVE and not o.pinned]
+        actives = [o for o in others
+                   if o.state is S.ACTIVE and not o.pinned and not o.config.keep_active]
         for other in actives:
             log.info("making_room", model=m.name, evict=other.name, why=why)
             other.switch = m.switch
@@ -187,10 +190,20 @@ class Planner:
                                 f"making room for {m.name}: {why}")
         if actives:
             return True
-        sleepers = [o for o in others if o.state is S.SLEEPING]
-        for other in sleepers:
-            log.info("making_room", model=m.name, stop=other.name, why=why)
-            self.ops.stop_model(other, f"stopping a sleeper to make room for {m.name}: {why}")
+        # Sleepers' residue (CUDA context) is in the way: the least recently used one
+        # goes first (those requests wait for, last), one at a time; the preflight runs
+        # again when it is gone.
+        gates = self.core.leases.view()
+        sleepers = sorted((o for o in others if o.state is S.SLEEPING),
+                          key=lambda o: (bool(o.demands or (o.name in gates
+                                                            and gates[o.name].queued)),
+                                         lru_key(o.last_used, o.state_since_mono)))
+        if sleepers:
+            other = sleepers[0]
+            log.info("making_room", model=m.name, stop=other.name, why=why,
+                     reason="least recently used sleeper")
+            self.ops.stop_model(other, f"stopping the least recently used sleeper to make "
+                                       f"room for {m.name}: {why}")
         return bool(sleepers)
 
 

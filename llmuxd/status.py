@@ -66,12 +66,14 @@ def model_status(m: ModelRuntime, gate: GateView | None,
                  sched: Explained | None = None) -> dict[str, Any]:
     """One model's ``ModelStatus`` (``scheduling``: the planner's last explanation)."""
     mc = m.config
+    # A starting child has a pid before it is healthy (the start operation holds it).
+    child = m.child if m.child is not None else (m.op.child if m.op is not None else None)
     return {
         "name": m.name, "state": str(m.state),
         "sleep_level": m.sleep_level if m.state is S.SLEEPING else None,
         "configured_sleep_level": mc.sleep_level,
-        "pid": m.child.pid if m.child is not None else None,
-        "port": mc.port, "upstream": f"http://127.0.0.1:{mc.port}",
+        "pid": child.pid if child is not None else None,
+        "port": mc.port if mc.transport == "tcp" else None, "upstream": mc.upstream,
         "in_flight": gate.in_flight if gate else 0,
         "queued": (gate.queued if gate else 0) + len(m.demands),
         "gpus": list(mc.gpu_indices),
@@ -82,6 +84,18 @@ def model_status(m: ModelRuntime, gate: GateView | None,
         "last_switch": m.last_switch.to_dict() if m.last_switch else None,
         "failures": m.failures, "operation": m.op.kind if m.op else None,
         "scheduling": scheduling(m, gate, sched, time.monotonic()),
+        **upkeep_status(m),
+    }
+
+
+def upkeep_status(m: ModelRuntime) -> dict[str, Any]:
+    """Keep-active, idle TTL, prewarm progress and host RAM of one model (its idle
+    time is ``scheduling.idle_s``)."""
+    mc = m.config
+    return {
+        "idle_sleep_secs": mc.idle_sleep_secs or None, "keep_active": mc.keep_active,
+        "prewarm": m.prewarm, "host_memory_bytes": m.host_memory_bytes,
+        "l1_host_bytes": m.l1_host[1] if m.l1_host else None,
     }
 
 
@@ -208,6 +222,7 @@ class GpuSampler:
                 self.gpus = gpus
                 for name, m in models.items():
                     m.gpu_memory_mib = usage.get(name, {}) if m.child is not None else {}
+                    self.metrics.model_gpu_memory(name, sum(m.gpu_memory_mib.values()))
                 for g in gpus:
                     self.metrics.gpu_memory(g["index"], g["used_mib"])
             self.post(apply)

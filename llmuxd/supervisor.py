@@ -37,6 +37,7 @@ from llmuxd.core import Core, Mailbox
 from llmuxd.daemon_port import DaemonPort
 from llmuxd.errors import ApiError
 from llmuxd.frontend_keeper import FrontEndKeeper
+from llmuxd.host_memory import HostMemoryKeeper
 from llmuxd.metrics import Metrics
 from llmuxd.model import ModelRuntime
 from llmuxd.pidcheck import pid_alive
@@ -51,7 +52,9 @@ from llmuxd.status import (
     update_gauges,
 )
 from llmuxd.switching import Switcher
+from llmuxd.upkeep import Upkeep
 from llmuxd.validate_jobs import ValidateJobs
+from llmuxd.watchdog_keeper import WatchdogKeeper
 from llmuxd.workers import OpRunner
 
 __all__ = ["Supervisor", "pid_alive"]
@@ -75,9 +78,14 @@ class Supervisor:
         self.runner = OpRunner(self.mailbox.post, self._op_ended)
         self.ops = Switcher(core, self.runner, self.gpu_sampler.soon)
         self.planner = Planner(core, self.ops)
-        self.ops.no_room = self.planner.make_room
+        self.upkeep = Upkeep(core, self.ops)
+        self.memory = HostMemoryKeeper(core, self.ops)
+        self.ops.no_room = self._no_room
+        self.ops.choose_level = self.memory.choose_level
+        self.ops.slept = self.memory.slept
         self.validations = ValidateJobs(core, self.ops)
         self.fe = FrontEndKeeper(core, frontend, self.mark_ready)
+        self.watchdog = WatchdogKeeper(core, self.ops)
         self.port = DaemonPort(core, self.ops, self.validations, self.status, self.reload,
                                lambda: self.planner.explained)
         self.server: Any = None
@@ -88,6 +96,11 @@ class Supervisor:
         self._watchdog_every = core.notifier.watchdog_interval()
         self._status_line = ""
         self.loop_thread: threading.Thread | None = None
+
+    def _no_room(self, m: ModelRuntime, why: str) -> bool:
+        """A preflight found too little memory: a prewarm gives up, else make room."""
+        handled = self.upkeep.no_room(m, why)
+        return self.planner.make_room(m, why) if handled is None else handled
 
     def _op_ended(self, m: ModelRuntime) -> None:
         """An operation of m ended and m is idle: the one place a pending config applies."""
@@ -106,6 +119,7 @@ class Supervisor:
         try:
             self._boot()
         except BaseException:
+            self.watchdog.stop()
             if self.server is not None:
                 self.server.close()
             if self.core.guardian is not None:
@@ -129,6 +143,7 @@ class Supervisor:
             except Exception:
                 log.exception("tick_failed")
         self.mailbox.closed = True
+        self.watchdog.stop()
         lifecycle.finish(self.core, self.server, self.exit_code)
         return self.exit_code
 
@@ -167,6 +182,9 @@ class Supervisor:
 
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
+            if self.core.shutdown is not None:
+                log.warning("reload_refused", signal="SIGHUP", reason="shutting down")
+                return
             log.info("signal", signal="SIGHUP", action="reload")
             try:
                 new = load_config(self.core.config_path)
@@ -191,7 +209,9 @@ class Supervisor:
         self.server = ControlServer(self.port, core.config.daemon)
         self.server.start()
         core.guardian = Guardian.start_new(grace=core.config.daemon.stop_timeout_secs)
-        core.metrics.serve(core.config.metrics_port, core.probe)
+        core.metrics.serve(core.config.metrics_port, core.probe, core.config.metrics_host,
+                           core.config.daemon.read_timeout_secs)
+        self.watchdog.configure()
         for warning in policy_warnings(core.config):
             log.warning("config_warning", warning=warning)
         log.info("listening", socket=core.config.daemon.socket, pid=os.getpid(),
@@ -217,6 +237,7 @@ class Supervisor:
         now = time.monotonic()
         self.ops.reap()
         self.ops.progress_drains(now)
+        self.watchdog.publish()
         if core.shutdown is not None:
             if lifecycle.progress_shutdown(core, self.fe, self.runner, now):
                 self.exit_code = core.shutdown.exit_code
@@ -225,13 +246,18 @@ class Supervisor:
             self.ops.refuse_failed()
             self.validations.progress(now)
             self.planner.schedule(now)
+            self.upkeep.progress(now)
             self.fe.check(now)
         if now >= self._next_sweep:
             self._next_sweep = now + PID_SWEEP
             self._sweep_pids()
+            for gone in core.leases.expire(core.config.daemon.max_lease_secs):
+                log.warning("lease_expired", model=gone.model, lease=gone.lease_id,
+                            pid=gone.pid)
             update_gauges(core.models, core.leases.view(), core.metrics,
                           self.planner.explained, self.planner.policy.name, core.costs)
         self.gpu_sampler.maybe_sample(core.probe, core.models, now)
+        self.memory.maybe_sample(now)
         if self._watchdog_every and now >= self._next_watchdog:
             self._next_watchdog = now + self._watchdog_every
             core.notifier.watchdog()
@@ -252,7 +278,9 @@ class Supervisor:
         """Apply a checked new config (loop thread): added, removed, changed models."""
         for warning in policy_warnings(new):
             log.warning("config_warning", warning=warning)
-        return lifecycle.reload(self.core, self.ops, self.planner, self.fe, new)
+        result = lifecycle.reload(self.core, self.ops, self.planner, self.fe, new)
+        self.watchdog.configure()
+        return result
 
     def begin_shutdown(self, reason: str) -> None:
         """Refuse new work and start draining; a second call skips the drain."""
@@ -268,5 +296,8 @@ class Supervisor:
             frontend_pid=self.fe.pid, probe=getattr(core.probe, "name", None),
             scheduler=scheduler_facts(self.planner.policy.name,
                                       vars(policy_options(core.config.policy)), core.costs))
-        return daemon_status(facts, core.models, core.leases.view(), self.gpu_sampler.gpus,
-                             self.planner.explained)
+        doc = daemon_status(facts, core.models, core.leases.view(), self.gpu_sampler.gpus,
+                            self.planner.explained)
+        doc["upkeep"] = self.upkeep.status()
+        doc["memory"] = self.memory.status()
+        return doc

@@ -15,7 +15,7 @@ operation ends by the runner's ``on_end`` (``apply_pending``), in one place.
 
 from __future__ import annotations
 
-import threading
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +32,10 @@ from llmuxd.child_ops import (
     stop_child,
     wake_child,
 )
+from llmuxd.config import ModelConfig
 from llmuxd.core import Core
 from llmuxd.errors import ApiError
+from llmuxd.hostmem import tree_rss
 from llmuxd.leases import GateView
 from llmuxd.model import ModelRuntime, Operation, SwitchRecord, settle
 from llmuxd.states import HAS_PROCESS, ModelState
@@ -43,6 +45,20 @@ log = structlog.get_logger("llmuxd.supervisor")
 S = ModelState
 
 COST_ALPHA = 0.3
+# What a reload may change on a model without restarting its child: names clients
+# use (resolved from the config at each request), the level of its next sleep, and
+# a timeout that only a future start reads.
+IN_PLACE = ("aliases", "sleep_level", "startup_timeout_secs",
+            "prewarm", "idle_sleep_secs", "keep_active")
+# Operations that bring a model in: a reload that changes or removes the model
+# cancels them (their child would serve the old config, or nobody).
+COMING_IN = ("preflight", "start", "wake")
+
+
+def needs_restart(old: ModelConfig, new: ModelConfig) -> bool:
+    """True when ``new`` differs from ``old`` in more than the IN_PLACE fields."""
+    same = {name: getattr(old, name) for name in IN_PLACE}
+    return dataclasses.replace(new, **same) != old
 
 
 class Switcher:
@@ -55,6 +71,10 @@ class Switcher:
         self.gpu_changed = gpu_changed          # sample GPU memory soon
         # Preflight found too little memory: True if waiting is useful (planner).
         self.no_room: Callable[[ModelRuntime, str], bool] = lambda _m, _why: False
+        # The level an L1 sleep really gets (host-RAM budget), and what it took after.
+        self.choose_level: Callable[[ModelRuntime, int], int] = lambda _m, level: level
+        self.slept: Callable[[ModelRuntime, int, int | None, int | None], None] = \
+            lambda _m, _level, _before, _after: None
 
     # ------------------------------------------------------------------
     # Switch records
@@ -236,7 +256,16 @@ class Switcher:
         self.became_active(m)
 
     def became_active(self, m: ModelRuntime) -> None:
-        """m is ACTIVE: open its gate (grants its waiters), answer demands, end the switch."""
+        """m is ACTIVE: open its gate (grants its waiters), answer demands, end the switch.
+
+        Not when a reload removed or changed m while it was coming up: a lease granted
+        now would be revoked a moment later, when ``apply_pending`` (the runner's
+        ``on_end``, right after) stops this child. Its waiters wait for the next one.
+        """
+        if m.removed or m.pending_config is not None:
+            log.info("activation_superseded", model=m.name,
+                     reason="removed by reload" if m.removed else "config changed by reload")
+            return
         leases = self.core.leases
         leases.set_hold(m.name, None)
         granted = leases.open_gate(m.name)
@@ -287,6 +316,9 @@ class Switcher:
             if in_flight and m.drain_deadline > (m.drain_started or 0.0):
                 log.warning("drain_timeout", model=m.name, in_flight=in_flight,
                             waited_s=round(drained, 3))
+                # Stop counting what the drain gave up on (issue 12): else the next
+                # drain of this model waits the full timeout for the same leases.
+                self.core.leases.revoke(m.name, f"drain timed out after {drained:.1f}s")
             elif in_flight:
                 log.info("no_drain", model=m.name, in_flight=in_flight,
                          reason="drain_before_switch = false")
@@ -296,7 +328,7 @@ class Switcher:
             if m.drain_level == 3 or self.core.shutdown is not None:
                 self.stop_model(m, f"level 3 after drain ({in_flight} still in flight)")
             else:
-                self._sleep(m, m.drain_level)
+                self._sleep(m, self.choose_level(m, m.drain_level))
 
     def _nobody_waits_for(self, m: ModelRuntime, gates: dict[str, GateView]) -> bool:
         """m drains to make room for another model that no one waits for any more."""
@@ -332,10 +364,15 @@ class Switcher:
         timeout = cfg.daemon.sleep_timeout_secs
         residue = cfg.daemon.sleep_residue_mib
         gpus = m.config.gpu_indices
-        self.runner.launch(
-            m, f"sleep{level}",
-            lambda _op: sleep_child(client, child, probe, gpus, level, timeout, residue),
-            lambda mm, _op, res, err: self._sleep_done(mm, level, res, err))
+
+        measure = level == 1 and child is not None     # what its host copy takes
+
+        def work(_op: Operation) -> Any:
+            before = tree_rss(child.pid) if measure else None
+            phases = sleep_child(client, child, probe, gpus, level, timeout, residue)
+            return phases, before, tree_rss(child.pid) if measure else None
+        self.runner.launch(m, f"sleep{level}", work,
+                           lambda mm, _op, res, err: self._sleep_done(mm, level, res, err))
 
     def _sleep_done(self, m: ModelRuntime, level: int, result: Any,
                     error: BaseException | None) -> None:
@@ -343,27 +380,30 @@ class Switcher:
             msg = f"{error}; escalating to level 3 (stop)"
             m.last_error = msg
             log.warning("sleep_failed", model=m.name, sleep_level=level, error=str(error))
+            self.core.metrics.sleep_failed(m.name)
             self.stop_model(m, msg)
             return
+        phases, before, after = result
         if m.switch is not None:
-            for phase, secs in result.items():
+            for phase, secs in phases.items():
                 m.switch.add(phase, secs)
-        m.learn(f"sleep{level}", sum(result.values()))
+        m.learn(f"sleep{level}", sum(phases.values()))
         m.enter(S.SLEEPING, f"asleep at level {level}")
         m.sleep_level = level
         self._left_gpu(m)
+        self.slept(m, level, before, after)
 
     def stop_model(self, m: ModelRuntime, reason: str, kill: bool = False) -> None:
         """Any state with a process → STOPPING → (worker: SIGTERM, grace, SIGKILL) → STOPPED.
 
         An operation still running is detached (cancelled): its report is ignored,
-        its worker stops its own child, its cleanups still run.
+        its worker stops its own child (SIGKILL for a kill), its cleanups still run,
+        and this stop waits for it (``stop_child``), so that STOPPED means no child.
         """
         child = m.child
-        if m.op is not None:
-            op = m.op
-            op.detach()
-            child = child or op.child
+        detached = m.op
+        if detached is not None:
+            detached.detach(kill=kill)
             m.op = None
         if m.state not in HAS_PROCESS:
             return
@@ -375,7 +415,7 @@ class Switcher:
         if revoked:
             log.warning("leases_revoked", model=m.name, count=len(revoked), reason=reason)
         grace = 0.0 if kill else self.core.config.daemon.stop_timeout_secs
-        self.runner.launch(m, "stop", lambda _op: stop_child(child, grace, kill),
+        self.runner.launch(m, "stop", lambda _op: stop_child(child, grace, kill, detached),
                            self._stop_done)
 
     def _stop_done(self, m: ModelRuntime, _op: Operation, result: Any,
@@ -408,33 +448,87 @@ class Switcher:
     # ------------------------------------------------------------------
     # A pending config (reload), and children that died on their own
 
+    def reconfigure(self, m: ModelRuntime, new: ModelConfig) -> None:
+        """A reload gave m ``new``: apply it in place, or restart m with it.
+
+        Only IN_PLACE fields changed (aliases, sleep level): m keeps its child, its
+        leases and its state. Anything else: ``new`` waits in ``pending_config``, a
+        start or wake in progress (old config) is cancelled, and ``apply_pending``
+        drains and stops m; it starts again with ``new`` when a request comes.
+        """
+        if not needs_restart(m.config, new):
+            changed = sorted(k for k in IN_PLACE if getattr(m.config, k) != getattr(new, k))
+            m.config, m.pending_config = new, None
+            log.info("model_config_applied", model=m.name, in_place=changed)
+        else:
+            m.pending_config = new
+            self.cancel_coming_in(m, "config changed by reload")
+        self.apply_pending(m)
+
+    def cancel_coming_in(self, m: ModelRuntime, why: str) -> None:
+        """Cancel a preflight, start or wake of m (a reload made it pointless).
+
+        Its waiters and demands stay: a changed model serves them from its new child.
+        """
+        if m.op is not None and m.op.kind in COMING_IN:
+            log.info("start_cancelled", model=m.name, op=m.op.kind, reason=why)
+            self.stop_model(m, f"{why}: {m.op.kind} cancelled")
+
     def apply_pending(self, m: ModelRuntime) -> None:
         """m is idle: removed or changed by a reload meanwhile? act on it now.
 
-        Called when an operation of m ends (``OpRunner``'s ``on_end``), when a reap
-        finds its child gone, and by the reload itself.
+        An active model drains first (``drain_timeout_secs``, whatever
+        ``drain_before_switch`` says: a reload is not a switch) and is then stopped;
+        a draining one stops instead of sleeping; one without a process is forgotten
+        (removed) or takes its new config. Called when an operation of m ends
+        (``OpRunner``'s ``on_end``) and by the reload itself.
         """
         if m.busy:
             return
         core = self.core
-        if m.removed:
-            if m.state in HAS_PROCESS:
-                self.stop_model(m, "removed by reload")
-            else:
-                core.models.pop(m.name, None)
-                settle(m.sleepers, None, m)
-                log.info("model_removed", model=m.name)
+        if not m.removed and m.pending_config is None:
             return
-        if m.pending_config is not None:
-            if m.state in HAS_PROCESS:
-                self.stop_model(m, "config changed by reload")
-            else:
-                m.config, m.pending_config = m.pending_config, None
-                core.leases.add_model(m.name, f"http://127.0.0.1:{m.config.port}", m.name)
-                log.info("model_config_applied", model=m.name)
+        why = "removed by reload" if m.removed else "config changed by reload"
+        if m.state is S.ACTIVE:
+            self.deactivate(m, 3, True, why)
+        elif m.state is S.DRAINING:
+            m.drain_level = 3           # stop, not sleep, once drained
+        elif m.state in HAS_PROCESS:
+            self.stop_model(m, why)
+        elif m.removed:
+            core.models.pop(m.name, None)
+            settle(m.sleepers, None, m)
+            log.info("model_removed", model=m.name)
+        elif m.pending_config is not None:
+            m.config, m.pending_config = m.pending_config, None
+            core.leases.add_model(m.name, m.config.upstream, m.name)
+            log.info("model_config_applied", model=m.name)
+
+    def child_hung(self, name: str, pid: int, why: str) -> None:
+        """The watchdog found m's child hung: SIGKILL its group; the next request restarts it.
+
+        Its leases are revoked with the reason (a release then says why), so the front
+        end's requests to it end at once: their upstream connections break with the
+        kill and they get 502 naming the hang. Waiters stay queued and get the fresh
+        child. A report about a child that is gone or being operated on is stale.
+        """
+        m = self.core.models.get(name)
+        if m is None or m.child is None or m.child.pid != pid or m.busy:
+            log.info("hang_report_ignored", model=name, pid=pid, why=why)
+            return
+        reason = f"'{name}' (pid {pid}) hung: {why}; its process group was killed"
+        m.last_error = reason
+        log.error("child_hung", model=name, pid=pid, why=why, state=str(m.state))
+        self.core.metrics.child_hung(name)
+        if m.switch is not None and m.switch.to == m.name:
+            self.finish_switch(m, "failed")
+        self.stop_model(m, reason, kill=True)
 
     def reap(self) -> None:
-        """Children that exited on their own: revoke, refuse, mark STOPPED (each loop pass)."""
+        """Children that exited on their own: revoke, refuse, stop the rest of the group.
+
+        Each loop pass. The model is STOPPING until its group is gone, then STOPPED.
+        """
         core = self.core
         for m in list(core.models.values()):
             if m.busy or m.child is None:
@@ -443,7 +537,6 @@ class Switcher:
             if rc is None:
                 continue
             child = m.child
-            m.child = None
             m.client = None
             tail = child.tail(TAIL_LINES)
             msg = f"'{m.name}' (pid {child.pid}) exited unexpectedly with code {rc}"
@@ -462,14 +555,21 @@ class Switcher:
             m.drain_deadline = None
             if revoked:
                 log.warning("leases_revoked", model=m.name, count=len(revoked), reason=msg)
-            # Reap what is left of the group (engine workers) in a worker.
-            threading.Thread(target=child.stop, args=(1.0,), daemon=True).start()
-            if m.state is not S.STOPPING:
-                m.enter(S.STOPPED, f"child exited with code {rc}")
             if m.switch is not None and m.switch.to == m.name:
                 self.finish_switch(m, "failed")
-            self._left_gpu(m)
-            self.apply_pending(m)
+            # What is left of the group (engine workers that outlived the leader) is
+            # stopped by an operation like any stop: the model is STOPPING until the
+            # group is gone (a restart must not race its memory), a shutdown waits for
+            # it, and its end applies a pending config.
+            if m.state is not S.STOPPING:
+                m.enter(S.STOPPING, f"child exited with code {rc}")
+            grace = core.config.daemon.stop_timeout_secs
+            self.runner.launch(m, "stop", _stop_rest(child, grace), self._stop_done)
+
+
+def _stop_rest(child: Any, grace: float) -> Callable[[Operation], Any]:
+    """The work that stops what is left of a dead child's group (bound per child)."""
+    return lambda _op: stop_child(child, grace, False)
 
 
 def _child_logger(model: str) -> Callable[[str], None]:

@@ -401,8 +401,9 @@ def run_validate(config: Config, model_name: str, levels: Sequence[int], probe: 
                          request=config.policy.request_timeout_secs,
                          startup=config.startup_timeout(model), stop=d.stop_timeout_secs,
                          settle=settle_s)
-    if _port_in_use(model.port):
-        report.error = (f"port {model.port} of {model.name} is already in use (is llmuxd "
+    if _listener_in_use(model):
+        where = model.socket_path if model.transport == "unix" else f"port {model.port}"
+        report.error = (f"{where} of {model.name} is already in use (is llmuxd "
                         "running? then use llmuxctl validate)")
         return report
     room, why = fits(probe, model.gpu_indices, model.gpu_memory_utilization)
@@ -417,7 +418,7 @@ def run_validate(config: Config, model_name: str, levels: Sequence[int], probe: 
             report.error = str(exc)
             return report
         child_factory = _default_factory(config, guardian, verbose_print)
-    client = VllmClient(model.port, model.name)
+    client = VllmClient.for_model(model)
     holder: list[ChildProcess] = []
 
     def pids() -> list[int]:
@@ -541,6 +542,15 @@ def _cold_cycle(child_factory: ChildFactory, model: ModelConfig, client: VllmCli
     if memory:
         row.reason = memory if row.response == "match" else f"{row.reason}; {memory}"
     return row
+
+
+def _listener_in_use(model: ModelConfig) -> bool:
+    """Something already answers where this model's child would listen."""
+    if model.transport != "unix":
+        return _port_in_use(model.port)
+    with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(model.socket_path) == 0
 
 
 def _port_in_use(port: int) -> bool:

@@ -12,6 +12,12 @@ measures memory and must not race real traffic:
 * running: one ``validate`` operation in a worker; at the end the model is ACTIVE
   again (gate open, waiters granted) or, if the run left it unusable, stopped.
 
+A job always ends, answered and unpinned: a kill, a crash or a reload that stops
+the model before or while it runs cuts it short (``model_failed``), and its
+deadline (``model_commands.validate_timeout``) ends it with ``timeout`` wherever it
+is stuck: waiting for other models to leave, for a drain, or in the run itself
+(then the model is stopped).
+
 Every method runs on the supervisor's loop thread.
 """
 
@@ -26,6 +32,7 @@ import structlog
 from llmuxd.core import Core
 from llmuxd.errors import ApiError, shutting_down
 from llmuxd.model import ModelRuntime, Operation, ValidateJob
+from llmuxd.model_commands import validate_timeout
 from llmuxd.states import ModelState
 from llmuxd.switching import Switcher
 
@@ -55,7 +62,9 @@ class ValidateJobs:
             m.enter(S.STOPPED, "validate requested: clearing the failure hold")
             core.leases.set_hold(m.name, None)
         demand: Future[Any] = Future()
-        m.validate_job = ValidateJob(levels=levels, reply=fut, demand=demand, verbose=verbose)
+        m.validate_job = ValidateJob(
+            levels=levels, reply=fut, demand=demand, verbose=verbose,
+            deadline=time.monotonic() + validate_timeout(core.config, name, len(levels)))
         if m.state is S.ACTIVE:
             demand.set_result(m)
         else:
@@ -69,7 +78,16 @@ class ValidateJobs:
         core, ops = self.core, self.ops
         for m in list(core.models.values()):
             job = m.validate_job
-            if job is None or m.busy:
+            if job is None:
+                continue
+            if now >= job.deadline and job.error is None:
+                self._expire(m, job)
+                continue
+            if m.busy:
+                continue
+            if (job.stage == "exclusive" and m.state is not S.ACTIVE) or (
+                    job.stage == "drain" and m.state is not S.DRAINING):
+                self._end(m, error=_cut_short(m.name))    # killed, crashed or reloaded
                 continue
             if job.stage == "activate":
                 if job.demand.done() and job.demand.exception() is not None:
@@ -122,15 +140,29 @@ class ValidateJobs:
             self._end(mm, report=report, error=error)
 
         def cleanup() -> None:
-            # Detached (a kill or a stop took the model): no report came, the job
-            # still pins the model and its caller still waits. Undo and answer.
+            # Detached (a kill, a stop or the deadline took the model): no report
+            # came, the job still pins the model and its caller still waits.
             if m.validate_job is job:
-                self._end(m, error=ApiError(
-                    "model_failed", f"validate of '{name}' was cut short: the model "
-                    "was stopped while it ran", model=name))
+                self._end(m, error=job.error or _cut_short(name))
 
         op = self.ops.runner.launch(m, "validate", work, done)
         op.on_cleanup(cleanup)
+
+    def _expire(self, m: ModelRuntime, job: ValidateJob) -> None:
+        """The job's deadline passed: end it with ``timeout``, wherever it is stuck."""
+        secs = validate_timeout(self.core.config, m.name, len(job.levels))
+        job.error = ApiError(
+            "timeout", f"validate of '{m.name}' did not finish within {secs:g}s "
+            f"(stuck at stage '{job.stage}'; daemon.validate_timeout_secs)", model=m.name)
+        log.warning("validate_timeout", model=m.name, stage=job.stage, after_s=secs)
+        if job.stage == "running":          # the cleanup answers once the stop detached it
+            self.ops.stop_model(m, f"validate did not finish within {secs:g}s")
+            return
+        if job.demand in m.demands:
+            m.demands.remove(job.demand)
+            if not m.demands:
+                m.demand_since = None
+        self._end(m, error=job.error)
 
     def _end(self, m: ModelRuntime, report: Any = None,
              error: BaseException | None = None) -> None:
@@ -139,13 +171,19 @@ class ValidateJobs:
         m.pinned = False
         if job is None:
             return
-        awake = report is not None and report.left_awake
-        if m.state is S.DRAINING:
+        # Only the job's own drain (no deadline: leases held back) is undone here;
+        # a DRAINING of another cause (a reload, a switch) goes on.
+        if job.stage in ("drain", "running") and m.state is S.DRAINING \
+                and m.drain_deadline is None:
+            awake = job.stage == "drain" or (report is not None and report.left_awake)
             if awake:
                 m.enter(S.ACTIVE, "validate done")
                 self.ops.became_active(m)
             else:
                 self.ops.stop_model(m, "validate left the model unusable: stopping (L3)")
+            # A reload that changed m meanwhile: act now (when a validate operation
+            # ended, the runner's on_end does it again, which is harmless).
+            self.ops.apply_pending(m)
         if job.reply.done():
             return
         if error is not None:
@@ -160,3 +198,8 @@ class ValidateJobs:
             if job.verbose:
                 answer["steps"] = list(job.steps)
             job.reply.set_result(answer)
+
+
+def _cut_short(name: str) -> ApiError:
+    return ApiError("model_failed", f"validate of '{name}' was cut short: the model was "
+                    "stopped while it ran", model=name)

@@ -12,10 +12,13 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 PROBE_PROMPT = "What is 2+2? Reply with just the number."
 _EXCERPT = 300
@@ -78,17 +81,52 @@ class Sample:
     value: float = 0.0
 
 
-class VllmClient:
-    """Talks to the vLLM child on ``127.0.0.1:<port>`` serving ``served_model_name``."""
+class _UnixConnection(http.client.HTTPConnection):
+    """http.client over the child's Unix socket (vLLM ``--uds``)."""
 
-    def __init__(self, port: int, served_model_name: str, host: str = "127.0.0.1") -> None:
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class VllmClient:
+    """Talks to the vLLM child serving ``served_model_name``.
+
+    On ``127.0.0.1:<port>`` (TCP), or on the Unix socket ``uds`` when given (the
+    default transport: a socket in a 0700 directory no other user can reach).
+    """
+
+    def __init__(self, port: int, served_model_name: str, host: str = "127.0.0.1",
+                 uds: str = "") -> None:
         self.host = host
         self.port = port
+        self.uds = uds
         self.served_model_name = served_model_name
+
+    @classmethod
+    def for_model(cls, model: Any) -> VllmClient:
+        """The client of a ModelConfig's child, on the transport the config chose."""
+        uds = model.socket_path if model.transport == "unix" else ""
+        return cls(model.port, model.name, uds=uds)
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"unix:{self.uds}" if self.uds else f"http://{self.host}:{self.port}"
+
+    @property
+    def where(self) -> str:
+        """Where the child listens, for messages."""
+        return self.uds if self.uds else f"port {self.port}"
 
     # -- transport -------------------------------------------------------------
 
@@ -96,7 +134,11 @@ class VllmClient:
                 timeout: float = 10.0) -> Response:
         """One request on a fresh connection; raises OpTimeout / Unreachable / VllmError."""
         timeout = max(timeout, 0.001)
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        conn: http.client.HTTPConnection
+        if self.uds:
+            conn = _UnixConnection(self.uds, timeout)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         headers = {"Connection": "close"}
         data = None
         if body is not None:
@@ -108,12 +150,13 @@ class VllmClient:
             resp = conn.getresponse()
             return Response(resp.status, resp.read())
         except TimeoutError:
-            raise OpTimeout(f"{what} on port {self.port}: no answer within "
+            raise OpTimeout(f"{what} on {self.where}: no answer within "
                             f"{timeout:.1f}s") from None
-        except ConnectionRefusedError:
-            raise Unreachable(f"{what}: nothing listens on 127.0.0.1:{self.port}") from None
+        except (ConnectionRefusedError, FileNotFoundError):
+            shown = self.uds or f"127.0.0.1:{self.port}"
+            raise Unreachable(f"{what}: nothing listens on {shown}") from None
         except (OSError, http.client.HTTPException) as exc:
-            raise VllmError(f"{what} on port {self.port} failed: "
+            raise VllmError(f"{what} on {self.where} failed: "
                             f"{type(exc).__name__}: {exc}") from None
         finally:
             conn.close()
@@ -137,15 +180,15 @@ class VllmClient:
         """
         while True:
             if not is_alive():
-                raise ChildExited(f"the child on port {self.port} exited during startup")
+                raise ChildExited(f"the child on {self.where} exited during startup")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise OpTimeout(f"port {self.port}: /health not ready before the "
+                raise OpTimeout(f"{self.where}: /health not ready before the "
                                 "startup timeout")
             if self.health(timeout=min(5.0, remaining)):
                 return
             if not is_alive():
-                raise ChildExited(f"the child on port {self.port} exited during startup")
+                raise ChildExited(f"the child on {self.where} exited during startup")
             time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
 
     # -- sleep / wake ----------------------------------------------------------
@@ -298,68 +341,18 @@ def _left(deadline: float) -> float:
 
 
 def parse_prometheus(text: str) -> list[Sample]:
-    """Parse the Prometheus text format (enough of it for vLLM's /metrics)."""
-    samples = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        labels: dict[str, str] = {}
-        if "{" in line:
-            name, rest = line.split("{", 1)
-            label_text, _, tail = _split_labels(rest)
-            labels = _parse_labels(label_text)
-        else:
-            name, _, tail = line.partition(" ")
-        parts = tail.split()
-        if not parts:
-            continue
-        try:
-            value = float(parts[0])
-        except ValueError:
-            continue
-        samples.append(Sample(name.strip(), labels, value))
-    return samples
+    """Every sample of a Prometheus text page, by prometheus_client's own parser.
 
-
-def _split_labels(rest: str) -> tuple[str, str, str]:
-    """Split ``a="x}",b="y"} 1.0`` at the closing brace outside quotes."""
-    in_quotes = escaped = False
-    for i, ch in enumerate(rest):
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == '"':
-            in_quotes = not in_quotes
-        elif ch == "}" and not in_quotes:
-            return rest[:i], "}", rest[i + 1:]
-    return rest, "", ""
-
-
-def _parse_labels(text: str) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    i = 0
-    while i < len(text):
-        eq = text.find("=", i)
-        if eq < 0:
-            break
-        key = text[i:eq].strip().lstrip(",").strip()
-        j = eq + 1
-        if j >= len(text) or text[j] != '"':
-            break
-        j += 1
-        value = []
-        while j < len(text) and text[j] != '"':
-            if text[j] == "\\" and j + 1 < len(text):
-                j += 1
-                value.append({"n": "\n"}.get(text[j], text[j]))
-            else:
-                value.append(text[j])
-            j += 1
-        labels[key] = "".join(value)
-        i = j + 1
-    return labels
+    Why not by hand: the format splits lines on ``\\n`` only and escapes label
+    values; a hand parser got label values with a carriage return or U+2028 wrong
+    (``str.splitlines`` splits there). A page the parser rejects is a VllmError.
+    """
+    try:
+        return [Sample(s.name, dict(s.labels), float(s.value))
+                for family in text_string_to_metric_families(text)
+                for s in family.samples]
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise VllmError(f"GET /metrics: not Prometheus text: {exc}") from None
 
 
 def sum_by_name(samples: list[Sample]) -> dict[str, float]:

@@ -54,6 +54,7 @@ class OpRunner:
                 result = work(op)
             except BaseException as exc:  # reported to the loop, which decides
                 error = exc
+            op.ended.set()
             self._post(lambda: self._ended(m, op, done, result, error))
             with self._lock:
                 self._workers.discard(threading.current_thread())

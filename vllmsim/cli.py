@@ -49,6 +49,18 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _bind_unix(path: str) -> socket.socket:
+    """vLLM's ``--uds``: bind the path (an existing file is an error, as in vLLM)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.set_inheritable(False)
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def serve(argv: Sequence[str]) -> int:
     _setup_logging()
     try:
@@ -75,9 +87,10 @@ def serve(argv: Sequence[str]) -> int:
                   "(%d) in this node.", opts.tensor_parallel_size, len(gpus))
         return 1
     try:
-        sock = _bind(opts.host, opts.port)
+        sock = _bind_unix(opts.uds) if opts.uds else _bind(opts.host, opts.port)
     except OSError as e:
-        log.error("OSError: [Errno %s] %s (%s:%d)", e.errno, e.strerror, opts.host, opts.port)
+        where = opts.uds or f"{opts.host}:{opts.port}"
+        log.error("OSError: [Errno %s] %s (%s)", e.errno, e.strerror, where)
         return 1
     from vllmsim.server import SimServer
 

@@ -1,23 +1,36 @@
 """Prometheus text for the simulator's /metrics, with vLLM's metric names.
 
-Hand-rendered (no registry) so each server is self-contained and cheap. The sleep
-operation histogram mirrors vLLM 0.32's `vllm:sleep_mode_operation_duration_seconds`
-(label operation="sleep"|"wake", its buckets): benchmarks subtract it from switch time.
+The state is kept in plain counters (cheap on the request path); ``render`` hands
+it to prometheus_client as metric families, whose exposition escapes label values
+(a model name with ``"``, ``\\`` or a newline once broke the page) exactly as
+vLLM's own prometheus_client does. The sleep operation histogram mirrors vLLM
+0.32's `vllm:sleep_mode_operation_duration_seconds` (label operation="sleep"|"wake",
+its buckets): benchmarks subtract it from switch time.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 SLEEP_BUCKETS = (0.01, 0.1, 1, 10, 30, 60, 120, 300, 600)
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+LABELS = ("engine", "model_name")
 
 
 @dataclass
 class Histogram:
-    """One labelled histogram series."""
+    """One labelled histogram series (cumulative bucket counts)."""
 
     buckets: tuple[float, ...]
     counts: list[int] = field(default_factory=list)
@@ -35,23 +48,18 @@ class Histogram:
             if value <= b:
                 self.counts[i] += 1
 
-    def render(self, name: str, labels: str) -> list[str]:
-        sep = "," if labels else ""
-        out = [
-            f'{name}_bucket{{{labels}{sep}le="{float(b)}"}} {float(c)}'
-            for b, c in zip(self.buckets, self.counts, strict=True)
-        ]
-        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {float(self.n)}')
-        out.append(f"{name}_count{{{labels}}} {float(self.n)}")
-        out.append(f"{name}_sum{{{labels}}} {self.total}")
-        return out
+    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
+        buckets = [(str(float(b)), float(c))
+                   for b, c in zip(self.buckets, self.counts, strict=True)]
+        buckets.append(("+Inf", float(self.n)))
+        family.add_metric(labels, buckets, self.total)
 
 
 class SimMetrics:
     """All counters the simulator exports."""
 
     def __init__(self, model_name: str) -> None:
-        self.labels = f'engine="0",model_name="{model_name}"'
+        self.model_name = model_name
         self.sleep_ops: dict[str, Histogram] = {}
         self.sleep_in_flight: dict[str, int] = {}
         self.prompt_tokens = 0
@@ -69,59 +77,74 @@ class SimMetrics:
 
     def render(self, *, running: int, waiting: int, sleep_state: dict[str, int],
                kv_usage: float) -> str:
-        lab = self.labels
-        lines = [
-            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
-            "# TYPE vllm:num_requests_running gauge",
-            f"vllm:num_requests_running{{{lab}}} {float(running)}",
-            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
-            "# TYPE vllm:num_requests_waiting gauge",
-            f"vllm:num_requests_waiting{{{lab}}} {float(waiting)}",
-            "# HELP vllm:engine_sleep_state Engine sleep state; awake = 0 means engine is "
-            "sleeping; awake = 1 means engine is awake; weights_offloaded = 1 means sleep "
-            "level 1; discard_all = 1 means sleep level 2.",
-            "# TYPE vllm:engine_sleep_state gauge",
-        ]
-        for state, value in sleep_state.items():
-            lines.append(f'vllm:engine_sleep_state{{{lab},sleep_state="{state}"}} {float(value)}')
-        lines += [
-            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
-            "# TYPE vllm:kv_cache_usage_perc gauge",
-            f"vllm:kv_cache_usage_perc{{{lab}}} {kv_usage}",
-            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
-            "# TYPE vllm:prompt_tokens_total counter",
-            f"vllm:prompt_tokens_total{{{lab}}} {float(self.prompt_tokens)}",
-            "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
-            "# TYPE vllm:generation_tokens_total counter",
-            f"vllm:generation_tokens_total{{{lab}}} {float(self.generation_tokens)}",
-            "# HELP vllm:request_success_total Count of successfully processed requests.",
-            "# TYPE vllm:request_success_total counter",
-        ]
-        for reason, n in self.success.items():
-            lines.append(
-                f'vllm:request_success_total{{{lab},finished_reason="{reason}"}} {float(n)}'
-            )
-        lines += [
-            "# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.",
-            "# TYPE vllm:time_to_first_token_seconds histogram",
-            *self.ttft.render("vllm:time_to_first_token_seconds", lab),
-            "# HELP vllm:e2e_request_latency_seconds Histogram of e2e request latency in seconds.",
-            "# TYPE vllm:e2e_request_latency_seconds histogram",
-            *self.e2e.render("vllm:e2e_request_latency_seconds", lab),
-        ]
-        if self.sleep_ops:
-            lines += [
-                "# HELP vllm:sleep_mode_operation_duration_seconds Duration of one "
-                "sleep-mode operation.",
-                "# TYPE vllm:sleep_mode_operation_duration_seconds histogram",
-            ]
-            for op, h in self.sleep_ops.items():
-                lines += h.render("vllm:sleep_mode_operation_duration_seconds", f'operation="{op}"')
-            lines += [
-                "# HELP vllm:sleep_mode_operations_in_flight Sleep-mode operations currently "
-                "awaited.",
-                "# TYPE vllm:sleep_mode_operations_in_flight gauge",
-            ]
-            for op, n in self.sleep_in_flight.items():
-                lines.append(f'vllm:sleep_mode_operations_in_flight{{operation="{op}"}} {float(n)}')
-        return "\n".join(lines) + "\n"
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Snapshot(self, running, waiting, sleep_state, kv_usage))
+        return generate_latest(registry).decode("utf-8")
+
+
+class _Snapshot:
+    """A one-shot collector: the families of one /metrics answer."""
+
+    def __init__(self, m: SimMetrics, running: int, waiting: int,
+                 sleep_state: dict[str, int], kv_usage: float) -> None:
+        self.m, self.running, self.waiting = m, running, waiting
+        self.sleep_state, self.kv_usage = sleep_state, kv_usage
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.m
+        lab = ["0", m.model_name]
+        g = GaugeMetricFamily("vllm:num_requests_running",
+                              "Number of requests in model execution batches.", labels=LABELS)
+        g.add_metric(lab, float(self.running))
+        yield g
+        g = GaugeMetricFamily("vllm:num_requests_waiting",
+                              "Number of requests waiting to be processed.", labels=LABELS)
+        g.add_metric(lab, float(self.waiting))
+        yield g
+        g = GaugeMetricFamily(
+            "vllm:engine_sleep_state",
+            "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine "
+            "is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 means "
+            "sleep level 2.", labels=(*LABELS, "sleep_state"))
+        for state, value in self.sleep_state.items():
+            g.add_metric([*lab, state], float(value))
+        yield g
+        g = GaugeMetricFamily("vllm:kv_cache_usage_perc",
+                              "KV-cache usage. 1 means 100 percent usage.", labels=LABELS)
+        g.add_metric(lab, float(self.kv_usage))
+        yield g
+        c = CounterMetricFamily("vllm:prompt_tokens", "Number of prefill tokens processed.",
+                                labels=LABELS)
+        c.add_metric(lab, float(m.prompt_tokens))
+        yield c
+        c = CounterMetricFamily("vllm:generation_tokens",
+                                "Number of generation tokens processed.", labels=LABELS)
+        c.add_metric(lab, float(m.generation_tokens))
+        yield c
+        c = CounterMetricFamily("vllm:request_success",
+                                "Count of successfully processed requests.",
+                                labels=(*LABELS, "finished_reason"))
+        for reason, n in m.success.items():
+            c.add_metric([*lab, reason], float(n))
+        yield c
+        h = HistogramMetricFamily("vllm:time_to_first_token_seconds",
+                                  "Histogram of time to first token in seconds.", labels=LABELS)
+        m.ttft.add_to(h, lab)
+        yield h
+        h = HistogramMetricFamily("vllm:e2e_request_latency_seconds",
+                                  "Histogram of e2e request latency in seconds.", labels=LABELS)
+        m.e2e.add_to(h, lab)
+        yield h
+        if m.sleep_ops:
+            h = HistogramMetricFamily("vllm:sleep_mode_operation_duration_seconds",
+                                      "Duration of one sleep-mode operation.",
+                                      labels=("operation",))
+            for op, hist in m.sleep_ops.items():
+                hist.add_to(h, [op])
+            yield h
+            g = GaugeMetricFamily("vllm:sleep_mode_operations_in_flight",
+                                  "Sleep-mode operations currently awaited.",
+                                  labels=("operation",))
+            for op, n in m.sleep_in_flight.items():
+                g.add_metric([op], float(n))
+            yield g

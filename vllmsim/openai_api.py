@@ -7,12 +7,13 @@ docs/simulator.md); the words are fake but deterministic (textgen.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import time
 from typing import TYPE_CHECKING
 
-from vllmsim import textgen
+from vllmsim import sampling, textgen
 from vllmsim.errors import (
     NOT_FOUND,
     SimHttpError,
@@ -246,20 +247,45 @@ async def chat(srv: SimServer, req: Request, resp: Responder) -> None:
     await _generate(srv, req, resp, body, model, [(prompt, ptoks)], chat=True)
 
 
-def _choice(chat: bool, index: int, text: str, finish: str) -> dict[str, object]:
+def _choice(chat: bool, index: int, text: str, finish: str,
+            stop_reason: str | None = None) -> dict[str, object]:
     if chat:
         return {
             "index": index,
             "message": {"role": "assistant", "content": text, "refusal": None,
                         "annotations": None, "audio": None, "function_call": None,
                         "tool_calls": [], "reasoning": None},
-            "logprobs": None, "finish_reason": finish, "stop_reason": None, "token_ids": None,
+            "logprobs": None, "finish_reason": finish, "stop_reason": stop_reason,
+            "token_ids": None,
         }
     return {
         "index": index, "text": text, "logprobs": None, "finish_reason": finish,
-        "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
+        "stop_reason": stop_reason, "token_ids": None, "prompt_logprobs": None,
         "prompt_token_ids": None,
     }
+
+
+def _choice_extras(srv_model: str, samp: sampling.Sampling, prompt: tuple[str, int],
+                   tokens: list[str], chat: bool, echo_len: int) -> dict[str, object]:
+    """The fields a choice carries only when asked: logprobs, token ids, prompt logprobs."""
+    text, ptoks = prompt
+    extra: dict[str, object] = {}
+    if samp.logprobs is not None:
+        if chat:
+            extra["logprobs"] = {"content": sampling.chat_logprob_entries(
+                srv_model, text, tokens, samp.logprobs, samp.greedy)}
+        else:
+            extra["logprobs"] = sampling.completion_logprobs(
+                srv_model, text, tokens, samp.logprobs, samp.greedy, offset=echo_len)
+    if samp.token_ids:
+        extra["token_ids"] = [sampling.token_id(t) for t in tokens]
+        if not chat:
+            extra["prompt_token_ids"] = [sampling.token_id(t)
+                                         for t in sampling.prompt_tokens(text, ptoks)]
+    if samp.prompt_logprobs is not None and not chat:
+        extra["prompt_logprobs"] = sampling.prompt_logprobs(srv_model, text, ptoks,
+                                                            samp.prompt_logprobs)
+    return extra
 
 
 async def _generate(srv: SimServer, req: Request, resp: Responder, body: dict[str, object],
@@ -268,6 +294,13 @@ async def _generate(srv: SimServer, req: Request, resp: Responder, body: dict[st
     max_tokens = min(_max_tokens(srv, body, p[1]) for p in prompts)
     temperature, seed = _sampling(body)
     stream, include_usage = _stream_opts(body)
+    samp = sampling.parse(body, chat=chat, stream=stream)
+    if samp.greedy:
+        temperature = 0.0
+    elif temperature == 0:
+        if samp.n > 1:   # vLLM's SamplingParams._verify_greedy_sampling
+            raise bad_request(f"n must be 1 when using greedy sampling, got {samp.n}.")
+        samp = dataclasses.replace(samp, greedy=True)
     engine = srv.engine
     t_arrival = time.perf_counter()
     handle = await engine.admit(resp.client_gone)
@@ -275,15 +308,23 @@ async def _generate(srv: SimServer, req: Request, resp: Responder, body: dict[st
         resp.close_after = True
         return
     try:
-        gens = [textgen.plan(model, prompt, max_tokens=max_tokens, temperature=temperature,
-                             seed=seed, chat=chat, garbage=not engine.weights_valid,
-                             ignore_eos=body.get("ignore_eos") is True)
-                for prompt, _ in prompts]
+        gens: list[textgen.Generation] = []
+        gen_prompts: list[tuple[str, int]] = []
+        for prompt in prompts:
+            for j in range(samp.n):
+                g = textgen.plan(model, prompt[0], max_tokens=max_tokens,
+                                 temperature=temperature, seed=seed, chat=chat,
+                                 garbage=not engine.weights_valid,
+                                 ignore_eos=body.get("ignore_eos") is True, choice=j,
+                                 min_tokens=samp.min_tokens)
+                gens.append(sampling.apply_stop(g, samp.stop, samp.include_stop))
+                gen_prompts.append(prompt)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(8)
         created = int(time.time())
         if stream:
             sent, finishes = await _stream(srv, resp, engine, handle, gens, rid, created, model,
-                                           ptoks, include_usage, chat=chat)
+                                           ptoks, include_usage, chat=chat, samp=samp,
+                                           prompts=gen_prompts)
         else:
             longest = max(len(g.tokens) for g in gens)
             done = await _collect(engine, handle, longest)
@@ -293,7 +334,12 @@ async def _generate(srv: SimServer, req: Request, resp: Responder, body: dict[st
                 finish = g.finish_reason if k == len(g.tokens) else "abort"
                 sent += k
                 finishes.append(finish)
-                choices.append(_choice(chat, i, "".join(g.tokens[:k]), finish))
+                echo = gen_prompts[i][0] if samp.echo else ""
+                c = _choice(chat, i, echo + "".join(g.tokens[:k]), finish,
+                            g.stop_reason if finish == "stop" else None)
+                c.update(_choice_extras(model, samp, gen_prompts[i], g.tokens[:k], chat,
+                                        len(echo)))
+                choices.append(c)
             obj: dict[str, object] = {
                 "id": rid, "object": "chat.completion" if chat else "text_completion",
                 "created": created, "model": model, "choices": choices,
@@ -301,7 +347,13 @@ async def _generate(srv: SimServer, req: Request, resp: Responder, body: dict[st
                 "usage": usage_obj(ptoks, sent),
             }
             if chat:
-                obj.update({"prompt_logprobs": None, "prompt_token_ids": None})
+                text, count = prompts[0]
+                obj.update({
+                    "prompt_logprobs": None if samp.prompt_logprobs is None else
+                    sampling.prompt_logprobs(model, text, count, samp.prompt_logprobs),
+                    "prompt_token_ids": None if not samp.token_ids else
+                    [sampling.token_id(t) for t in sampling.prompt_tokens(text, count)],
+                })
             obj["kv_transfer_params"] = None
             await resp.send_json(200, obj)
         m = srv.metrics
@@ -335,7 +387,9 @@ async def _collect(engine: Engine, handle: Handle, n: int) -> int:
 
 async def _stream(srv: SimServer, resp: Responder, engine: Engine, handle: Handle,
                   gens: list[textgen.Generation], rid: str, created: int, model: str,
-                  ptoks: int, include_usage: bool, *, chat: bool) -> tuple[int, list[str]]:
+                  ptoks: int, include_usage: bool, *, chat: bool,
+                  samp: sampling.Sampling | None = None,
+                  prompts: list[tuple[str, int]] | None = None) -> tuple[int, list[str]]:
     """SSE: one chunk per token (prompts of a batch one after another), then usage, [DONE]."""
     loop = asyncio.get_running_loop()
     head = dumps({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -363,6 +417,12 @@ async def _stream(srv: SimServer, resp: Responder, engine: Engine, handle: Handl
             pre = b"data: " + head + b',"choices":[{"index":' + idx + b',"text":'
             mid = b',"logprobs":null,"finish_reason":'
             post = b',"stop_reason":null,"prompt_token_ids":null,"token_ids":null}]}\n\n'
+            if samp is not None and samp.echo and prompts is not None:
+                await resp.chunk(pre + json.dumps(prompts[index][0]).encode() + mid
+                                 + b"null" + post)
+                chunks += 1
+        want_lp = samp is not None and samp.logprobs is not None and prompts is not None
+        echo_len = len(prompts[index][0]) if (samp and samp.echo and prompts) else 0
         deadline = loop.time() + timing.first_token_s()
         n = len(gen.tokens)
         finish = "abort" if aborted else gen.finish_reason
@@ -381,11 +441,30 @@ async def _stream(srv: SimServer, resp: Responder, engine: Engine, handle: Handl
                 srv.metrics.ttft.observe(timing.first_token_s())
                 first = False
             tok = json.dumps(gen.tokens[sent])
+            tok_mid = mid
+            if want_lp:
+                assert samp is not None and samp.logprobs is not None and prompts is not None
+                ctx = prompts[index][0]
+                lp: object
+                if chat:
+                    lp = {"content": sampling.chat_logprob_entries(
+                        model, ctx, [gen.tokens[sent]], samp.logprobs, samp.greedy,
+                        first=sent)}
+                else:
+                    lp = sampling.completion_logprobs(
+                        model, ctx, [gen.tokens[sent]], samp.logprobs, samp.greedy,
+                        offset=echo_len + sum(len(t) for t in gen.tokens[:sent]), first=sent)
+                tok_mid = mid.replace(b'"logprobs":null', b'"logprobs":' + dumps(lp))
             sent += 1
             last = sent == n
             fr = b'"%s"' % finish.encode() if last else b"null"
-            extra = b',"stop_reason":null' if (last and chat) else b""
-            await resp.chunk(pre + tok.encode() + mid + fr + extra + post)
+            reason = gen.stop_reason if (last and finish == "stop") else None
+            extra = (b',"stop_reason":' + json.dumps(reason).encode()) if (last and chat) else b""
+            tail = post
+            if reason is not None and not chat:
+                tail = post.replace(b'"stop_reason":null', b'"stop_reason":'
+                                    + json.dumps(reason).encode(), 1)
+            await resp.chunk(pre + tok.encode() + tok_mid + fr + extra + tail)
             chunks += 1
             deadline += interval
         if finish == "abort" or n == 0:

@@ -49,6 +49,7 @@ class SimOptions:
     model: str
     host: str = "127.0.0.1"
     port: int = 8000
+    uds: str = ""                 # --uds PATH: a Unix socket instead of host:port (vLLM's)
     served_model_names: list[str] = field(default_factory=list)
     enable_sleep_mode: bool = False
     gpu_memory_utilization: float = 0.9
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--uds", default="",
+                   help="Unix domain socket path. If set, host and port arguments are ignored.")
     p.add_argument("--served-model-name", nargs="+", default=None)
     p.add_argument("--enable-sleep-mode", action="store_true")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -170,6 +173,7 @@ def parse_serve(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Si
         model=ns.model,
         host=ns.host,
         port=ns.port,
+        uds=ns.uds,
         served_model_names=list(ns.served_model_name or [ns.model]),
         enable_sleep_mode=ns.enable_sleep_mode,
         gpu_memory_utilization=ns.gpu_memory_utilization,

@@ -33,6 +33,7 @@ from vllmsim.httpio import BadHttp, Request, Responder, dumps, read_request
 from vllmsim.metrics import SimMetrics
 from vllmsim.options import SimOptions
 
+BACKLOG = 2048          # uvicorn's default, which vLLM's API server keeps
 log = logging.getLogger("llmux.sim")
 
 Handler = Callable[["SimServer", Request, Responder], Awaitable[None]]
@@ -211,12 +212,19 @@ class SimServer:
             return await self._shutdown()
         if self.engine.dead:
             return 1
-        self.sock.listen(1024)
+        # uvicorn's (so vLLM's) default backlog. asyncio's own default (100) would
+        # re-listen with 100: on a Unix socket a burst of connects beyond it fails at
+        # once with EAGAIN (no SYN retry as with TCP), e.g. ~180 waiters granted
+        # together when a model wakes, which real vLLM never shows.
+        self.sock.listen(BACKLOG)
         self.sock.setblocking(False)
         self.server = await asyncio.start_server(self._connection, sock=self.sock,
-                                                 limit=256 * 1024)
-        host, port = self.sock.getsockname()[:2]
-        log.info("Starting vLLM API server 0 on http://%s:%d", host, port)
+                                                 limit=256 * 1024, backlog=BACKLOG)
+        if self.sock.family == socket.AF_UNIX:
+            log.info("Starting vLLM API server 0 on %s", self.sock.getsockname())
+        else:
+            host, port = self.sock.getsockname()[:2]
+            log.info("Starting vLLM API server 0 on http://%s:%d", host, port)
         log.info("Application startup complete.")
         await self.stop_event.wait()
         return await self._shutdown()

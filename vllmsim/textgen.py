@@ -47,6 +47,11 @@ def count_tokens(text: str) -> int:
     return len(_TOKEN_RE.findall(text))
 
 
+def tokens_of(text: str) -> list[str]:
+    """The tokens count_tokens counts."""
+    return _TOKEN_RE.findall(text)
+
+
 def chat_prompt_text(messages: list[dict[str, object]]) -> str:
     """Flatten chat messages the way a chat template would (for hashing and counting)."""
     parts = []
@@ -76,6 +81,7 @@ class Generation:
 
     tokens: list[str]
     finish_reason: str  # "stop" | "length"
+    stop_reason: str | None = None  # the stop string that ended it
 
 
 def plan(
@@ -88,14 +94,22 @@ def plan(
     chat: bool,
     garbage: bool,
     ignore_eos: bool = False,
+    choice: int = 0,
+    min_tokens: int = 0,
 ) -> Generation:
-    """Decide a request's whole output up front (cheap, and deterministic when asked)."""
+    """Decide a request's whole output up front (cheap, and deterministic when asked).
+
+    ``choice``: which of the request's ``n`` samples (greedy ones are all the same;
+    seeded ones differ from each other but repeat from request to request).
+    """
     if seed is None and temperature > 0:
         rng = random.Random(os.urandom(16))
     else:
-        digest = hashlib.sha256(f"{model}\0{prompt}\0{seed}".encode()).digest()
+        nth = f"\0{choice}" if (choice and temperature > 0) else ""
+        digest = hashlib.sha256(f"{model}\0{prompt}\0{seed}{nth}".encode()).digest()
         rng = random.Random(digest)
     natural = max_tokens if ignore_eos else rng.randint(12, 80)  # vLLM's ignore_eos
+    natural = max(natural, min(min_tokens, max_tokens))
     n = min(natural, max_tokens)
     finish = "length" if (ignore_eos or max_tokens < natural) else "stop"
     if garbage:

@@ -213,12 +213,12 @@ def kill(sup: CommandPort, req: Request, p: dict[str, str]) -> tuple[int, Any]:
 
 @route("GET", "/v1/models/{m}/logs")
 def logs(sup: CommandPort, req: Request, p: dict[str, str]) -> tuple[int, Any]:
-    from llmuxd.child import tail_file
+    from llmuxd.child import log_file_name, tail_file
     name = sup.resolve(p["m"])
     raw = req.query.get("lines", "100")
     if not raw.isdigit() or not 0 < int(raw) <= MAX_LOG_LINES:
         raise ApiError("bad_request", f"lines must be 1..{MAX_LOG_LINES}", model=name)
-    path = Path(sup.config.daemon.log_dir) / f"{name}.log"
+    path = Path(sup.config.daemon.log_dir) / log_file_name(name)
     lines = tail_file(path, int(raw)) if path.exists() else []
     return 200, {"model": name, "path": str(path), "lines": lines}
 
@@ -267,7 +267,9 @@ def release(sup: CommandPort, req: Request, p: dict[str, str]) -> tuple[int, Any
     lease = sup.leases.release(p["lease"])
     if lease is not None:
         sup.metrics.released(lease.model, body.get("status"), body.get("duration_ms"))
-    return 200, {"released": True}
+        return 200, {"released": True}
+    # Already revoked (drain timeout, max_lease_secs, dead child): say why.
+    return 200, {"released": True, "revoked": sup.leases.revoked_reason(p["lease"]) or ""}
 
 
 @route("GET", "/v1/leases")

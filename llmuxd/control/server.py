@@ -6,6 +6,9 @@ parsing costs more CPU than the whole lease logic. Requests here are tiny and
 come from our own clients, so a strict minimal parser (request line, headers,
 Content-Length body, keep-alive) is enough. One thread per connection: front-end
 workers keep their connections open, and a waiting lease blocks only its own.
+The threads are bounded (connlimits.ConnectionGate: ``daemon.max_connections``,
+a 503 beyond it), an idle connection is closed after ``daemon.idle_timeout_secs``
+and a request must arrive whole within ``daemon.read_timeout_secs`` once begun.
 
 Each connection records its peer's credentials (SO_PEERCRED) once; the pid owns
 the leases taken on it, and the uid/gid decide whether mutating routes are allowed.
@@ -30,6 +33,7 @@ from urllib.parse import parse_qsl
 import structlog
 
 from llmuxd.config import DaemonConfig
+from llmuxd.connlimits import BadContentLength, ConnectionGate, content_length, refuse
 from llmuxd.control.commands import Request, dispatch
 
 log = structlog.get_logger("llmuxd.control")
@@ -89,6 +93,9 @@ class ControlServer:
         self._closing = False
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self.idle_timeout = daemon.idle_timeout_secs
+        self.read_timeout = daemon.read_timeout_secs
+        self._gate = ConnectionGate(daemon.max_connections, "control")
 
     # -- setup ----------------------------------------------------------------
 
@@ -134,9 +141,17 @@ class ControlServer:
         lst.listen(256)
         self._listener = lst
         threading.Thread(target=self._accept_loop, name="control-accept", daemon=True).start()
+        # The front end's lease round trip (issue 11): its own socket and event loop.
+        from llmuxd.control import lease_listener
+        self.lease_listener = lease_listener.start_for(
+            self.sup, self.path, self.mode, lambda uid, gid, pid: self.may_mutate(
+                Peer(pid, uid, gid)), self.allowed_gid if self.group_name else -1)
 
     def close(self) -> None:
         self._closing = True
+        if getattr(self, "lease_listener", None) is not None:
+            self.lease_listener.close()
+        self._gate.close()
         lst, self._listener = self._listener, None
         if lst is None:
             return          # never listened: the path may be another daemon's socket
@@ -171,10 +186,22 @@ class ControlServer:
                 if self._closing:
                     return
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="control-conn",
-                             daemon=True).start()
+            if self._gate.admit(conn, self._serve) == "full":
+                log.warning("control_connection_refused", reason="too many connections",
+                            max_connections=self._gate.cap)
+                refuse(conn, _response(503, {"error": {
+                    "code": "too_many_connections",
+                    "message": f"llmuxd serves at most {self._gate.cap} control "
+                               "connections at once (daemon.max_connections); "
+                               "retry later"}}, close=True))
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._serve_conn(conn)
+        finally:
+            self._gate.leave()
+
+    def _serve_conn(self, conn: socket.socket) -> None:
         with self._lock:
             self._conns.add(conn)
         peer: Peer | None = None
@@ -187,7 +214,7 @@ class ControlServer:
 
             while not self._closing:
                 try:
-                    req = self._read_request(rfile, peer, cancelled)
+                    req = self._read_request(conn, rfile, peer, cancelled)
                 except _BadRequest as exc:
                     self._send(conn, 400, {"error": {"code": "bad_request",
                                                      "message": str(exc)}}, close=True)
@@ -215,12 +242,32 @@ class ControlServer:
         if pid != os.getpid() and not pid_alive(pid):
             self.sup.reclaim_pid(pid)
 
-    def _read_request(self, rfile: Any, peer: Peer, cancelled: Any) -> Request | None:
-        line = rfile.readline(MAX_LINE + 1)
-        while line in (b"\r\n", b"\n"):
+    def _read_request(self, conn: socket.socket, rfile: Any, peer: Peer, cancelled: Any
+                      ) -> Request | None:
+        """The next request, or None at EOF, idle timeout or a request cut short.
+
+        Waiting for a request's first line is bounded by the idle timeout; once it
+        has begun, headers and body must follow within the read timeout.
+        """
+        conn.settimeout(self.idle_timeout)
+        try:
             line = rfile.readline(MAX_LINE + 1)
+            while line in (b"\r\n", b"\n"):
+                line = rfile.readline(MAX_LINE + 1)
+        except TimeoutError:
+            return None
         if not line:
             return None
+        conn.settimeout(self.read_timeout)
+        try:
+            return self._read_rest(rfile, line, peer, cancelled)
+        except TimeoutError:
+            log.info("control_request_timeout", peer_pid=peer.pid,
+                     read_timeout_secs=self.read_timeout)
+            return None
+
+    def _read_rest(self, rfile: Any, line: bytes, peer: Peer, cancelled: Any
+                   ) -> Request | None:
         if len(line) > MAX_LINE:
             raise _BadRequest("request line too long")
         try:
@@ -228,22 +275,26 @@ class ControlServer:
         except ValueError:
             raise _BadRequest("malformed request line") from None
         headers: dict[str, str] = {}
+        lengths: list[str] = []
         for _ in range(MAX_HEADERS + 1):
             h = rfile.readline(MAX_LINE + 1)
             if h in (b"\r\n", b"\n", b""):
                 break
+            if len(h) > MAX_LINE:
+                raise _BadRequest("header line too long")
             name, sep, value = h.decode("latin-1").partition(":")
             if not sep:
                 raise _BadRequest("malformed header line")
-            headers[name.strip().lower()] = value.strip()
+            key = name.strip().lower()
+            headers[key] = value.strip()
+            if key == "content-length":
+                lengths += value.split(",")
         else:
             raise _BadRequest("too many headers")
-        length = headers.get("content-length", "0") or "0"
-        if not length.isdigit():
-            raise _BadRequest("bad Content-Length")
-        n = int(length)
-        if n > MAX_BODY:
-            raise _BadRequest(f"body too large (max {MAX_BODY} bytes)")
+        try:
+            n = content_length(lengths, MAX_BODY)
+        except BadContentLength as exc:
+            raise _BadRequest(str(exc)) from None
         if "chunked" in headers.get("transfer-encoding", "").lower():
             raise _BadRequest("chunked bodies are not supported; send Content-Length")
         body = rfile.read(n) if n else b""
@@ -258,11 +309,15 @@ class ControlServer:
 
     @staticmethod
     def _send(conn: socket.socket, status: int, body: Any, close: bool) -> None:
-        data = json.dumps(body, separators=(",", ":")).encode()
-        head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-                + ("Connection: close\r\n" if close else "") + "\r\n").encode("latin-1")
-        conn.sendall(head + data)
+        conn.sendall(_response(status, body, close))
+
+
+def _response(status: int, body: Any, close: bool) -> bytes:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+            + ("Connection: close\r\n" if close else "") + "\r\n").encode("latin-1")
+    return head + data
 
 
 def _parse_query(query: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ class PolicyOptions:
     min_quantum_ms: float = 2000.0       # adaptive: shortest visit of a busy model (unused
     #                                      by time_slice, as in the original)
     default_switch_secs: float = 10.0    # cost of a direction never measured (original: 10 s)
-    linger_factor: float = 3.0           # adaptive: an idle active model is kept this x switch
+    linger_factor: float = 6.0           # adaptive: an idle active model is kept this x switch
     #                                      cost / (target's waiters)^2 before it leaves
 
     def errors(self) -> list[str]:

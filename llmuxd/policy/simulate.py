@@ -388,7 +388,8 @@ class Simulation:
         m.pending_from = target.switch if target is not None else sw
         m.state = S.DRAINING
         m.drain_started = self.now
-        cap = a.drain_secs if a.drain_secs is not None else self.cfg.drain_timeout_secs
+        cap = self.cfg.drain_timeout_secs if a.drain_secs is None \
+            else min(a.drain_secs, self.cfg.drain_timeout_secs)
         m.drain_deadline = self.now + (cap if a.drain else 0.0)
 
     def _activate(self, m: _Model) -> None:

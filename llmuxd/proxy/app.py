@@ -1,15 +1,21 @@
-"""The OpenAI-compatible front end: a Falcon WSGI app run by gunicorn (gthread).
+"""The OpenAI-compatible front end: a Falcon ASGI app, one event loop per worker.
 
-One request: bounded body read → JSON → ``model`` → lease from llmuxd (which may
-wait for a switch) → forward to the child → stream the answer back as it comes →
-release the lease with the outcome when the body ends, fails or the client goes
-away. The daemon resolves aliases and answers ``model_not_found``, so the front
-end never disagrees with it after a config reload.
+One request: canonical path → route (an allow-list of vLLM's OpenAI routes) → API
+key (deny by default) → bounded body read → ``model`` found without building the
+body's tree → lease from llmuxd (which may wait for a switch; a client that leaves
+meanwhile leaves the queue) → forward the original bytes to the child over TCP or
+a Unix socket → relay the answer as it comes → release the lease with the outcome
+when the body ends, fails, or the client goes away. The daemon resolves aliases and
+answers ``model_not_found``, so the front end never disagrees with it after a
+config reload.
+
+gunicorn runs it with llmuxd/proxy/worker.py's worker class (uvicorn, uvloop,
+httptools), which adds the head/body/write timeouts and the connection limit.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import os
 import re
 import time
@@ -17,38 +23,48 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import falcon
+import falcon.asgi
 import structlog
 
 from llmuxd.config import Config, load_config
-from llmuxd.proxy import errors, logs
+from llmuxd.proxy import bodyscan, errors, logs, paths
 from llmuxd.proxy.errors import OpenAIError
-from llmuxd.proxy.forward import (
-    HOP_BY_HOP,
-    Outcome,
-    ProxiedBody,
-    UpstreamError,
-    UpstreamPool,
-    open_upstream,
-    response_headers,
-)
 from llmuxd.proxy.lease_client import (
     ClientGone,
     DaemonError,
     DaemonUnavailable,
     Lease,
     LeaseClient,
+    StatusCache,
+)
+from llmuxd.proxy.relay import HOP_BY_HOP, Outcome, ProxiedStream, response_headers
+from llmuxd.proxy.upstream import (
+    Aborted,
+    UpstreamClient,
+    UpstreamDeadline,
+    UpstreamError,
+    UpstreamIdle,
+    describe,
 )
 
 log = structlog.get_logger("llmux.proxy")
 
-# POST /v1/<route>: API routes only; vLLM's dev endpoints (/sleep, /wake_up,
-# /collective_rpc, ...) live outside /v1 and are never reachable from here.
-_ROUTE_RE = re.compile(r"[a-z0-9_\-]+(/[a-z0-9_\-]+)*")
-_DENIED_ROUTES = frozenset({"load_lora_adapter", "unload_lora_adapter"})
+# POST /v1/<route> that vLLM's OpenAI server answers with a JSON body naming a model
+# (vllm/entrypoints/openai/api_server.py and the pooling routers). Everything else
+# is 404: vLLM's dev endpoints (/sleep, /wake_up, /collective_rpc, ...) and LoRA
+# loading are never reachable from here. Multipart routes (audio) are not proxied.
+OPENAI_ROUTES = frozenset({
+    "chat/completions", "completions", "embeddings", "responses", "score", "rerank",
+    "messages", "classify", "pooling", "tokenize", "detokenize",
+})
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # Request headers the child must not see from the client.
 # The body is sent at once, so "Expect: 100-continue" is not passed on either.
-_DROP_TO_UPSTREAM = HOP_BY_HOP | {"host", "content-length", "x-request-id", "expect"}
+_DROP_TO_UPSTREAM = frozenset(
+    name.encode() for name in HOP_BY_HOP | {"host", "content-length", "x-request-id",
+                                            "expect", "x-forwarded-for"})
+# Bodies larger than this are scanned on a thread, so the loop keeps serving streams.
+_SCAN_ON_THREAD = 1 << 20
 
 
 @dataclass
@@ -57,24 +73,33 @@ class Deps:
 
     config: Config
     leases: LeaseClient
-    pool: UpstreamPool
+    http: UpstreamClient
+    status_cache: StatusCache
     request_log: Any = field(default_factory=logs.request_logger)
+    parses: asyncio.Semaphore | None = None
+
+    def parse_slots(self) -> asyncio.Semaphore:
+        if self.parses is None:
+            self.parses = asyncio.Semaphore(self.config.proxy.max_concurrent_body_parses)
+        return self.parses
 
 
-def create_app(deps: Deps) -> falcon.App:
+def create_app(deps: Deps) -> falcon.asgi.App:
     """Build the Falcon app around its dependencies (Falcon's factory idiom)."""
-    app = falcon.App(middleware=[RequestContext(deps)], cors_enable=False)
+    app = falcon.asgi.App(middleware=[RequestContext(deps)], cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True
     app.add_route("/v1/models", ModelsResource(deps))
-    app.add_route("/v1/models/{model_id}", ModelResource(deps))
+    app.add_route("/v1/models/{rest:path}", ModelResource(deps))
     app.add_route("/v1/{route:path}", ProxyResource(deps))
     app.add_route("/health", HealthResource(deps))
-    app.add_error_handler(Exception, errors.handle_error)
-    app.add_error_handler(falcon.HTTPError, errors.handle_error)
+    # Unmatched paths: key check first (an unauthenticated caller learns no routes), then 404.
+    app.add_sink(NotFoundSink(deps))
+    app.add_error_handler(Exception, errors.handle_error_async)
+    app.add_error_handler(falcon.HTTPError, errors.handle_error_async)
     return app
 
 
-def get_app() -> falcon.App:
+def get_app() -> falcon.asgi.App:
     """The app for gunicorn, configured from env LLMUX_CONFIG and LLMUX_SOCKET."""
     logs.configure()
     config_path = os.environ.get("LLMUX_CONFIG", "/etc/llmux.toml")
@@ -84,25 +109,31 @@ def get_app() -> falcon.App:
 
 
 def make_deps(config: Config, socket_path: str) -> Deps:
+    http = UpstreamClient()
     # The daemon answers a lease within request_timeout_secs (504 after); the margin
-    # keeps our socket timeout from firing first.
-    leases = LeaseClient(socket_path, lease_timeout=config.policy.request_timeout_secs + 30.0)
-    return Deps(config=config, leases=leases,
-                pool=UpstreamPool(timeout=config.proxy.upstream_timeout_secs))
+    # keeps our own bound from firing first.
+    leases = LeaseClient(socket_path, lease_timeout=config.policy.request_timeout_secs + 30.0,
+                         http=http)
+    return Deps(config=config, leases=leases, http=http, status_cache=StatusCache(leases))
 
 
 # ---------------------------------------------------------------------------
-# Middleware: request id, API keys, the canonical log line
+# Middleware: request id, canonical paths, API keys, the canonical log line
 
 
 class RequestContext:
-    """Request id in and out, Bearer keys on /v1, one log line per request."""
+    """Request id in and out, canonical paths only, Bearer keys, one log line per request.
+
+    Keys are checked after routing and by default: every resource needs one when
+    keys are set, except those that declare themselves open (``/health``, the
+    readiness route)."""
 
     def __init__(self, deps: Deps) -> None:
         self.keys = frozenset(deps.config.proxy.api_keys)
         self.log = deps.request_log
 
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response
+                              ) -> None:
         ctx = req.context
         ctx.started = time.monotonic()
         given = req.get_header("X-Request-Id")
@@ -110,15 +141,23 @@ class RequestContext:
             12).hex()
         ctx.deferred = False
         resp.set_header("X-Request-Id", ctx.request_id)
-        if self.keys and req.path.startswith("/v1"):
-            auth = req.get_header("Authorization") or ""
-            scheme, _, key = auth.partition(" ")
-            if scheme.lower() != "bearer" or key.strip() not in self.keys:
-                raise OpenAIError(401, "invalid or missing API key (Authorization: Bearer)",
-                                  "authentication_error", "invalid_api_key")
+        scope = req.scope
+        if not paths.is_canonical(scope.get("path") or req.path, scope.get("raw_path")):
+            raise OpenAIError(404, "no such route (non-canonical path)",
+                              "invalid_request_error", "not_found")
 
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: Any,
-                         req_succeeded: bool) -> None:
+    async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
+                               resource: Any, params: dict[str, Any]) -> None:
+        if not self.keys:
+            return
+        is_open = getattr(resource, "open", False)
+        if callable(is_open):
+            is_open = is_open(params)
+        if not is_open:
+            check_key(self.keys, req)
+
+    async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
+                               resource: Any, req_succeeded: bool) -> None:
         ctx = req.context
         if "request_id" not in ctx:
             return
@@ -132,58 +171,85 @@ class RequestContext:
                       duration_ms=round((time.monotonic() - ctx.started) * 1000.0, 3))
 
 
+def check_key(keys: frozenset[str], req: falcon.asgi.Request) -> None:
+    """401 unless the request carries one of ``keys`` as a Bearer token."""
+    auth = req.get_header("Authorization") or ""
+    scheme, _, key = auth.partition(" ")
+    if scheme.lower() != "bearer" or key.strip() not in keys:
+        raise OpenAIError(401, "invalid or missing API key (Authorization: Bearer)",
+                          "authentication_error", "invalid_api_key")
+
+
 # ---------------------------------------------------------------------------
-# Resources
+# The proxied routes
 
 
 class ProxyResource:
-    """POST /v1/<route> with a JSON body naming a model: lease, forward, stream."""
+    """POST /v1/<route> with a JSON body naming a model: lease, forward, relay."""
 
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
-        self.max_body = deps.config.proxy.max_body_bytes
-        self.strip_auth = bool(deps.config.proxy.api_keys)
+        proxy = deps.config.proxy
+        self.max_body = proxy.max_body_bytes
+        self.strip_auth = bool(proxy.api_keys)
+        self.idle = proxy.upstream_idle_timeout_secs
+        self.total = proxy.upstream_timeout_secs
         self.log = deps.request_log
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response, route: str) -> None:
-        if not _ROUTE_RE.fullmatch(route) or route in _DENIED_ROUTES:
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
+                      route: str) -> None:
+        if route not in OPENAI_ROUTES:
             raise OpenAIError(404, f"no such route: POST /v1/{route}", "invalid_request_error",
                               "not_found")
-        body = self._read_body(req)
-        data = _parse(body)
-        model = data.get("model")
-        if not isinstance(model, str) or not model:
-            raise errors.bad_request("you must provide a model parameter", "model")
+        client = req.scope.get("llmux.conn")
+        body = await self._read_body(req)
+        found = await self._find_model(body)
+        model = found.model
         ctx = req.context
         ctx.model = model
         asked = time.monotonic()
-        lease = self._lease(model, req.env.get("gunicorn.socket"))
+        lease = await self._lease(model, client)
         lease_ms = round((time.monotonic() - asked) * 1000.0, 3)
         ctx.waited_ms = lease.waited_ms
         ctx.switched = lease.switched
-        if lease.served_model_name != model:
-            data["model"] = lease.served_model_name
-            body = json.dumps(data).encode()
-        path = "/v1/" + route
-        if req.query_string:
-            path += "?" + req.query_string
         started = time.monotonic()
+        deadline = started + self.total
         try:
-            conn, head = open_upstream(self.deps.pool, lease.host, lease.port, "POST", path,
-                                     body, self._upstream_headers(req, len(body)))
-        except UpstreamError as exc:
-            self._release(lease, Outcome(status=502, error=str(exc),
+            if lease.served_model_name != model:
+                body = bodyscan.rewrite(body, found, lease.served_model_name)
+            # The query as the client sent it (bytes), never re-encoded.
+            query = req.scope.get("query_string") or b""
+            target = b"/v1/" + route.encode() + (b"?" + query if query else b"")
+            request = self._request_bytes(req, target, lease.upstream, body)
+            conn = await self.deps.http.send(lease.upstream, request, self.idle, deadline,
+                                             client)
+        except Aborted:
+            self._release(lease, Outcome(status=499, error="client disconnected",
                                          duration_ms=(time.monotonic() - started) * 1e3))
-            raise errors.upstream_failed(str(exc)) from None
-        try:
-            resp.status = head.status
-            for name, value in response_headers(head):
-                resp.append_header(name, value)
-        except Exception:
-            conn.close()
-            self._release(lease, Outcome(status=502, error="bad response head from the child"))
+            raise _client_gone("while its answer was being generated") from None
+        except UpstreamError as exc:
+            outcome = Outcome(status=502, error=str(exc),
+                              duration_ms=(time.monotonic() - started) * 1e3)
+            if isinstance(exc, UpstreamIdle | UpstreamDeadline):
+                outcome.status = 504
+                self._release(lease, outcome)
+                raise _upstream_error(exc, lease.upstream) from None
+            # The child failed: release with the answer awaited, so that when llmuxd
+            # revoked the lease first (it killed a hung child, stopped the model) the
+            # client learns why.
+            why = await self._release_why(lease, outcome)
+            raise errors.upstream_failed(f"{exc} ({why})" if why else str(exc)) from None
+        except BaseException as exc:
+            # Whatever went wrong (a bug included), the lease must not outlive it.
+            self._release(lease, Outcome(status=500, error=f"{type(exc).__name__}: {exc}"))
             raise
-        outcome = Outcome(status=head.status)
+        resp.status = conn.status
+        content_type = ""
+        for name, value in response_headers(conn.headers):
+            if name == "content-type":
+                content_type = value
+            resp.append_header(name, value)
+        outcome = Outcome(status=conn.status)
         ctx.deferred = True
         request_id = ctx.request_id
 
@@ -198,70 +264,119 @@ class ProxyResource:
                           upstream_ms=round(result.duration_ms, 3),
                           duration_ms=round((time.monotonic() - ctx.started) * 1000.0, 3))
 
-        resp.stream = ProxiedBody(self.deps.pool, lease.host, lease.port, conn, head, started,
-                                  outcome, on_close, req.env.get("gunicorn.socket"))
+        resp.stream = ProxiedStream(self.deps.http, conn, started, self.idle, deadline,
+                                    outcome, content_type.startswith("text/event-stream"),
+                                    on_close, client)
 
-    def _read_body(self, req: falcon.Request) -> bytes:
+    async def _read_body(self, req: falcon.asgi.Request) -> bytes:
         length = req.content_length
         if length is not None and length > self.max_body:
             raise OpenAIError(413, f"request body of {length} bytes is over the limit of "
                               f"{self.max_body} bytes", "invalid_request_error",
                               "request_too_large")
-        body: bytes = req.bounded_stream.read(self.max_body + 1)
+        body: bytes = await req.stream.read(self.max_body + 1)
         if len(body) > self.max_body:
             raise OpenAIError(413, f"request body is over the limit of {self.max_body} bytes",
                               "invalid_request_error", "request_too_large")
+        if length is not None and len(body) < length:
+            raise _client_gone("while sending its request body")
         return body
 
-    def _lease(self, model: str, client: Any) -> Lease:
+    async def _find_model(self, body: bytes) -> bodyscan.Found:
+        """At most max_concurrent_body_parses at once per worker; big ones on a thread."""
+        async with self.deps.parse_slots():
+            try:
+                if len(body) > _SCAN_ON_THREAD:
+                    return await asyncio.to_thread(bodyscan.find_model, body)
+                return bodyscan.find_model(body)
+            except bodyscan.BodyError as exc:
+                raise errors.bad_request(str(exc), exc.param) from None
+
+    async def _lease(self, model: str, client: Any) -> Lease:
+        leases = self.deps.leases
         try:
-            return self.deps.leases.acquire(model, client)
+            tag, fut = await leases.begin(model)
+            if client is None:
+                return await leases.wait(fut)
+
+            def gone() -> None:
+                leases.cancel(tag, fut)
+
+            client.on_lost(gone)
+            if client.transport is None or client.transport.is_closing():
+                gone()
+            try:
+                return await leases.wait(fut)
+            finally:
+                client.remove_on_lost(gone)
         except ClientGone:
-            # Nobody is left to read an answer; 499 (nginx's "client closed request")
-            # names it in the log line.
-            raise OpenAIError(499, "client closed the connection while waiting for "
-                              f"model '{model}'", "invalid_request_error",
-                              "client_closed") from None
+            raise _client_gone(f"while waiting for model '{model}'") from None
         except DaemonError as exc:
             raise errors.from_daemon(exc.code, exc.message) from None
         except DaemonUnavailable as exc:
             raise errors.daemon_unavailable(str(exc)) from None
 
     def _release(self, lease: Lease, outcome: Outcome) -> None:
+        self.deps.leases.release(lease.lease_id, outcome.release_body())
+
+    async def _release_why(self, lease: Lease, outcome: Outcome) -> str:
+        """Release and wait for the answer; why the lease was revoked ("" if it was not)."""
         try:
-            self.deps.leases.release(lease.lease_id, outcome.release_body())
+            answer = await self.deps.leases.release_now(lease.lease_id, outcome.release_body())
         except (DaemonError, DaemonUnavailable) as exc:
-            # The daemon reclaims leases of dead peers; a lost release is logged only.
             log.warning("release_failed", lease_id=lease.lease_id, error=str(exc))
+            self._release(lease, outcome)
+            return ""
+        revoked = answer.get("revoked")
+        return f"lease revoked: {revoked}" if isinstance(revoked, str) and revoked else ""
 
-    def _upstream_headers(self, req: falcon.Request, length: int) -> dict[str, str]:
-        headers: dict[str, str] = {}
-        for key, value in req.env.items():
-            if key.startswith("HTTP_"):
-                name = key[5:].replace("_", "-").lower()
-                if name in _DROP_TO_UPSTREAM or (self.strip_auth and name == "authorization"):
-                    continue
-                headers[name] = value
-        headers["content-type"] = "application/json"
-        headers["content-length"] = str(length)
-        headers["x-request-id"] = req.context.request_id
-        if req.remote_addr:
-            earlier = headers.get("x-forwarded-for")
-            headers["x-forwarded-for"] = (f"{earlier}, {req.remote_addr}" if earlier
-                                          else req.remote_addr)
-        return headers
+    def _request_bytes(self, req: falcon.asgi.Request, target: bytes, upstream: str,
+                       body: bytes) -> bytes:
+        """The whole upstream request, head and body, for one write."""
+        parts = [b"POST ", target, b" HTTP/1.1\r\nhost: ",
+                 describe(upstream).encode("latin-1") if upstream.startswith("http")
+                 else b"localhost", b"\r\n"]
+        forwarded = b""
+        for name, value in req.scope["headers"]:
+            if name in _DROP_TO_UPSTREAM or (self.strip_auth and name == b"authorization"):
+                if name == b"x-forwarded-for":
+                    forwarded = value
+                continue
+            if name == b"content-type":
+                continue
+            parts += [name, b": ", value, b"\r\n"]
+        client = req.scope.get("client")
+        if client:
+            peer = client[0].encode("latin-1")
+            forwarded = forwarded + b", " + peer if forwarded else peer
+        if forwarded:
+            parts += [b"x-forwarded-for: ", forwarded, b"\r\n"]
+        parts += [b"content-type: application/json\r\ncontent-length: ",
+                  str(len(body)).encode(), b"\r\nx-request-id: ",
+                  req.context.request_id.encode(), b"\r\n\r\n", body]
+        return b"".join(parts)
 
 
-def _parse(body: bytes) -> dict[str, Any]:
-    if not body:
-        raise errors.bad_request("the request body is empty; expected a JSON object")
-    try:
-        data = json.loads(body)
-    except ValueError as exc:
-        raise errors.bad_request(f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise errors.bad_request("the request body must be a JSON object")
-    return data
+def _client_gone(when: str) -> OpenAIError:
+    # Nobody is left to read an answer; 499 (nginx's "client closed request") names
+    # it in the log line.
+    return OpenAIError(499, f"client closed the connection {when}", "invalid_request_error",
+                       "client_closed")
+
+
+def _upstream_error(exc: UpstreamError, upstream: str) -> OpenAIError:
+    if isinstance(exc, UpstreamIdle):
+        return OpenAIError(504, f"model server sent nothing for the idle timeout "
+                           f"({describe(upstream)})", "timeout_error",
+                           "upstream_idle_timeout")
+    if isinstance(exc, UpstreamDeadline):
+        return OpenAIError(504, f"model server did not answer within the total timeout "
+                           f"({describe(upstream)})", "timeout_error", "upstream_timeout")
+    return errors.upstream_failed(str(exc))
+
+
+# ---------------------------------------------------------------------------
+# Models, readiness, health
 
 
 class ModelsResource:
@@ -270,29 +385,72 @@ class ModelsResource:
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = {"object": "list", "data": model_list(self.deps)}
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.media = {"object": "list", "data": await model_list(self.deps)}
 
 
 class ModelResource:
-    """GET /v1/models/{id}: one model or alias, 404 ``model_not_found`` otherwise."""
+    """GET /v1/models/{id} (key needed) and GET /v1/models/{id}/ready (open).
+
+    ``{id}`` may contain '/' (``Qwen/Qwen3-14B``), percent-encoded or not, so one
+    path route serves both and tells them apart by the ``/ready`` suffix."""
 
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response, model_id: str) -> None:
-        for entry in model_list(self.deps):
-            if entry["id"] == model_id:
+    @staticmethod
+    def open(params: dict[str, Any]) -> bool:
+        return str(params.get("rest", "")).endswith("/ready")
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
+                     rest: str) -> None:
+        if rest.endswith("/ready"):
+            await self._ready(resp, rest[:-len("/ready")])
+            return
+        for entry in await model_list(self.deps):
+            if entry["id"] == rest:
                 resp.media = entry
                 return
-        raise OpenAIError(404, f"The model '{model_id}' does not exist",
-                          "invalid_request_error", "model_not_found", "model")
+        raise _model_not_found(rest)
+
+    async def on_head(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
+                      rest: str) -> None:
+        """HEAD answers like GET, without the body: what a load balancer's check sends."""
+        await self.on_get(req, resp, rest)
+
+    async def _ready(self, resp: falcon.asgi.Response, model: str) -> None:
+        """200 when ACTIVE, 503 with the state otherwise, 404 when unknown; from a
+        status at most ~1 s old (no lease, no round trip per check)."""
+        try:
+            status = await self.deps.status_cache.get()
+            models: dict[str, Any] = status.get("models") or {}
+        except (DaemonError, DaemonUnavailable):
+            if self.deps.config.resolve_model(model) is None:
+                raise _model_not_found(model) from None
+            resp.status = 503
+            resp.media = {"model": model, "state": "unavailable", "ready": False}
+            return
+        state = None
+        for name, st in models.items():
+            if model == name or model in (st.get("aliases") or ()):
+                state = st.get("state")
+                break
+        else:
+            raise _model_not_found(model)
+        ready = state == "active"
+        resp.status = 200 if ready else 503
+        resp.media = {"model": model, "state": state, "ready": ready}
 
 
-def model_list(deps: Deps) -> list[dict[str, Any]]:
+def _model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(404, f"The model '{model}' does not exist", "invalid_request_error",
+                       "model_not_found", "model")
+
+
+async def model_list(deps: Deps) -> list[dict[str, Any]]:
     """Models from the daemon's status (the truth after a reload), else from config."""
     try:
-        status = deps.leases.status()
+        status = await deps.leases.status()
         models: dict[str, Any] = status.get("models") or {}
     except (DaemonError, DaemonUnavailable):
         models = {name: {"name": name, "state": "unknown", "aliases": list(m.aliases)}
@@ -314,14 +472,29 @@ def model_list(deps: Deps) -> list[dict[str, Any]]:
 
 
 class HealthResource:
-    """GET /health: 200 only when the daemon answers on its socket."""
+    """GET /health: 200 only when the daemon answers on its socket. Open without a key."""
+
+    open = True
 
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         try:
-            daemon = self.deps.leases.health()
+            daemon = await self.deps.leases.health()
         except (DaemonError, DaemonUnavailable) as exc:
             raise errors.daemon_unavailable(str(exc)) from None
         resp.media = {"status": "ok", "daemon": daemon}
+
+
+class NotFoundSink:
+    """Every path no route matched: 401 without a key (when keys are set), else 404."""
+
+    def __init__(self, deps: Deps) -> None:
+        self.keys = frozenset(deps.config.proxy.api_keys)
+
+    async def __call__(self, req: falcon.asgi.Request, resp: falcon.asgi.Response | None,
+                       **_: Any) -> None:
+        if self.keys:
+            check_key(self.keys, req)
+        raise falcon.HTTPRouteNotFound()

@@ -120,3 +120,13 @@ def handle_error(req: falcon.Request, resp: falcon.Response, ex: Exception,
     for name, value in err.headers.items():
         resp.set_header(name, value)
     req.context.error_code = err.code
+
+
+async def handle_error_async(req: Any, resp: Any, ex: Exception, params: dict[str, Any]
+                             ) -> None:
+    """handle_error for the ASGI app: a proxied stream's close() is awaited."""
+    stream = resp.stream
+    resp.stream = None
+    handle_error(req, resp, ex, params)
+    if stream is not None and hasattr(stream, "close"):
+        await stream.close()  # a proxied body releases its lease and upstream connection

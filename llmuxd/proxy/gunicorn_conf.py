@@ -1,8 +1,10 @@
 """gunicorn settings for the front end, read from the llmux config (env LLMUX_CONFIG).
 
-gthread, not sync: a sync worker's heartbeat kills a long stream, and one thread
-per open request is what a streaming proxy needs. Workers and threads come from
-``[proxy]``; ``threads`` bounds the open requests per worker, streams included.
+An asyncio worker (llmuxd/proxy/worker.py: uvicorn's gunicorn worker on uvloop
+and httptools, with llmux's timeouts): one event loop per worker serves thousands
+of connections and streams, where a thread per open request capped concurrency
+and lost the GIL race to hundreds of relaying threads (docs/benchmarks.md).
+``workers`` comes from ``[proxy]``; ``max_connections`` bounds each worker.
 The access log is off: the app writes one structured line per request itself.
 
 llmuxd starts this itself (llmuxd/frontend.py). To run the front end on its own
@@ -24,14 +26,11 @@ _proxy = _config.proxy
 
 _host = _proxy.host
 bind = [f"[{_host}]:{_proxy.port}" if ":" in _host else f"{_host}:{_proxy.port}"]
-worker_class = "gthread"
+worker_class = "llmuxd.proxy.worker.LlmuxWorker"
 workers = _proxy.workers
-threads = _proxy.threads
-# Each thread serves one connection at a time; kept-alive idle ones wait in the poller.
-worker_connections = max(1000, _proxy.threads * 4)
 # Clients (SDKs, routers) keep connections open between requests.
 keepalive = 75
-# The worker heartbeat; streams run in threads, so this is not a request limit.
+# The worker heartbeat (the event loop notifies the master); not a request limit.
 timeout = 60
 # On SIGTERM, in-flight streams get this long before workers are killed.
 graceful_timeout = 30

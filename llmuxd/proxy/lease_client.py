@@ -1,26 +1,33 @@
-"""The front end's client for llmuxd's control API on its Unix socket.
+"""The front end's client for llmuxd: leases on the lease socket, status over HTTP.
 
-Every proxied request costs two calls here (lease, release), so the client is
-built for cost: a minimal HTTP/1.1 client over AF_UNIX (``http1.py``; far less
-CPU than ``requests`` or even ``http.client``), kept-alive connections shared by the
-process's threads (most recently used first: no connect per call, and few
-connections, each of which is a thread in llmuxd), and a reconnect when a kept-alive
-connection turns out to be dead. Leases belong to the peer pid (SO_PEERCRED), not to
-a connection, so any thread may use any connection, and a worker that dies loses its
-leases in the daemon without any help from here.
+Every proxied request costs a lease and a release, so they go over one persistent
+Unix-socket connection per worker to llmuxd's lease listener
+(llmuxd/control/lease_listener.py: a line protocol, no HTTP), written and read on
+the worker's own event loop: no thread hop, no connect per request. Acquires are
+tagged, so any number wait at once on the one connection (a switch can take
+minutes) and answers may come in any order. A release is written and not waited
+for (pipelined): the daemon never answers it.
+
+Leases belong to the worker's pid (SO_PEERCRED), not to the connection: a worker
+that dies loses its leases in the daemon without any help from here. If the
+connection breaks, waiting acquires fail with DaemonUnavailable (503) and the next
+request reconnects.
+
+Status and health are rare and go to the control socket's HTTP API
+(docs/interfaces.md §5) with the same small HTTP client as the children.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-import select
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from llmuxd.proxy.http1 import Connection, PeerClosed, Pool, unix_connector
+from llmuxd.config import lease_socket_path
+from llmuxd.proxy.upstream import UpstreamClient, UpstreamError
 
 
 class DaemonUnavailable(Exception):
@@ -32,7 +39,7 @@ class ClientGone(Exception):
 
 
 class DaemonError(Exception):
-    """The daemon answered with an error in the control API's shape."""
+    """The daemon refused, with a code of the control API (docs/interfaces.md §5)."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
@@ -51,195 +58,254 @@ class Lease:
     served_model_name: str
     waited_ms: float
     switched: bool
-    host: str
-    port: int
+
+
+class _LeaseConnection(asyncio.Protocol):
+    """The one connection to the lease listener; answers resolve futures by tag.
+
+    Lines are not written one by one: everything queued during one turn of the event
+    loop (the acquires and releases of many requests at once, under load) leaves in
+    one write, so the worker and llmuxd each pay one system call and one wake-up for
+    the lot."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.pending: dict[bytes, asyncio.Future[Lease]] = {}
+        self.lost = False
+        self.buf = b""
+        self.out: list[bytes] = []
+
+    def send(self, line: bytes) -> None:
+        if not self.out:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.out.append(line)
+
+    def flush(self) -> None:
+        out, self.out = self.out, []
+        if out and self.transport is not None and not self.lost:
+            self.transport.write(b"".join(out))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; same interface.
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            self._answer(buf[start:end])
+            start = end + 1
+        self.buf = buf[start:]
+
+    def _answer(self, line: bytes) -> None:
+        kind, tag, body = line.split(b" ", 2)
+        fut = self.pending.pop(tag, None)
+        data = json.loads(body)
+        if fut is None or fut.done():
+            if kind == b"+" and self.transport is not None:
+                # Granted after the client left (or the wait timed out): hand it back.
+                self.send(b"R %s {\"error\": \"client disconnected\"}\n"
+                          % data["lease_id"].encode())
+            return
+        if kind == b"+":
+            fut.set_result(Lease(lease_id=data["lease_id"], model=data["model"],
+                                 upstream=data["upstream"],
+                                 served_model_name=data.get("served_model_name")
+                                 or data["model"],
+                                 waited_ms=float(data.get("waited_ms") or 0.0),
+                                 switched=bool(data.get("switched"))))
+        else:
+            code = str(data.get("code") or "internal")
+            fut.set_exception(DaemonError(_STATUS.get(code, 502), code,
+                                          str(data.get("message") or code)))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(DaemonUnavailable("the daemon closed the lease connection"))
+        self.pending.clear()
+
+
+_STATUS = {"bad_request": 400, "model_not_found": 404, "queue_full": 429,
+           "model_failed": 503, "shutting_down": 503, "timeout": 504, "internal": 500}
 
 
 class LeaseClient:
-    """Thread-safe: calls take a kept-alive connection from a shared pool and put it back."""
+    """Leases and daemon status for the event loop of one worker."""
 
-    def __init__(self, socket_path: str, lease_timeout: float, call_timeout: float = 10.0
-                 ) -> None:
+    def __init__(self, socket_path: str, lease_timeout: float, call_timeout: float = 10.0,
+                 http: UpstreamClient | None = None) -> None:
         self.socket_path = socket_path
-        # A lease may legitimately block for the whole request timeout (a switch).
+        self.lease_path = lease_socket_path(socket_path)
+        self.control = "unix:" + socket_path
+        # A lease may legitimately wait for the whole request timeout (a switch).
         self.lease_timeout = lease_timeout
         self.call_timeout = call_timeout
-        self.pool = Pool(unix_connector(socket_path, call_timeout))
+        self.http = http or UpstreamClient(connect_timeout=call_timeout)
+        self._conn: _LeaseConnection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connecting: asyncio.Future[_LeaseConnection] | None = None
+        self._tags = 0
 
-    # -- the routes the front end uses -------------------------------------
+    async def _connection(self) -> _LeaseConnection:
+        loop = asyncio.get_running_loop()
+        conn = self._conn
+        if conn is not None and not conn.lost and self._loop is loop:
+            return conn
+        if self._connecting is not None and self._loop is loop:
+            return await asyncio.shield(self._connecting)
+        self._loop = loop
+        self._connecting = loop.create_future()
+        try:
+            _, proto = await asyncio.wait_for(
+                loop.create_unix_connection(_LeaseConnection, self.lease_path),
+                self.call_timeout)
+        except (OSError, TimeoutError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timeout"
+            error = DaemonUnavailable(f"{self.lease_path}: {detail}")
+            self._connecting.set_exception(error)
+            self._connecting.exception()  # retrieved: no "never retrieved" warning
+            self._connecting = None
+            raise error from None
+        assert isinstance(proto, _LeaseConnection)
+        self._conn = proto
+        self._connecting.set_result(proto)
+        self._connecting = None
+        return proto
 
-    def acquire(self, model: str, client: socket.socket | None = None) -> Lease:
-        """Block until llmuxd grants a lease on ``model`` (or refuses it).
+    async def begin(self, model: str) -> tuple[bytes, asyncio.Future[Lease]]:
+        """Ask for a lease on ``model``; the future resolves with it (or the refusal)."""
+        conn = await self._connection()
+        self._tags += 1
+        tag = b"%d" % self._tags
+        fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        conn.pending[tag] = fut
+        conn.send(b"A %s %s\n" % (tag, json.dumps(model).encode()))
+        return tag, fut
 
-        With ``client`` (the requester's socket), a client that hangs up while the
-        lease waits (a switch can take minutes) raises ClientGone and closes our
-        connection to the daemon, which takes the waiter out of the model's queue."""
-        request = _request("POST", "/v1/leases", {"model": model})
-        if client is None:
-            data = self._call_raw(request, self.lease_timeout)
-        else:
-            data = self._call_watching(request, client)
-        upstream = data["upstream"]
-        host, port = _host_port(upstream)
-        return Lease(lease_id=data["lease_id"], model=data.get("model", model),
-                     upstream=upstream,
-                     served_model_name=data.get("served_model_name") or data.get("model")
-                     or model,
-                     waited_ms=float(data.get("waited_ms") or 0.0),
-                     switched=bool(data.get("switched")), host=host, port=port)
+    def cancel(self, tag: bytes, fut: asyncio.Future[Lease]) -> None:
+        """The client left while waiting: the daemon drops the waiter (ClientGone here)."""
+        if fut.done():
+            return
+        fut.set_exception(ClientGone("the client closed its connection while waiting"))
+        conn = self._conn
+        if conn is not None and not conn.lost:
+            conn.send(b"C %s\n" % tag)
+
+    async def wait(self, fut: asyncio.Future[Lease]) -> Lease:
+        """The lease, or DaemonError/DaemonUnavailable/ClientGone; bounded in time."""
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(self.lease_timeout, _expire, fut)
+        try:
+            return await fut
+        finally:
+            handle.cancel()
+
+    async def acquire(self, model: str) -> Lease:
+        _, fut = await self.begin(model)
+        return await self.wait(fut)
 
     def release(self, lease_id: str, outcome: dict[str, Any]) -> None:
-        """Hand a lease back with the request's outcome (for metrics and drain).
-
-        Sent without waiting for the answer (HTTP/1.1 pipelining): the connection goes
-        back to the pool with the answer unread, and whoever takes it next reads it
-        first, so the worker thread, and with it the client's kept-alive connection,
-        is free at once. Should that answer never come, the release is sent again on a
-        fresh connection (the daemon treats a second release of a lease as a no-op)."""
-        request = _request("POST", f"/v1/leases/{lease_id}/release", outcome)
-        conn = self._take()
-        try:
-            conn.send(request, self.call_timeout)
-        except OSError:
-            conn.close()
-            self._call_raw(request, self.call_timeout)
+        """Hand a lease back with the request's outcome; not waited for."""
+        line = b"R %s %s\n" % (lease_id.encode(), json.dumps(outcome).encode())
+        conn = self._conn
+        if conn is not None and not conn.lost:
+            conn.send(line)
             return
-        conn.pending = request
-        self.pool.give_back(conn)
+        # The connection broke since the lease was granted: if the daemon restarted the
+        # lease is gone anyway; otherwise resend on a fresh connection.
+        task = asyncio.get_running_loop().create_task(self._resend(line))
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
 
-    def status(self) -> dict[str, Any]:
-        return self._call("GET", "/v1/status", None, self.call_timeout)
+    async def _resend(self, line: bytes) -> None:
+        with contextlib.suppress(DaemonUnavailable):
+            conn = await self._connection()
+            conn.send(line)
 
-    def health(self) -> dict[str, Any]:
-        return self._call("GET", "/v1/health", None, self.call_timeout)
+    async def release_now(self, lease_id: str, outcome: dict[str, Any]) -> dict[str, Any]:
+        """Hand a lease back over the control API and wait for the answer: its
+        ``"revoked"`` says why the daemon took the lease back first (e.g. it killed a
+        hung child), for the client's error. Only on a failed request: the fast path
+        is ``release``."""
+        body = json.dumps(outcome).encode()
+        data = await self._get(f"/v1/leases/{lease_id}/release", "POST", body)
+        return data if isinstance(data, dict) else {}
+
+    async def _get(self, path: str, method: str = "GET", body: bytes | None = None) -> Any:
+        try:
+            status, raw = await self.http.call(self.control, method, path, body,
+                                               self.call_timeout)
+        except UpstreamError as exc:
+            raise DaemonUnavailable(f"{self.socket_path}: {exc}") from None
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            raise DaemonUnavailable("daemon answered with invalid JSON") from None
+        if status >= 400:
+            err = data.get("error") if isinstance(data, dict) else None
+            if isinstance(err, dict):
+                raise DaemonError(status, str(err.get("code") or "internal"),
+                                  str(err.get("message") or f"daemon answered {status}"))
+            raise DaemonError(status, "internal", f"daemon answered {status}")
+        return data
+
+    async def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = await self._get("/v1/status")
+        return data
+
+    async def health(self) -> dict[str, Any]:
+        data: dict[str, Any] = await self._get("/v1/health")
+        return data
 
     def close(self) -> None:
-        self.pool.close()
+        conn, self._conn = self._conn, None
+        if conn is not None and conn.transport is not None:
+            conn.transport.close()
+        self.http.close()
 
-    # -- transport ----------------------------------------------------------
 
-    def _take(self) -> Connection:
-        """A pooled connection, with any pipelined release on it settled."""
-        conn = self.pool.take()
-        request = conn.pending
-        if request is None:
-            return conn
-        conn.pending = None
+class StatusCache:
+    """The daemon's status, at most ``max_age`` seconds old, one fetch at a time.
+
+    For the readiness route: a load balancer polling every model every second must
+    not cost a round trip to llmuxd per check."""
+
+    def __init__(self, client: LeaseClient, max_age: float = 1.0) -> None:
+        self.client = client
+        self.max_age = max_age
+        self._value: dict[str, Any] | None = None
+        self._at = 0.0
+        self._fetching: asyncio.Future[dict[str, Any]] | None = None
+
+    async def get(self) -> dict[str, Any]:
+        if self._value is not None and time.monotonic() - self._at < self.max_age:
+            return self._value
+        if self._fetching is not None and self._fetching.get_loop() is \
+                asyncio.get_running_loop():
+            return await asyncio.shield(self._fetching)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._fetching = fut
         try:
-            conn.read_head()
-            conn.read_all()
-        except (OSError, ValueError):
-            conn.close()
-            # If this fails too, the daemon reclaims our leases when the worker ends.
-            with contextlib.suppress(DaemonUnavailable, DaemonError):
-                self._call_raw(request, self.call_timeout)
-            return Connection(self.pool.connect)
-        if not conn.reusable:
-            conn.close()
-        return conn
-
-    def _done(self, conn: Connection) -> None:
-        if conn.reusable:
-            self.pool.give_back(conn)
-        else:
-            conn.close()
-
-    def _call(self, method: str, path: str, body: dict[str, Any] | None,
-              timeout: float) -> Any:
-        return self._call_raw(_request(method, path, body), timeout)
-
-    def _call_raw(self, request: bytes, timeout: float) -> Any:
-        conn = self._take()
-        for attempt in (0, 1):
-            reused = conn.sock is not None
-            try:
-                conn.send(request, timeout)
-                head = conn.read_head()
-                raw = conn.read_all()
-            except (PeerClosed, BrokenPipeError, ConnectionResetError) as exc:
-                # A kept-alive connection the daemon closed while idle: retry once fresh.
-                conn.close()
-                if reused and attempt == 0:
-                    continue
-                raise DaemonUnavailable(self._describe(exc)) from None
-            except (OSError, ValueError) as exc:
-                conn.close()
-                raise DaemonUnavailable(self._describe(exc)) from None
-            self._done(conn)
-            return _decode(head.status, raw)
-        raise AssertionError("unreachable")
-
-    def _call_watching(self, request: bytes, client: socket.socket) -> Any:
-        conn = self._take()
-        try:
-            conn.send(request, self.lease_timeout)
-        except OSError:
-            conn.close()
-            return self._call_raw(request, self.lease_timeout)
-        assert conn.sock is not None
-        deadline = time.monotonic() + self.lease_timeout
-        watch: socket.socket | None = client
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                conn.close()
-                raise DaemonUnavailable("no answer to the lease request in time")
-            ready, _, _ = select.select([conn.sock] + ([watch] if watch else []), [], [],
-                                        left)
-            if conn.sock in ready:
-                break
-            if watch is not None and watch in ready:
-                try:
-                    peek = watch.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    peek = b""
-                if not peek:
-                    conn.close()  # the daemon drops the waiter with the connection
-                    raise ClientGone("the client closed its connection while waiting")
-                watch = None  # it sent more (a pipelined request): stop watching
-        try:
-            head = conn.read_head()
-            raw = conn.read_all()
-        except (OSError, ValueError) as exc:
-            conn.close()
-            if isinstance(exc, PeerClosed):  # a stale kept-alive connection
-                return self._call_raw(request, self.lease_timeout)
-            raise DaemonUnavailable(self._describe(exc)) from None
-        self._done(conn)
-        return _decode(head.status, raw)
-
-    def _describe(self, exc: BaseException) -> str:
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        return f"{self.socket_path}: {detail or type(exc).__name__}"
+            value = await self.client.status()
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()
+            raise
+        finally:
+            self._fetching = None
+        self._value, self._at = value, time.monotonic()
+        fut.set_result(value)
+        return value
 
 
-def _request(method: str, path: str, body: dict[str, Any] | None) -> bytes:
-    payload = json.dumps(body).encode() if body is not None else b""
-    return (f"{method} {path} HTTP/1.1\r\nHost: llmuxd\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-            ).encode() + payload
+_BACKGROUND: set[asyncio.Task[None]] = set()
 
 
-def _decode(status: int, raw: bytes) -> Any:
-    try:
-        data = json.loads(raw) if raw else {}
-    except ValueError:
-        data = None
-    if status >= 400:
-        err = data.get("error") if isinstance(data, dict) else None
-        if isinstance(err, dict):
-            raise DaemonError(status, str(err.get("code") or "internal"),
-                              str(err.get("message") or f"daemon answered {status}"))
-        raise DaemonError(status, "internal", f"daemon answered {status}")
-    if data is None:
-        raise DaemonUnavailable("daemon answered with invalid JSON")
-    return data
-
-
-def _host_port(upstream: str) -> tuple[str, int]:
-    """``http://127.0.0.1:8001`` → ("127.0.0.1", 8001)."""
-    rest = upstream.split("://", 1)[-1].rstrip("/")
-    host, _, port = rest.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
+def _expire(fut: asyncio.Future[Lease]) -> None:
+    if not fut.done():
+        fut.set_exception(DaemonUnavailable("no answer to the lease request in time"))

@@ -48,7 +48,7 @@ def sim_config(tmp_path: Path, faults: tuple[str, ...] = (), name: str = "qwen",
                    "gpu_probe": "sim", "startup_timeout_secs": 60.0,
                    "sleep_timeout_secs": 30.0, "wake_timeout_secs": 30.0,
                    "stop_timeout_secs": 10.0, **daemon},
-        "models": {name: {"model_path": "Qwen/Qwen3-8B", "port": free_port(),
+        "models": {name: {"model_path": "Qwen/Qwen3-8B", "port": free_port(), "transport": "tcp",
                           "sleep_level": sleep_level, "extra_args": args}},
     }
     return build_config(raw)

@@ -17,7 +17,7 @@ from .programs import CHATTY, CRASH, GRANDPARENT, STUBBORN
 
 
 def make_config(**model: object) -> Config:
-    raw_model = {"model_path": "Qwen/Qwen3-14B", "port": 8001, **model}
+    raw_model = {"model_path": "Qwen/Qwen3-14B", "port": 8001, "transport": "tcp", **model}
     return build_config({"models": {"qwen": raw_model}, "vllm_command": "vllm"})
 
 
@@ -43,7 +43,7 @@ def test_build_command_is_the_seed_command_plus_host_and_name() -> None:
 
 
 def test_build_command_without_sleep_mode_and_with_a_multiword_vllm_command() -> None:
-    raw = {"models": {"tiny": {"model_path": "/m/tiny", "port": 8002,
+    raw = {"models": {"tiny": {"model_path": "/m/tiny", "port": 8002, "transport": "tcp",
                                "enable_sleep_mode": False}},
            "vllm_command": "/opt/venv/bin/python -m vllm.entrypoints.cli.main"}
     cfg = build_config(raw)
@@ -52,6 +52,14 @@ def test_build_command_without_sleep_mode_and_with_a_multiword_vllm_command() ->
                        "/m/tiny", "--host"]
     assert "--enable-sleep-mode" not in cmd
     assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.9"
+
+
+def test_build_command_on_a_unix_socket_has_uds_and_no_host_or_port() -> None:
+    cfg = make_config(transport="unix")
+    cmd = build_command(cfg, cfg.models["qwen"])
+    assert cmd[:5] == ["vllm", "serve", "Qwen/Qwen3-14B", "--uds",
+                       "/run/llmux/children/qwen.sock"]
+    assert "--host" not in cmd and "--port" not in cmd
 
 
 def test_build_env_sets_dev_mode_gpus_and_lets_model_env_win() -> None:

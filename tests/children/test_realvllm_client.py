@@ -32,7 +32,8 @@ def real_config(tmp_path: Path) -> Config:
         "vllm_command": str(vllm),
         "daemon": {"log_dir": str(tmp_path / "logs"), "gpu_probe": "none",
                    "startup_timeout_secs": 300.0, "sleep_timeout_secs": 120.0,
-                   "wake_timeout_secs": 120.0, "stop_timeout_secs": 15.0},
+                   "wake_timeout_secs": 120.0, "stop_timeout_secs": 15.0,
+                   "child_socket_dir": str(tmp_path / "children")},   # --uds (the default)
         "models": {"tiny": llmuxd_model_table(model, free_port(), tmp_path / "work")},
     })
 
@@ -42,8 +43,10 @@ def test_real_vllm_sleeps_and_wakes_at_l1_and_l2_through_the_client(
     config = real_config(tmp_path)
     model = config.models["tiny"]
     child = reaper.track(ChildProcess.spawn(config, model, tmp_path / "logs"))
-    client = VllmClient(model.port, model.name)
+    client = VllmClient.for_model(model)
+    assert client.uds, "the real tier runs the default transport: vLLM --uds"
     client.wait_healthy(time.monotonic() + 300, child.is_alive)
+    assert child.serves(model) == ""        # the answering server is our child
     client.warmup(timeout=120)
     baseline = client.probe_completion(timeout=120)
     for level in (1, 2):

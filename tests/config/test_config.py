@@ -80,6 +80,8 @@ port = 8001
 
 def test_duplicate_ports_and_aliases_are_refused(tmp_path: Path) -> None:
     text = """
+[daemon]
+child_transport = "tcp"
 [models.a]
 model_path = "x"
 port = 3000

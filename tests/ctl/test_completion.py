@@ -48,9 +48,14 @@ def complete(line: str, ctl_bin: Path, **env: str) -> list[str]:
 def test_commands_and_global_options(ctl_bin: Path) -> None:
     assert complete("llmuxctl ", ctl_bin) == sorted(
         ["status", "start", "sleep", "wake", "kill", "switch", "logs", "reload", "validate",
-         "version"])
+         "version", "fleet"])
     assert complete("llmuxctl s", ctl_bin) == ["sleep", "start", "status", "switch"]
     assert "--socket" in complete("llmuxctl --s", ctl_bin)
+
+
+def test_fleet_offers_its_generator(ctl_bin: Path) -> None:
+    assert complete("llmuxctl fleet ", ctl_bin) == ["haproxy"]
+    assert "--check-inter" in complete("llmuxctl fleet haproxy --c", ctl_bin)
 
 
 def test_command_options_and_levels(ctl_bin: Path) -> None:

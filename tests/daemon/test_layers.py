@@ -29,15 +29,16 @@ LAYERS: dict[str, int] = {
     # 1  state (no I/O) and child operations, side by side
     "llmuxd.model": 1, "llmuxd.leases": 1,
     "llmuxd.child": 1, "llmuxd.guardian": 1, "llmuxd.vllm_client": 1, "llmuxd.gpu": 1,
-    "llmuxd.child_ops": 1, "llmuxd.validate": 1, "llmuxd.frontend": 1,
+    "llmuxd.child_ops": 1, "llmuxd.validate": 1, "llmuxd.frontend": 1, "llmuxd.watchdog": 1,
+    "llmuxd.hostmem": 1,
     # 2  operations on the model table: workers, the daemon core, switching
     "llmuxd.workers": 2, "llmuxd.core": 2, "llmuxd.switching": 2,
     # 3  scheduler (pure policies + planner), status reading, the control API
     "llmuxd.placement": 3, "llmuxd.policy": 3, "llmuxd.planner": 3, "llmuxd.status": 3,
-    "llmuxd.control": 3,
+    "llmuxd.control": 3, "llmuxd.upkeep": 3, "llmuxd.host_memory": 3,
     # 4  the supervisor's parts: reload/shutdown, commands, validate jobs, front end keeper
     "llmuxd.lifecycle": 4, "llmuxd.model_commands": 4, "llmuxd.validate_jobs": 4,
-    "llmuxd.frontend_keeper": 4, "llmuxd.daemon_port": 4,
+    "llmuxd.frontend_keeper": 4, "llmuxd.daemon_port": 4, "llmuxd.watchdog_keeper": 4,
     # 5  the loop; 6 the entry point
     "llmuxd.supervisor": 5,
     "llmuxd.cli": 6, "llmuxd.__main__": 6,
@@ -46,7 +47,7 @@ LAYERS: dict[str, int] = {
 SEPARATE = {"llmuxd.proxy": 0}
 STATE = ("llmuxd.model", "llmuxd.leases")
 CHILDREN = ("llmuxd.child", "llmuxd.guardian", "llmuxd.vllm_client", "llmuxd.gpu",
-            "llmuxd.child_ops", "llmuxd.validate", "llmuxd.frontend")
+            "llmuxd.child_ops", "llmuxd.validate", "llmuxd.frontend", "llmuxd.watchdog")
 
 
 def _module_name(path: Path) -> str:

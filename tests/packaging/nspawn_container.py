@@ -207,10 +207,20 @@ class Container:
         return r
 
     def write(self, path: str, text: str) -> None:
-        """Write a file inside the container (through its root directory)."""
+        """Write a file inside the container (through its root directory), atomically.
+
+        Written beside it and renamed over it, keeping its owner and mode: a reader
+        (gunicorn re-reading /etc/llmux.toml on the SIGHUP of the previous step's
+        reload) must never see a half-written file, as with an admin's editor."""
         target = self.root / path.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(text)
+        if target.exists():
+            st = target.stat()
+            os.chown(tmp, st.st_uid, st.st_gid)
+            os.chmod(tmp, st.st_mode & 0o7777)
+        os.replace(tmp, target)
 
     def processes(self, needle: str) -> list[tuple[int, str]]:
         """Processes in the container's PID namespace whose command line has ``needle``."""

@@ -1,7 +1,9 @@
 """Small real servers the front end talks to in unit tests.
 
 ``FakeDaemon`` implements the lease routes of docs/interfaces.md §5 on a real Unix
-socket (HTTP/1.1 keep-alive, the daemon's error shape). ``FakeChild`` is a tiny
+socket (HTTP/1.1 keep-alive, the daemon's error shape), and the lease socket with
+llmuxd's real lease listener (llmuxd/control/lease_listener.py) over a recording
+backend. ``FakeChild`` is a tiny
 OpenAI-ish HTTP server on 127.0.0.1 that echoes what it received, streams SSE,
 and counts the requests it is running, so tests can see a client's disconnect
 reach the child. Both run in threads of the test process.
@@ -17,6 +19,10 @@ import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from llmuxd.config import lease_socket_path
+from llmuxd.control.errors import ApiError
+from llmuxd.control.lease_listener import LeaseListener
 
 
 class _Quiet(BaseHTTPRequestHandler):
@@ -51,6 +57,12 @@ class FakeModel:
     aliases: list[str] = field(default_factory=list)
     refuse: tuple[int, str, str] | None = None   # (HTTP status, code, message)
     state: str = "active"
+    wait: bool = False  # a lease waits (a switch) until the requester gives up
+    upstream: str | None = None  # default http://127.0.0.1:<port>
+
+    @property
+    def where(self) -> str:
+        return self.upstream or f"http://127.0.0.1:{self.port}"
 
 
 class _UnixServer(socketserver.ThreadingUnixStreamServer):
@@ -61,6 +73,13 @@ class _UnixServer(socketserver.ThreadingUnixStreamServer):
 
 
 class _TcpServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
+class _UnixHttpServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -92,14 +111,26 @@ class FakeDaemon:
 
         self.server = _UnixServer(socket_path, Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.listener = LeaseListener(lease_socket_path(socket_path), _FakeBackend(self))
+        self.waiting = 0
+        self.cancelled_waits = 0
 
     def __enter__(self) -> FakeDaemon:
         self.thread.start()
+        self.listener.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.listener.close()
         self.server.shutdown()
         self.server.server_close()
+
+    def grant(self, model: FakeModel) -> dict[str, Any]:
+        lease_id = uuid.uuid4().hex
+        with self.lock:
+            self.leases[lease_id] = model.name
+        return {"lease_id": lease_id, "model": model.name, "upstream": model.where,
+                "served_model_name": model.name, "waited_ms": 0.5, "switched": False}
 
     def resolve(self, name: str) -> FakeModel | None:
         for m in self.models.values():
@@ -140,13 +171,7 @@ class FakeDaemon:
                 h._json(status, {"error": {"code": code, "message": message,
                                            "model": model.name}})
                 return
-            lease_id = uuid.uuid4().hex
-            with self.lock:
-                self.leases[lease_id] = model.name
-            h._json(200, {"lease_id": lease_id, "model": model.name,
-                          "upstream": f"http://127.0.0.1:{model.port}",
-                          "served_model_name": model.name, "waited_ms": 0.5,
-                          "switched": False})
+            h._json(200, self.grant(model))
         elif h.path.startswith("/v1/leases/") and h.path.endswith("/release"):
             lease_id = h.path.split("/")[3]
             with self.lock:
@@ -160,10 +185,54 @@ class FakeDaemon:
             h._json(404, {"error": {"code": "not_found", "message": "no route"}})
 
 
+class _FakeBackend:
+    """FakeDaemon's answers and records behind the real lease listener."""
+
+    def __init__(self, daemon: FakeDaemon) -> None:
+        self.daemon = daemon
+
+    def try_acquire(self, model: str, pid: int) -> dict[str, Any] | None:
+        m = self.daemon.resolve(model)
+        if m is None:
+            raise ApiError("model_not_found", f"unknown model '{model}'", model=model)
+        if m.refuse is not None:
+            _, code, message = m.refuse
+            raise ApiError(code, message, model=m.name)
+        if m.wait:
+            return None
+        return self.daemon.grant(m)
+
+    def acquire(self, model: str, pid: int, cancelled: Any) -> dict[str, Any]:
+        with self.daemon.lock:
+            self.daemon.waiting += 1
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if cancelled():
+                    with self.daemon.lock:
+                        self.daemon.cancelled_waits += 1
+                    raise ApiError("bad_request", "client went away", model=model)
+                time.sleep(0.02)
+            raise ApiError("timeout", f"no lease on '{model}' within 30s", model=model)
+        finally:
+            with self.daemon.lock:
+                self.daemon.waiting -= 1
+
+    def release(self, lease_id: str, outcome: dict[str, Any]) -> None:
+        with self.daemon.lock:
+            model_name = self.daemon.leases.pop(lease_id, None)
+            if model_name is not None:
+                self.daemon.releases.append({"lease_id": lease_id, "model": model_name,
+                                             **outcome})
+
+    def peer_gone(self, pid: int) -> None:
+        pass
+
+
 class FakeChild:
     """An OpenAI-ish server on 127.0.0.1:<free port> standing in for one vLLM child."""
 
-    def __init__(self, served_name: str) -> None:
+    def __init__(self, served_name: str, unix_path: str | None = None) -> None:
         self.served_name = served_name
         self.running = 0
         self.finished = 0
@@ -185,8 +254,19 @@ class FakeChild:
                 child.paths.append(self.path)
                 self._json(200, {"ok": True})
 
-        self.server = _TcpServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
+        self.server: Any
+        if unix_path is not None:  # a child on a Unix socket (lease upstream unix:/...)
+            class UnixHandler(Handler):
+                disable_nagle_algorithm = False  # TCP_NODELAY is TCP only
+
+                def address_string(self) -> str:
+                    return "unix"
+
+            self.server = _UnixHttpServer(unix_path, UnixHandler)
+            self.port = 0
+        else:
+            self.server = _TcpServer(("127.0.0.1", 0), Handler)
+            self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     def __enter__(self) -> FakeChild:
@@ -211,11 +291,13 @@ class FakeChild:
             if h.path.startswith("/v1/die"):
                 h.connection.close()  # dies before answering
                 return
+            if body.get("stall"):  # says nothing for a while (a hung engine)
+                time.sleep(float(body["stall"]))
             if body.get("stream"):
                 self._stream(h, body)
                 return
             echo = {"id": "x", "object": "echo", "model": body["model"], "path": h.path,
-                    "peer_port": h.client_address[1],
+                    "peer_port": h.client_address[1] if h.client_address else 0,
                     "headers": {k.lower(): v for k, v in h.headers.items()},
                     "choices": [{"index": 0, "message": {"role": "assistant",
                                                          "content": "hello"},
@@ -230,6 +312,7 @@ class FakeChild:
     def _stream(self, h: _Quiet, body: dict[str, Any]) -> None:
         count = int(body.get("chunks", 3))
         delay = float(body.get("delay", 0.0))
+        pad = "x" * int(body.get("pad", 0))  # bigger events, to fill a client's buffers
         die_after = body.get("die_after")
         h.send_response(200)
         h.send_header("Content-Type", "text/event-stream")
@@ -242,7 +325,7 @@ class FakeChild:
                     h.connection.shutdown(2)
                     return
                 event = {"id": "s", "object": "chat.completion.chunk", "model": body["model"],
-                         "choices": [{"index": 0, "delta": {"content": f"t{i} "},
+                         "choices": [{"index": 0, "delta": {"content": f"t{i} {pad}"},
                                       "text": f"t{i} ", "finish_reason": None}]}
                 data = b"data: " + json.dumps(event).encode() + b"\n\n"
                 h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))

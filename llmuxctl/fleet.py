@@ -1,0 +1,242 @@
+"""``llmuxctl fleet haproxy HOST:PORT...``: an HAProxy config for a fleet of llmux boxes.
+
+It asks each box's front end for ``GET /v1/models`` (models and aliases) and writes
+one HAProxy config that routes every request by its body's ``model`` to a box where
+that model is awake, falling back to one box that hosts it (docs/fleet.md). The
+output is meant to be read and edited by hand: the shipped example
+(etc/fleet/haproxy.cfg) is this generator's output for three sample boxes.
+
+Stdlib only and separate from the control-socket commands: it talks to front ends
+over TCP, never to a daemon's socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TextIO
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_BAD_NAME = re.compile(r"[\s'\"#\\]")
+
+
+class FleetError(Exception):
+    """A box could not be read, or what it said cannot go into a config."""
+
+
+@dataclass
+class Box:
+    """One llmux host: where its front end listens and the names it serves."""
+
+    name: str
+    address: str                                            # HOST:PORT of the front end
+    models: dict[str, list[str]] = field(default_factory=dict)  # model -> aliases
+
+
+@dataclass(frozen=True)
+class Options:
+    bind: str = ":8080"
+    check_inter: str = "2s"
+    bufsize: int = 1048576
+    command: str = ""
+    log: str = "/dev/log local0"   # in a container: "stdout format raw local0"
+
+
+def parse_address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FleetError(f"'{text}' is not HOST:PORT")
+    return text
+
+
+def discover(address: str, api_key: str | None, timeout: float = 10.0) -> dict[str, list[str]]:
+    """Models (with their aliases) that the front end at ``address`` serves."""
+    req = urllib.request.Request(f"http://{address}/v1/models")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        hint = " (pass --api-key or set LLMUX_API_KEY)" if exc.code == 401 else ""
+        raise FleetError(f"{address}: GET /v1/models answered {exc.code}{hint}") from None
+    except (OSError, ValueError) as exc:
+        raise FleetError(f"{address}: GET /v1/models failed: {exc}") from None
+    models: dict[str, list[str]] = {}
+    aliases: list[tuple[str, str]] = []
+    for entry in body.get("data") or ():
+        alias_of = (entry.get("llmux") or {}).get("alias_of")
+        if alias_of:
+            aliases.append((entry["id"], alias_of))
+        else:
+            models.setdefault(entry["id"], [])
+    for alias, model in aliases:
+        models.setdefault(model, []).append(alias)
+    return models
+
+
+def backend_name(model: str, taken: set[str]) -> str:
+    base = "model_" + _SAFE.sub("_", model)
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}_{n}", n + 1
+    taken.add(name)
+    return name
+
+
+def render(boxes: Sequence[Box], opts: Options) -> str:
+    """The whole config: global, defaults, one frontend, any_box, one backend per model."""
+    hosts: dict[str, list[Box]] = {}
+    names: dict[str, list[str]] = {}   # model -> model + aliases (every name that routes)
+    for box in boxes:
+        for model, aliases in box.models.items():
+            for name in (model, *aliases):
+                if _BAD_NAME.search(name):
+                    raise FleetError(f"{box.address}: model name {name!r} cannot be matched "
+                                     "in an HAProxy config (whitespace, quote, '#' or '\\')")
+            hosts.setdefault(model, []).append(box)
+            known = names.setdefault(model, [model])
+            known += [a for a in aliases if a not in known]
+    taken: set[str] = {"any_box"}
+    backends = {model: backend_name(model, taken) for model in sorted(hosts)}
+    out: list[str] = []
+    w = out.append
+    w("# HAProxy in front of a fleet of llmux boxes (docs/fleet.md).")
+    w("#")
+    w("# Every POST /v1/... is routed by its JSON body's \"model\" to the backend of")
+    w("# that model: the boxes where the model is awake first (health-checked on")
+    w("# GET /v1/models/<model>/ready, 200 only while ACTIVE), and when it is awake")
+    w("# nowhere, ONE box that hosts it (the first backup), so a miss costs one switch")
+    w("# on one box, not a wake on every box. Everything else goes to any_box.")
+    w("#")
+    w("# By hand: a new box is one 'server' line in any_box, and two lines (primary and")
+    w("# backup) in the backend of each model it hosts; a new model is a backend like")
+    w("# the others plus its 'use_backend' line. Check with: haproxy -c -f FILE")
+    if opts.command:
+        w("#")
+        w(f"# Generated by: {opts.command}")
+    w("# Boxes:")
+    for box in boxes:
+        w(f"#   {box.name:<8} {box.address:<22} {', '.join(sorted(box.models)) or '-'}")
+    w("")
+    w("global")
+    w(f"    log {opts.log}")
+    w("    maxconn 2000")
+    w("    # The request body is buffered to read \"model\" from it. A body larger than")
+    w("    # one buffer cannot be parsed and goes to any_box (which serves the model")
+    w("    # only if it hosts it): keep this above your largest request. Memory: about")
+    w("    # two buffers per connection.")
+    w(f"    tune.bufsize {opts.bufsize}")
+    w("")
+    w("defaults")
+    w("    mode http")
+    w("    log global")
+    w("    option httplog")
+    w("    option dontlognull")
+    w("    # X-Forwarded-For for llmux's request log; Authorization is passed on as it is,")
+    w("    # each box checks the API key itself.")
+    w("    option forwardfor")
+    w("    # Streamed answers (SSE) are forwarded as they come; nothing is buffered on")
+    w("    # the way back, and small chunks are not held back for more.")
+    w("    option http-no-delay")
+    w("    timeout connect 5s")
+    w("    # A request may wait for a switch (up to llmux's request_timeout_secs) and")
+    w("    # then stream for minutes: long client/server timeouts.")
+    w("    timeout client 15m")
+    w("    timeout server 15m")
+    w("    timeout http-request 60s")
+    w("    timeout queue 60s")
+    w("    timeout check 5s")
+    w("    # A box that refuses the connection (its llmux is down) is retried on another.")
+    w("    retries 2")
+    w("    option redispatch 1")
+    w("")
+    w("frontend llmux")
+    w(f"    bind {opts.bind}")
+    w("    option http-buffer-request")
+    w("    http-request set-var(txn.model) req.body,json_query('$.model') "
+      "if METH_POST { path_beg /v1/ }")
+    for model, backend in backends.items():
+        w(f"    use_backend {backend} if {{ var(txn.model) -m str {' '.join(names[model])} }}")
+    w("    # GET /v1/models, /health, unknown models (404 in OpenAI's shape, from a box)")
+    w("    default_backend any_box")
+    w("")
+    w("# Any box whose llmux answers /health. /v1/models is served by the first box that")
+    w("# is up: it lists that box's models, not the fleet's.")
+    w("backend any_box")
+    w("    balance first")
+    w("    option httpchk")
+    w("    http-check send meth GET uri /health")
+    w("    http-check expect status 200")
+    w(f"    default-server inter {opts.check_inter} fall 2 rise 2")
+    for box in boxes:
+        w(f"    server {box.name} {box.address} check")
+    for index, (model, backend) in enumerate(backends.items()):
+        boxes_here = hosts[model]
+        # Rotate the fallback order so that misses of different models land on
+        # different boxes (model i falls back to its i-th host first).
+        shift = index % len(boxes_here)
+        fallback = boxes_here[shift:] + boxes_here[:shift]
+        w("")
+        if index == 0:
+            w("# One backend per model. Primaries: the boxes where it is ACTIVE (readiness")
+            w("# check). Backups: the same boxes while their llmux is up (they track")
+            w("# any_box). HAProxy uses backups only when no primary is up, and then only")
+            w("# the first one that is up (no 'option allbackups'): one box wakes it.")
+        w(f"# {model}: on {', '.join(b.name for b in boxes_here)}")
+        w(f"backend {backend}")
+        w("    balance leastconn")
+        w("    option httpchk")
+        w(f"    http-check send meth GET uri /v1/models/{model}/ready")
+        w("    http-check expect status 200")
+        w(f"    default-server inter {opts.check_inter} fall 1 rise 1")
+        for box in boxes_here:
+            w(f"    server {box.name} {box.address} check")
+        for box in fallback:
+            w(f"    server {box.name}-any {box.address} backup track any_box/{box.name}")
+    return "\n".join(out) + "\n"
+
+
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="fleet_command", metavar="WHAT", required=True)
+    p = sub.add_parser("haproxy", help="write an HAProxy config for llmux boxes",
+                       description="Read GET /v1/models from each box's front end and "
+                                   "write an HAProxy config that routes every request "
+                                   "by its model to a box where it is awake.")
+    p.add_argument("boxes", nargs="+", metavar="HOST:PORT", help="a box's front end")
+    p.add_argument("--bind", default=":8080", help="HAProxy's listen address (default :8080)")
+    p.add_argument("--api-key", default=None,
+                   help="key for GET /v1/models (default: $LLMUX_API_KEY)")
+    p.add_argument("--check-inter", default="2s", metavar="TIME",
+                   help="health-check interval, HAProxy syntax (default 2s)")
+    p.add_argument("-o", "--output", default="-", metavar="FILE",
+                   help="write here instead of stdout")
+
+
+def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``llmuxctl fleet haproxy``: 0 when written, 1 when a box could not be read."""
+    key = args.api_key or os.environ.get("LLMUX_API_KEY") or None
+    try:
+        boxes = []
+        for i, address in enumerate(args.boxes, 1):
+            boxes.append(Box(f"box{i}", parse_address(address),
+                             discover(address, key)))
+        command = "llmuxctl fleet haproxy " + " ".join(args.boxes)
+        text = render(boxes, Options(bind=args.bind, check_inter=args.check_inter,
+                                     command=command))
+    except FleetError as exc:
+        err.write(f"llmuxctl: {exc}\n")
+        return 1
+    if args.output == "-":
+        out.write(text)
+    else:
+        with open(args.output, "w") as f:
+            f.write(text)
+    return 0
+

@@ -1,0 +1,342 @@
+"""The lease round trip on its own Unix socket: a line protocol on one event-loop thread.
+
+Why not the control API's HTTP routes: every proxied request costs one lease and one
+release, and over HTTP each costs llmuxd a thread wake-up, a request parse, routing
+and JSON both ways (~150-200 µs of the daemon's CPU per request, measured in
+docs/benchmarks.md). Here one thread runs an asyncio loop for all front-end
+connections; a line is split, not parsed as HTTP, and a lease that can be granted at
+once (the model is ACTIVE: the common case) is granted on the loop through the
+lease table's non-blocking fast path (``LeaseTable.try_acquire``). Only a request
+that must wait for a switch gets a thread of its own, which blocks in
+``LeaseTable.acquire`` exactly as the HTTP route does and posts the answer back.
+
+The protocol (UTF-8 lines; the front end's client is llmuxd/proxy/lease_client.py):
+
+    front end → llmuxd
+      A <tag> <json model name>      acquire; answered with + or - and the same tag
+      C <tag>                        the client left: drop this waiting acquire
+      R <lease id> <json outcome>    release; never answered (pipelined)
+    llmuxd → front end
+      + <tag> <json grant>           {"lease_id", "model", "upstream",
+                                      "served_model_name", "waited_ms", "switched"}
+      - <tag> <json error>           {"code", "message"} (docs/interfaces.md §5 codes)
+
+Leases belong to the peer pid (SO_PEERCRED), as on the control socket: when a
+connection closes and its process is dead (a killed worker), its leases are
+reclaimed at once. The HTTP lease routes stay for llmuxctl and tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from llmuxd.config import lease_socket_path
+from llmuxd.control.errors import ApiError
+
+log = structlog.get_logger("llmuxd.leases")
+
+MAX_LINE = 65536
+
+
+class LeaseBackend(Protocol):
+    """What the listener asks of the daemon (SupervisorBackend) or of a test stand-in."""
+
+    def try_acquire(self, model: str, pid: int) -> dict[str, Any] | None:
+        """A grant now, None to wait (then acquire() on a thread), or raise ApiError."""
+
+    def acquire(self, model: str, pid: int, cancelled: Callable[[], bool]) -> dict[str, Any]:
+        """Block until granted; raise ApiError when refused, timed out or cancelled."""
+
+    def release(self, lease_id: str, outcome: dict[str, Any]) -> None:
+        """End a lease with the request's outcome (unknown ids are ignored)."""
+
+    def peer_gone(self, pid: int) -> None:
+        """A connection of ``pid`` closed: reclaim its leases if it is dead."""
+
+
+class SupervisorBackend:
+    """The real daemon: name resolution, the lease table's fast path, metrics."""
+
+    def __init__(self, sup: Any) -> None:
+        self.sup = sup
+
+    def _grant(self, name: str, lease: Any) -> dict[str, Any]:
+        self.sup.metrics.granted(name, lease.waited_s)
+        upstream, served = self.sup.leases.upstream(name)
+        return {"lease_id": lease.lease_id, "model": name, "upstream": upstream,
+                "served_model_name": served, "waited_ms": round(lease.waited_s * 1000, 3),
+                "switched": lease.switched}
+
+    def try_acquire(self, model: str, pid: int) -> dict[str, Any] | None:
+        name = self.sup.resolve(model)
+        try:
+            lease = self.sup.leases.try_acquire(name, pid)
+        except ApiError as exc:
+            self.sup.metrics.refused(name, exc.code)
+            raise
+        return None if lease is None else self._grant(name, lease)
+
+    def acquire(self, model: str, pid: int, cancelled: Callable[[], bool]) -> dict[str, Any]:
+        name = self.sup.resolve(model)
+        try:
+            lease = self.sup.leases.acquire(name, pid,
+                                            self.sup.config.policy.request_timeout_secs,
+                                            cancelled=cancelled)
+        except ApiError as exc:
+            self.sup.metrics.refused(name, exc.code)
+            raise
+        return self._grant(name, lease)
+
+    def release(self, lease_id: str, outcome: dict[str, Any]) -> None:
+        try:
+            lease = self.sup.leases.release(lease_id)
+        except ApiError:
+            return  # unknown lease: nothing to do, and nobody waits for an answer
+        if lease is not None:
+            self.sup.metrics.released(lease.model, outcome.get("status"),
+                                      outcome.get("duration_ms"))
+
+    def peer_gone(self, pid: int) -> None:
+        from llmuxd.pidcheck import pid_alive
+        if pid != os.getpid() and not pid_alive(pid):
+            self.sup.reclaim_pid(pid)
+
+
+def _peer(sock: socket.socket) -> tuple[int, int, int]:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class _Connection(asyncio.Protocol):
+    """One front-end worker's connection: lines in, answers out, on the loop thread."""
+
+    def __init__(self, listener: LeaseListener) -> None:
+        self.listener = listener
+        self.backend = listener.backend
+        self.loop = listener.loop
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.pid = 0
+        self.closed = False
+        self.cancelled: set[str] = set()
+        self.out: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; same interface.
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        pid, uid, gid = _peer(sock)
+        if not self.listener.allowed(uid, gid, pid):
+            log.warning("lease_peer_refused", pid=pid, uid=uid)
+            transport.close()
+            return
+        self.pid = pid
+        self.listener.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            self._line(buf[start:end])
+            start = end + 1
+        self.buf = buf[start:]
+        if len(self.buf) > MAX_LINE and self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener.connections.discard(self)
+        if self.pid:
+            self.backend.peer_gone(self.pid)
+            # A dying process closes its sockets before it is a zombie, so "is it dead"
+            # can still say no right now: look again shortly (the supervisor's periodic
+            # sweep is the backstop).
+            for delay in (0.2, 2.0):
+                self.loop.call_later(delay, self.backend.peer_gone, self.pid)
+
+    def _line(self, line: bytes) -> None:
+        op, _, rest = line.partition(b" ")
+        if op == b"R":
+            lease_id, _, body = rest.partition(b" ")
+            try:
+                outcome = json.loads(body) if body else {}
+            except ValueError:
+                outcome = {}
+            self.backend.release(lease_id.decode(), outcome if isinstance(outcome, dict)
+                                 else {})
+        elif op == b"A":
+            tag, _, body = rest.partition(b" ")
+            self._acquire(tag.decode(), body)
+        elif op == b"C":
+            self.cancelled.add(rest.decode())
+
+    def _acquire(self, tag: str, body: bytes) -> None:
+        try:
+            model = json.loads(body)
+            if not isinstance(model, str) or not model:
+                raise ApiError("bad_request", "the model must be a non-empty string")
+            grant = self.backend.try_acquire(model, self.pid)
+        except ApiError as exc:
+            self._answer(tag, None, exc)
+            return
+        except ValueError:
+            self._answer(tag, None, ApiError("bad_request", "malformed lease request"))
+            return
+        if grant is not None:
+            self._answer(tag, grant, None)
+            return
+        threading.Thread(target=self._wait, args=(tag, model), name="lease-wait",
+                         daemon=True).start()
+
+    def _wait(self, tag: str, model: str) -> None:
+        """On its own thread: block until the switch grants or refuses the lease."""
+        def cancelled() -> bool:
+            return self.closed or tag in self.cancelled
+
+        grant: dict[str, Any] | None = None
+        error: ApiError | None = None
+        try:
+            grant = self.backend.acquire(model, self.pid, cancelled)
+        except ApiError as exc:
+            error = exc
+        except Exception as exc:  # a bug must not leave the request waiting forever
+            log.exception("lease_wait_failed", model=model)
+            error = ApiError("internal", f"lease failed: {type(exc).__name__}")
+        with contextlib.suppress(RuntimeError):  # the loop is gone: daemon stopping
+            self.loop.call_soon_threadsafe(self._answer, tag, grant, error)
+
+    def _answer(self, tag: str, grant: dict[str, Any] | None, error: ApiError | None) -> None:
+        self.cancelled.discard(tag)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            if grant is not None:  # nobody will use it: hand it straight back
+                self.backend.release(grant["lease_id"], {"error": "front end went away"})
+            return
+        if grant is not None:
+            line = b"+ %s %s\n" % (tag.encode(), json.dumps(grant).encode())
+        else:
+            assert error is not None
+            line = b"- %s %s\n" % (tag.encode(), json.dumps(
+                {"code": error.code, "message": error.message}).encode())
+        # Answers of one turn of the loop leave in one write (one wake-up of the worker).
+        if not self.out:
+            self.loop.call_soon(self._flush)
+        self.out.append(line)
+
+    def _flush(self) -> None:
+        out, self.out = self.out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
+
+
+class LeaseListener:
+    """The lease socket and the one thread whose event loop serves it."""
+
+    def __init__(self, path: str, backend: LeaseBackend, mode: int = 0o660,
+                 allowed: Callable[[int, int, int], bool] | None = None, gid: int = -1
+                 ) -> None:
+        self.path = path
+        self.backend = backend
+        self.mode = mode
+        self.gid = gid
+        self.allowed = allowed or (lambda uid, gid, pid: True)
+        self.loop = _new_loop()
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
+        self.connections: set[_Connection] = set()
+
+    def start(self) -> LeaseListener:
+        """Bind (replacing a stale socket file) and serve on a new thread."""
+        path = Path(self.path)
+        if path.is_symlink() or path.exists():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise OSError(f"{path} exists and is not a socket")
+            path.unlink()  # the control socket's bind already proved no daemon owns it
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        if self.gid >= 0:
+            os.chown(path, -1, self.gid)
+        os.chmod(path, self.mode)
+        sock.listen(1024)
+        sock.setblocking(False)
+        self._sock = sock
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+
+            async def serve() -> None:
+                self._server = await self.loop.create_unix_server(
+                    lambda: _Connection(self), sock=sock)
+                ready.set()
+
+            self.loop.run_until_complete(serve())
+            self.loop.run_forever()
+            self.loop.close()
+
+        self._thread = threading.Thread(target=run, name="lease-listener", daemon=True)
+        self._thread.start()
+        if not ready.wait(10.0):
+            raise OSError("the lease listener did not start")
+        return self
+
+    def close(self) -> None:
+        """Stop serving, drop every connection, remove the socket file."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+
+        def stop() -> None:
+            if self._server is not None:
+                self._server.close()
+            for conn in list(self.connections):
+                if conn.transport is not None:
+                    conn.transport.abort()
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+            self.loop.stop()
+
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(stop)
+        thread.join(10.0)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (the front end's dependency): less CPU per line."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def start_for(sup: Any, control_socket: str, mode: int,
+              allowed: Callable[[int, int, int], bool], gid: int = -1) -> LeaseListener:
+    """The daemon's hook: serve leases next to ``control_socket`` for ``sup``, with the
+    control socket's mode, group and peer check."""
+    listener = LeaseListener(lease_socket_path(control_socket), SupervisorBackend(sup), mode,
+                             allowed, gid)
+    return listener.start()

@@ -1,0 +1,146 @@
+"""Relaying one child's answer to the client, and what the lease release reports.
+
+Why it is built this way:
+
+* No buffering: each piece the child sent is handed to the ASGI server as it comes,
+  so SSE events reach the client as the engine produces them.
+* The stream object owns the end of the exchange: ``close()`` (Falcon calls it in
+  every case: body finished, client gone, child failed) returns or drops the
+  upstream connection and releases the lease with the outcome, exactly once.
+  Dropping the connection when the body did not finish is what makes vLLM see the
+  request end and stop generating.
+* A client that goes away (it closed, or the worker dropped it for not reading:
+  ``client_write_timeout_secs``) aborts the upstream read at once through the
+  connection's close callback, so nothing waits for the next token to notice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmuxd.proxy.errors import error_body
+from llmuxd.proxy.upstream import Aborted, Connection, UpstreamClient, UpstreamError
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus those the server or we set ourselves.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+    "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection",
+})
+_DROP_FROM_UPSTREAM = HOP_BY_HOP | {"server", "date", "x-request-id"}
+
+
+@dataclass
+class Outcome:
+    """What the lease release (and the request's log line) report."""
+
+    status: int = 0
+    bytes: int = 0
+    ttfb_ms: float | None = None
+    duration_ms: float = 0.0
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def release_body(self) -> dict[str, Any]:
+        return {"status": self.status, "bytes": self.bytes, "ttfb_ms": self.ttfb_ms,
+                "duration_ms": round(self.duration_ms, 3), "error": self.error}
+
+
+def response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """The child's headers a client may see (hop-by-hop and our own dropped)."""
+    named_by_connection = {
+        token.strip().lower()
+        for name, value in headers if name.lower() == b"connection"
+        for token in value.decode("latin-1").split(",")
+    }
+    out: list[tuple[str, str]] = []
+    for name, value in headers:
+        lower = name.decode("latin-1").lower()
+        if lower in _DROP_FROM_UPSTREAM or lower in named_by_connection:
+            continue
+        out.append((lower, value.decode("latin-1")))
+    return out
+
+
+class ProxiedStream:
+    """Falcon's ``resp.stream``: upstream pieces out; lease released on ``close()``."""
+
+    def __init__(self, http: UpstreamClient, conn: Connection, started: float,
+                 idle: float, deadline: float, outcome: Outcome, sse: bool,
+                 on_close: Callable[[Outcome], None], client: Any = None) -> None:
+        self.http = http
+        self.conn = conn
+        self.started = started
+        self.idle = idle
+        self.deadline = deadline
+        self.outcome = outcome
+        self.sse = sse
+        self.on_close = on_close
+        self.client = client  # worker.GuardedHttpProtocol, or None under falcon.testing
+        self.complete = False
+        self.failed = False
+        self.closed = False
+        if client is not None:
+            client.on_lost(self.client_gone)
+
+    def client_gone(self) -> None:
+        """The client's connection closed: stop reading from the child now."""
+        if not self.complete and self.outcome.error is None:
+            self.outcome.error = "client disconnected"
+        self.conn.abort(Aborted("client disconnected"))
+
+    def __aiter__(self) -> ProxiedStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.failed:
+            self._cut_client()
+            raise StopAsyncIteration
+        if self.complete:
+            raise StopAsyncIteration
+        try:
+            chunk = await self.conn.read(self.idle, self.deadline)
+        except Aborted:
+            raise StopAsyncIteration from None
+        except UpstreamError as exc:
+            return self._fail(exc)
+        if not chunk:
+            self.complete = True
+            raise StopAsyncIteration
+        if self.outcome.ttfb_ms is None:
+            self.outcome.ttfb_ms = round((time.monotonic() - self.started) * 1000.0, 3)
+        self.outcome.bytes += len(chunk)
+        return chunk
+
+    def _fail(self, exc: UpstreamError) -> bytes:
+        """The child died or stalled mid-answer: tell an SSE client, then cut it off."""
+        self.failed = True
+        self.outcome.error = f"upstream failed mid-response: {exc}"
+        # The client connection is cut after this last piece, so the answer reads as
+        # broken (no final chunk) rather than complete.
+        if self.sse:
+            return b"data: " + error_body("the model server failed while streaming",
+                                          "upstream_error", "upstream_error") + b"\n\n"
+        self._cut_client()
+        raise StopAsyncIteration
+
+    def _cut_client(self) -> None:
+        if self.client is not None:
+            self.client.abort()
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.client is not None:
+            self.client.remove_on_lost(self.client_gone)
+        if self.complete and self.conn.reusable:
+            self.http.give_back(self.conn)
+        else:
+            self.conn.close()
+            if not self.complete and not self.failed and self.outcome.error is None:
+                self.outcome.error = "client disconnected"
+        self.outcome.duration_ms = (time.monotonic() - self.started) * 1000.0
+        self.on_close(self.outcome)

@@ -1,0 +1,167 @@
+"""The gunicorn worker: uvicorn's, on uvloop and httptools, with llmux's guards.
+
+One asyncio event loop per worker process serves thousands of connections; what
+a thread per connection used to bound, these bound instead:
+
+* ``head_timeout_secs``: from the first byte of a request (or the connection's
+  opening) to the end of its head; a client that sends half a head is dropped.
+  uvicorn itself only times out idle kept-alive connections.
+* ``body_timeout_secs``: from the end of the head to the end of the body.
+* ``client_write_timeout_secs``: a client that does not read while we have
+  data for it (the transport's write buffer stays full) for this long is
+  dropped. Dropping it runs the connection's close callbacks: the proxied
+  request's upstream is aborted and its lease released (llmuxd/proxy/app.py).
+* ``max_connections``: uvicorn's ``limit_concurrency`` per worker (503 above).
+
+The app finds its connection in the ASGI scope under ``llmux.conn`` (``on_lost``
+callbacks and ``abort``); under falcon.testing there is none, and the app copes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.protocols.http import httptools_impl
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn_worker import UvicornWorker
+
+from llmuxd.config import load_config
+from llmuxd.proxy.errors import error_body
+
+_OVER_LIMIT = error_body("too many connections to this llmux worker; retry shortly",
+                         "service_unavailable_error", "too_many_connections")
+
+
+async def _over_limit(scope: Any, receive: Any, send: Any) -> None:
+    """uvicorn's answer past ``limit_concurrency``, in the OpenAI error shape."""
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(_OVER_LIMIT)).encode()),
+                            (b"retry-after", b"1"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": _OVER_LIMIT, "more_body": False})
+
+
+# uvicorn looks this name up in its module for every request over the limit; its own
+# answer is plain text, which OpenAI clients cannot parse.
+httptools_impl.service_unavailable = _over_limit
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol plus head, body and write timeouts and close hooks."""
+
+    head_timeout = 10.0
+    body_timeout = 60.0
+    write_timeout = 30.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard: asyncio.TimerHandle | None = None
+        self._write_guard: asyncio.TimerHandle | None = None
+        self._lost: list[Callable[[], None]] = []
+
+    # -- the app's handle ----------------------------------------------------
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once if the connection closes or is dropped."""
+        self._lost.append(callback)
+
+    def remove_on_lost(self, callback: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._lost.remove(callback)
+
+    def abort(self) -> None:
+        """Cut the client off (a broken stream must not look complete)."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- timers --------------------------------------------------------------
+
+    def _arm(self, seconds: float, what: str) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
+        self._guard = self.loop.call_later(seconds, self._expired, what)
+
+    def _disarm(self) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
+            self._guard = None
+
+    def _expired(self, what: str) -> None:
+        self._guard = None
+        self.logger.info("dropping a client that did not send its request %s in time", what)
+        self.transport.abort()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self.head_timeout, "head")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope["llmux.conn"] = self  # type: ignore[typeddict-unknown-key]
+        if self._guard is None:
+            self._arm(self.head_timeout, "head")
+
+    def on_headers_complete(self) -> None:
+        self._arm(self.body_timeout, "body")
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_guard is None:
+            self._write_guard = self.loop.call_later(self.write_timeout, self._write_expired)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_guard is not None:
+            self._write_guard.cancel()
+            self._write_guard = None
+
+    def _write_expired(self) -> None:
+        self._write_guard = None
+        self.logger.info("dropping a client that stopped reading its answer")
+        self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if self._write_guard is not None:
+            self._write_guard.cancel()
+            self._write_guard = None
+        callbacks, self._lost = self._lost, []
+        super().connection_lost(exc)
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # one bad callback must not skip the others
+                self.logger.exception("connection close callback failed")
+
+
+def configure_protocol() -> int:
+    """Set the guards from the llmux config; returns max_connections."""
+    config = load_config(os.environ.get("LLMUX_CONFIG", "/etc/llmux.toml"))
+    proxy = config.proxy
+    GuardedHttpProtocol.head_timeout = proxy.head_timeout_secs
+    GuardedHttpProtocol.body_timeout = proxy.body_timeout_secs
+    GuardedHttpProtocol.write_timeout = proxy.client_write_timeout_secs
+    return proxy.max_connections
+
+
+class LlmuxWorker(UvicornWorker):
+    """gunicorn worker class ``llmuxd.proxy.worker.LlmuxWorker``."""
+
+    CONFIG_KWARGS: dict[str, Any] = {"loop": "uvloop", "http": GuardedHttpProtocol,
+                                     "lifespan": "off", "server_header": False,
+                                     "date_header": True, "proxy_headers": False,
+                                     "access_log": False}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        limit = configure_protocol()
+        self.CONFIG_KWARGS = {**self.CONFIG_KWARGS, "limit_concurrency": limit}
+        super().__init__(*args, **kwargs)
