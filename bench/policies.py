@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import http.client
 import json
 import os
 import subprocess
@@ -47,7 +46,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llmux_testkit.daemon import DaemonProcess, free_port, sim_model  # noqa: E402
+from llmux_testkit.daemon import DaemonProcess, free_port, post_json, sim_model  # noqa: E402
 from llmuxd.config import load_config  # noqa: E402
 from llmuxd.policy import POLICY_TYPES  # noqa: E402
 from llmuxd.policy.options import PolicyOptions  # noqa: E402
@@ -81,18 +80,7 @@ def child_args() -> list[str]:
 
 
 def post(port: int, path: str, body: dict[str, Any], timeout: float) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("POST", path, body=json.dumps(body),
-                     headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        raw = resp.read()
-        try:
-            return resp.status, json.loads(raw)
-        except ValueError:
-            return resp.status, raw.decode(errors="replace")
-    finally:
-        conn.close()
+    return post_json("127.0.0.1", port, path, body, timeout)
 
 
 def replay(port: int, w: Workload) -> list[dict[str, Any]]:

@@ -55,10 +55,9 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def unix_request(path: str, method: str, url: str, body: Any = None,
-                 timeout: float = 60.0) -> tuple[int, Any]:
-    """One request on a fresh connection; returns (status, parsed JSON or text)."""
-    conn = UnixHTTPConnection(path, timeout=timeout)
+def _exchange(conn: http.client.HTTPConnection, method: str, url: str,
+              body: Any) -> tuple[int, Any]:
+    """Send one JSON request on ``conn`` and close it: (status, parsed JSON or text)."""
     try:
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
@@ -71,6 +70,19 @@ def unix_request(path: str, method: str, url: str, body: Any = None,
             return resp.status, raw.decode(errors="replace")
     finally:
         conn.close()
+
+
+def post_json(host: str, port: int, path: str, body: Any,
+              timeout: float = 60.0) -> tuple[int, Any]:
+    """POST ``body`` as JSON over TCP on a fresh connection: (status, JSON or text)."""
+    return _exchange(http.client.HTTPConnection(host, port, timeout=timeout), "POST",
+                     path, body)
+
+
+def unix_request(path: str, method: str, url: str, body: Any = None,
+                 timeout: float = 60.0) -> tuple[int, Any]:
+    """One request on a fresh connection; returns (status, parsed JSON or text)."""
+    return _exchange(UnixHTTPConnection(path, timeout=timeout), method, url, body)
 
 
 def write_toml(path: Path, data: dict[str, Any]) -> None:

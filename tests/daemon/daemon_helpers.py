@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import http.client
-import json
 from typing import Any
 
-from llmux_testkit.daemon import DaemonProcess
+from llmux_testkit.daemon import DaemonProcess, post_json
 from llmuxd.child import pids_in_group
 from llmuxd.gpu.memory import child_usage
 from llmuxd.gpu.sim import SimGpuProbe
@@ -25,18 +23,7 @@ def release(d: DaemonProcess, lease_id: str, status: int = 200) -> None:
 def upstream_post(upstream: str, path: str, body: dict[str, Any],
                   timeout: float = 60.0) -> tuple[int, Any]:
     host, port = upstream.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    try:
-        conn.request("POST", path, body=json.dumps(body),
-                     headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        raw = resp.read()
-        try:
-            return resp.status, json.loads(raw)
-        except ValueError:
-            return resp.status, raw.decode(errors="replace")
-    finally:
-        conn.close()
+    return post_json(host, int(port), path, body, timeout)
 
 
 def chat(grant: dict[str, Any], prompt: str = "What is 2+2? Reply with just the number."

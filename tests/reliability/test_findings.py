@@ -10,7 +10,6 @@ their tests.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import signal
@@ -22,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from llmux_testkit.daemon import DaemonProcess, sim_model, write_toml
+from llmux_testkit.daemon import DaemonProcess, post_json, sim_model, write_toml
 from llmuxd.child import log_file_name
 from llmuxd.watchdog import WatchdogSettings
 from tests.daemon.daemon_helpers import lease, leased_chat, release, set_faults
@@ -31,20 +30,9 @@ UNIX = {"daemon": {"child_transport": "unix"}}
 
 
 def ask(port: int, model: str, timeout: float) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("POST", "/v1/chat/completions", json.dumps({
-            "model": model, "max_tokens": 4, "temperature": 0,
-            "messages": [{"role": "user", "content": "hi"}]}),
-            {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        raw = resp.read()
-        try:
-            return resp.status, json.loads(raw)
-        except ValueError:
-            return resp.status, raw.decode(errors="replace")
-    finally:
-        conn.close()
+    return post_json("127.0.0.1", port, "/v1/chat/completions", {
+        "model": model, "max_tokens": 4, "temperature": 0,
+        "messages": [{"role": "user", "content": "hi"}]}, timeout)
 
 
 def frontend_port(d: DaemonProcess) -> int:
