@@ -26,8 +26,13 @@ def test_prewarm_starts_models_at_boot_asleep_and_first_lease_wakes(make_daemon)
     d = make_daemon({"a": sim_model(sleep_level=1, prewarm=True),
                      "b": sim_model(sleep_level=2, prewarm=True),
                      "c": sim_model(sleep_level=1)}, config={"metrics_port": port})
-    a = d.wait_state("a", "sleeping")
-    b = d.wait_state("b", "sleeping")
+    d.wait_state("a", "sleeping")
+    d.wait_state("b", "sleeping")
+    # The progress line says "done" once the prewarm's sleep operation has ended,
+    # a loop pass after the state changed.
+    d.wait_for(lambda: d.status("b")["prewarm"] == "done: asleep at level 2", 30,
+               "b's prewarm to be done")
+    a, b = d.status("a"), d.status("b")
     assert (a["sleep_level"], b["sleep_level"]) == (1, 2)
     assert a["pid"] is not None and b["pid"] is not None
     assert d.status("c")["state"] == "stopped"
