@@ -398,7 +398,7 @@ class Switcher:
         if m.switch is not None:
             for phase, secs in phases.items():
                 m.switch.add(phase, secs)
-        m.learn(f"sleep{level}", sum(phases.values()))
+        m.learn(f"sleep{level}", sum(v for k, v in phases.items() if k != "hostmem"))
         m.enter(S.SLEEPING, f"asleep at level {level}")
         m.sleep_level = level
         self._left_gpu(m)
