@@ -120,6 +120,7 @@ class ModelRuntime:
         self.last_error: str | None = None
         self.last_switch: SwitchRecord | None = None
         self.switch: SwitchRecord | None = None          # the switch in progress, if any
+        self.preflight_started: float | None = None     # monotonic, while a preflight runs
         self.restarts = 0
         self.starts = 0
         self.active_since: float | None = None

@@ -126,6 +126,7 @@ class Switcher:
         gpus = m.config.gpu_indices
         util = m.config.gpu_memory_utilization
         sleeper = m.child if m.state is S.SLEEPING else None
+        m.preflight_started = time.monotonic()
         self.runner.launch(m, "preflight",
                            lambda _op: memory_free_for(probe, gpus, util, sleeper),
                            self._preflight_done)
@@ -134,6 +135,10 @@ class Switcher:
                         error: BaseException | None) -> None:
         if self.core.shutdown is not None or m.removed:
             return
+        if m.switch is not None and m.preflight_started is not None:
+            # The GPU check and its two hand-offs: part of the switch, so in its line.
+            m.switch.add("preflight", time.monotonic() - m.preflight_started)
+        m.preflight_started = None
         ok, why = (True, "") if error is not None else result
         if error is not None:
             log.warning("gpu_check_failed", model=m.name, error=str(error))
@@ -368,9 +373,15 @@ class Switcher:
         measure = level == 1 and child is not None     # what its host copy takes
 
         def work(_op: Operation) -> Any:
+            t0 = time.monotonic()
             before = tree_rss(child.pid) if measure else None
+            t1 = time.monotonic()
             phases = sleep_child(client, child, probe, gpus, level, timeout, residue)
-            return phases, before, tree_rss(child.pid) if measure else None
+            t2 = time.monotonic()
+            after = tree_rss(child.pid) if measure else None
+            if measure:   # what learning the L1 host copy costs the switch
+                phases["hostmem"] = (t1 - t0) + (time.monotonic() - t2)
+            return phases, before, after
         self.runner.launch(m, f"sleep{level}", work,
                            lambda mm, _op, res, err: self._sleep_done(mm, level, res, err))
 
@@ -387,7 +398,7 @@ class Switcher:
         if m.switch is not None:
             for phase, secs in phases.items():
                 m.switch.add(phase, secs)
-        m.learn(f"sleep{level}", sum(phases.values()))
+        m.learn(f"sleep{level}", sum(v for k, v in phases.items() if k != "hostmem"))
         m.enter(S.SLEEPING, f"asleep at level {level}")
         m.sleep_level = level
         self._left_gpu(m)

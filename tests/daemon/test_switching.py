@@ -162,3 +162,19 @@ def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(make_daemon):
     assert model_gpu_mib(d, a_pid) == 0
     leased_chat(d, "a")
     assert d.stop() == 0
+
+
+def test_a_switch_line_names_the_preflight_and_the_host_memory_measurement(make_daemon):
+    """Bench P4 (issue 11c): ~20 ms of a warm L1 switch were in no phase of its record
+    (the wake's GPU preflight and the L1 host-memory measurement around the sleep), so
+    the switch line could not say where the time went. Both are phases now."""
+    d = make_daemon({"a": sim_model(sleep_level=1), "b": sim_model(sleep_level=1)})
+    leased_chat(d, "a")
+    leased_chat(d, "b")
+    leased_chat(d, "a")         # a warm switch: b sleeps at L1, a wakes from L1
+    switch = d.status("a")["last_switch"]
+    assert (switch["from"], switch["to"], switch["result"]) == ("b", "a", "ok")
+    assert {"sleep", "verify", "hostmem", "preflight", "wake"} <= set(switch["phases_ms"])
+    logged = [e for e in d.log_events("switch") if e["to_model"] == "a"][-1]
+    assert "preflight_ms" in logged and "hostmem_ms" in logged
+    assert d.stop() == 0
