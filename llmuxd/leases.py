@@ -114,15 +114,9 @@ class LeaseTable:
         """A lease on ``model``: at once through an open gate, else wait in FIFO order."""
         start = time.monotonic()
         with self._lock:
-            if self.closed:
-                raise shutting_down()
-            gate = self._gates.get(model)
-            if gate is None:
-                raise model_not_found(model)
-            if gate.open and not gate.queue:
-                return self._grant(gate, pid, start, switched=False)
-            if gate.hold is not None:
-                raise gate.hold
+            gate, lease = self._admit(model, pid, start)
+            if lease is not None:
+                return lease
             if len(gate.queue) >= self.max_queue:
                 raise ApiError("queue_full", f"the queue for '{model}' is full "
                                f"({self.max_queue} waiting)", model=model)
@@ -163,18 +157,22 @@ class LeaseTable:
         (raised), or None when the caller would have to wait (then call acquire()).
 
         For the lease listener's event loop, which must never block on a switch."""
-        start = time.monotonic()
         with self._lock:
-            if self.closed:
-                raise shutting_down()
-            gate = self._gates.get(model)
-            if gate is None:
-                raise model_not_found(model)
-            if gate.open and not gate.queue:
-                return self._grant(gate, pid, start, switched=False)
-            if gate.hold is not None:
-                raise gate.hold
-            return None
+            return self._admit(model, pid, time.monotonic())[1]
+
+    def _admit(self, model: str, pid: int, start: float) -> tuple[Gate, Lease | None]:
+        """Under the lock: a lease through an open gate with nobody queued, a refusal
+        (raised: shutting down, unknown model, a hold), or (gate, None): wait."""
+        if self.closed:
+            raise shutting_down()
+        gate = self._gates.get(model)
+        if gate is None:
+            raise model_not_found(model)
+        if gate.open and not gate.queue:
+            return gate, self._grant(gate, pid, start, switched=False)
+        if gate.hold is not None:
+            raise gate.hold
+        return gate, None
 
     def release(self, lease_id: str) -> Lease | None:
         """End a lease; None when it was already revoked/reclaimed (idempotent)."""
