@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 
+import pytest
+
 from llmuxd.proxy.logs import _StepBuffered
 
 
@@ -33,3 +35,24 @@ def test_log_lines_outside_a_loop_are_written_at_once() -> None:
     b.write("x\n")
     b.flush()
     assert out.getvalue() == "x\n"
+
+
+def test_the_request_line_has_the_structlog_shape(capsys: pytest.CaptureFixture[str]) -> None:
+    """Same keys, order and JSON as structlog's JSONRenderer after ``_Stamp`` (what
+    log readers and tests/proxy parse), without structlog's per-call machinery."""
+    import json
+    import re
+
+    from llmuxd.proxy.logs import request_logger
+
+    log = request_logger()
+    log.info("request", request_id="r1", status=200, model=None, weird=object())
+    text = capsys.readouterr().out
+    assert text.endswith("\n") and text.count("\n") == 1
+    line = json.loads(text)
+    assert list(line) == ["request_id", "status", "model", "weird", "event", "level",
+                          "timestamp"]
+    assert line["event"] == "request" and line["level"] == "info"
+    assert line["weird"].startswith("<object object at")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line["timestamp"])
+    assert text.startswith('{"request_id": "r1", "status": 200, "model": null')
