@@ -50,6 +50,52 @@ async def _over_limit(scope: Any, receive: Any, send: Any) -> None:
 httptools_impl.service_unavailable = _over_limit
 
 
+class HeadCoalescer:
+    """The transport one request/response cycle writes to: the answer's head waits for
+    its first body piece, so that a small answer leaves in one send, not two.
+
+    Why: on loopback each send also runs the receiver's TCP path on our CPU; uvicorn
+    writes the status line and headers, then each body piece, separately. The head
+    is held at most until the end of the current event-loop step (``call_soon``), so
+    a stream whose first piece comes later still gets its head at once. Only the
+    cycle's first write is held; every later write goes out as it comes (after the
+    held head, in order)."""
+
+    __slots__ = ("first", "held", "loop", "transport")
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.loop = loop
+        self.held = b""
+        self.first = True
+
+    def write(self, data: bytes) -> None:
+        if self.first:
+            self.first = False
+            self.held = data
+            self.loop.call_soon(self.flush)
+            return
+        if self.held:
+            data, self.held = self.held + data, b""
+        self.transport.write(data)
+
+    def flush(self) -> None:
+        if self.held:
+            held, self.held = self.held, b""
+            if not self.transport.is_closing():
+                self.transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return bool(self.transport.is_closing())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol plus head, body and write timeouts and close hooks."""
 
@@ -108,6 +154,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._arm(self.body_timeout, "body")
         super().on_headers_complete()
+        # The cycle was just made (its task has not run yet, or it waits in the pipeline).
+        self.cycle.transport = HeadCoalescer(self.transport, self.loop)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         self._disarm()
