@@ -44,6 +44,7 @@ import structlog
 
 from llmuxd.config import lease_socket_path
 from llmuxd.control.errors import ApiError
+from llmuxd.lineproto import split_lines
 
 log = structlog.get_logger("llmuxd.leases")
 
@@ -147,15 +148,9 @@ class _Connection(asyncio.Protocol):
         self.listener.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf + data if self.buf else data
-        start = 0
-        while True:
-            end = buf.find(b"\n", start)
-            if end < 0:
-                break
-            self._line(buf[start:end])
-            start = end + 1
-        self.buf = buf[start:]
+        lines, self.buf = split_lines(self.buf + data if self.buf else data)
+        for line in lines:
+            self._line(line)
         if len(self.buf) > MAX_LINE and self.transport is not None:
             self.transport.close()
 

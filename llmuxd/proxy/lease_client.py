@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmuxd.config import lease_socket_path
+from llmuxd.lineproto import split_lines
 from llmuxd.proxy.upstream import UpstreamClient, UpstreamError
 
 
@@ -90,15 +91,9 @@ class _LeaseConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf + data if self.buf else data
-        start = 0
-        while True:
-            end = buf.find(b"\n", start)
-            if end < 0:
-                break
-            self._answer(buf[start:end])
-            start = end + 1
-        self.buf = buf[start:]
+        lines, self.buf = split_lines(self.buf + data if self.buf else data)
+        for line in lines:
+            self._answer(line)
 
     def _answer(self, line: bytes) -> None:
         kind, tag, body = line.split(b" ", 2)

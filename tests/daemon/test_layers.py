@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
     # 0  base: vocabulary, no daemon state
     "llmuxd": 0, "llmuxd.errors": 0, "llmuxd.states": 0, "llmuxd.config": 0,
     "llmuxd.tomlout": 0, "llmuxd.logsetup": 0, "llmuxd.sdnotify": 0, "llmuxd.metrics": 0,
-    "llmuxd.pidcheck": 0,
+    "llmuxd.pidcheck": 0, "llmuxd.lineproto": 0,
     # 1  state (no I/O) and child operations, side by side
     "llmuxd.model": 1, "llmuxd.leases": 1,
     "llmuxd.child": 1, "llmuxd.guardian": 1, "llmuxd.vllm_client": 1, "llmuxd.gpu": 1,
