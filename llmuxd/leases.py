@@ -284,17 +284,10 @@ class LeaseTable:
         if max_age <= 0:
             return []
         now = time.monotonic() if now is None else now
-        kick = False
         with self._lock:
             gone = [lease for lease in self._leases.values()
                     if now - lease.granted_at > max_age]
-            for lease in gone:
-                del self._leases[lease.lease_id]
-                self._tomb(lease.lease_id, f"lease older than max_lease_secs ({max_age:g}s)")
-                gate = self._gates.get(lease.model)
-                if gate is not None:
-                    gate.in_flight -= 1
-                    kick = kick or (gate.in_flight == 0 and gate.watch_idle)
+            kick = self._drop(gone, f"lease older than max_lease_secs ({max_age:g}s)")
         if kick:
             self._kick()
         return gone
@@ -310,19 +303,25 @@ class LeaseTable:
 
     def reclaim_pid(self, pid: int) -> list[Lease]:
         """Drop the leases of a client process that died."""
-        kicks = False
         with self._lock:
             gone = [lease for lease in self._leases.values() if lease.pid == pid]
-            for lease in gone:
-                del self._leases[lease.lease_id]
-                self._tomb(lease.lease_id, f"client pid {pid} died")
-                gate = self._gates.get(lease.model)
-                if gate is not None:
-                    gate.in_flight -= 1
-                    kicks = kicks or (gate.in_flight == 0 and gate.watch_idle)
-        if kicks:
+            kick = self._drop(gone, f"client pid {pid} died")
+        if kick:
             self._kick()
         return gone
+
+    def _drop(self, gone: list[Lease], why: str) -> bool:
+        """Under the lock: forget ``gone`` (tombstoned with ``why``) and stop counting
+        them; True when a gate someone watches went idle (kick the loop)."""
+        kick = False
+        for lease in gone:
+            del self._leases[lease.lease_id]
+            self._tomb(lease.lease_id, why)
+            gate = self._gates.get(lease.model)
+            if gate is not None:
+                gate.in_flight -= 1
+                kick = kick or (gate.in_flight == 0 and gate.watch_idle)
+        return kick
 
     def shut(self) -> int:
         """Refuse every waiter and every future acquire (daemon stopping)."""
