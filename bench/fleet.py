@@ -15,11 +15,9 @@ Loopback only; every loop is bounded in count and in time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +31,7 @@ from loadgen import percentile, run_load
 from run import Target, ms, p1_latency, wait_http
 
 from llmux_testkit.daemon import DaemonProcess, free_port, sim_model
+from llmux_testkit.procs import stop_group
 from llmuxctl.fleet import Box, Options, render
 from llmuxd.config import load_config
 
@@ -58,14 +57,7 @@ class HAProxy:
 
     def __exit__(self, *exc: Any) -> None:
         assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        stop_group(self.proc)
 
 
 def wait_routed(port: int, model: str, timeout: float) -> None:

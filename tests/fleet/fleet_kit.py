@@ -10,7 +10,6 @@ deadline instead of sleeping through health-check intervals.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import http.client
 import io
@@ -18,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +28,7 @@ from typing import Any
 import pytest
 
 from llmux_testkit.daemon import DaemonProcess, free_port
+from llmux_testkit.procs import stop_group
 
 KEY = "fleet-key"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -208,14 +207,7 @@ class HAProxy:
     def stop(self) -> None:
         if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        stop_group(self.proc)
 
     def stats(self) -> dict[tuple[str, str], str]:
         """{(backend, server): status} from the stats socket (UP, DOWN, MAINT, no check...)."""
