@@ -19,7 +19,7 @@ import pytest
 
 from llmuxd.frontend import FrontEnd
 
-from .conftest import Stack, wait_http
+from .conftest import Stack, post, wait_for, wait_http
 from .standins import FakeChild, FakeModel
 
 GUARDS = """
@@ -41,29 +41,6 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, F
             yield stack, fe
         finally:
             fe.stop(timeout=10)
-
-
-def post(port: int, path: str, body: dict[str, object] | bytes,
-         headers: dict[str, str] | None = None, timeout: float = 30
-         ) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        conn.request("POST", path, data, {"Content-Type": "application/json",
-                                          **(headers or {})})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def worker(fe: FrontEnd) -> psutil.Process:

@@ -20,28 +20,7 @@ import psutil
 
 from llmuxd.frontend import FrontEnd
 
-from .conftest import Stack
-
-
-def post(port: int, path: str, body: dict[str, object], headers: dict[str, str] | None = None
-         ) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("POST", path, json.dumps(body).encode(),
-                     {"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+from .conftest import Stack, post, wait_for
 
 
 def test_request_through_gunicorn(gunicorn_stack: tuple[Stack, FrontEnd]) -> None:
