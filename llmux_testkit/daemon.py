@@ -29,16 +29,10 @@ from urllib.parse import quote
 
 import psutil
 
+from llmux_testkit.sim import free_port
 from llmuxd import tomlout
 
 SIM_COMMAND = "llmux-sim-vllm"
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (bind port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

@@ -43,11 +43,24 @@ class SimExited(RuntimeError):
         self.log = log
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (bind to 0, read it, close)."""
-    with contextlib.closing(socket.socket()) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port that was free a moment ago and that this process has not handed out before.
+
+    bind(0) + close can give the same port to two calls in a row (CI saw a model's
+    port equal to the front end's, both taken for one config); remembering what was
+    handed out keeps the ports of one config, and of one test run, distinct.
+    """
+    for _ in range(1000):
+        with contextlib.closing(socket.socket()) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port that was not already handed out")
 
 
 def init_gpus(directory: str | os.PathLike[str], count: int = 1, total_mib: int = 81920) -> Path:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from llmux_testkit.sim import free_port
 from llmuxd.child import ChildProcess
 from llmuxd.config import Config, ModelConfig, build_config
 from llmuxd.vllm_client import VllmClient
@@ -17,12 +16,6 @@ from llmuxd.vllm_client import VllmClient
 SIM = str(Path(sys.executable).with_name("llmux-sim-vllm"))
 TIME_SCALE = "0.01"
 GPU_MIB = 81920
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def init_gpus(state: Path, count: int = 1) -> Path:
