@@ -12,7 +12,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 constraints=()
 [ -f constraints.txt ] && constraints=(-c constraints.txt)
-.venv/bin/pip install -q "${constraints[@]}" -e '.[dev]'
+# Reinstall only when what pip reads changed: a reinstall of the editable package
+# while another test run uses this venv (.ci/run runs the slow tiers alongside)
+# leaves a moment in which llmuxd cannot be imported.
+stamp=$(cat pyproject.toml constraints.txt 2>/dev/null | sha256sum | cut -d' ' -f1)
+if [ "$(cat .venv/.llmux-installed 2>/dev/null)" != "$stamp" ]; then
+    .venv/bin/pip install -q "${constraints[@]}" -e '.[dev]'
+    echo "$stamp" > .venv/.llmux-installed
+fi
 echo "== ruff" && .venv/bin/ruff check .
 echo "== mypy" && .venv/bin/mypy
 echo "== pytest" && exec .venv/bin/python -m pytest "$@"

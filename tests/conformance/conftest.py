@@ -1,4 +1,4 @@
-"""The `backend` fixture: one server per test module, the simulator or real vLLM.
+"""The `backend` fixture: one server per kind for the whole run, the simulator or real vLLM.
 
 The same conformance test code runs against both; real vLLM needs the tier built by
 tests/realvllm/setup.sh (and LLMUX_REALVLLM=1, see realvllm/fixtures.py).
@@ -43,7 +43,9 @@ class Backend:
         return requests.post(self.url + path, json=json, **kw)
 
 
-@pytest.fixture(scope="module", params=["sim", pytest.param("real", marks=pytest.mark.realvllm)])
+# Session scope: one server of each kind for all conformance modules (a real vLLM
+# start costs ~45 s of CPU here; the modules leave it awake, see _awake_after).
+@pytest.fixture(scope="session", params=["sim", pytest.param("real", marks=pytest.mark.realvllm)])
 def backend(request: pytest.FixtureRequest,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     tmp = tmp_path_factory.mktemp(f"backend-{request.param}")
