@@ -4,11 +4,11 @@ Why it is built this way:
 
 * No buffering: each piece the child sent is handed to the ASGI server as it comes,
   so SSE events reach the client as the engine produces them.
-* The stream object owns the end of the exchange: ``close()`` (Falcon calls it in
-  every case: body finished, client gone, child failed) returns or drops the
-  upstream connection and releases the lease with the outcome, exactly once.
-  Dropping the connection when the body did not finish is what makes vLLM see the
-  request end and stop generating.
+* The stream object owns the end of the exchange: ``close()`` (the fast path,
+  llmuxd/proxy/fastpath.py, calls it in every case: body finished, client gone,
+  child failed) returns or drops the upstream connection and releases the lease
+  with the outcome, exactly once. Dropping the connection when the body did not
+  finish is what makes vLLM see the request end and stop generating.
 * A client that goes away (it closed, or the worker dropped it for not reading:
   ``client_write_timeout_secs``) aborts the upstream read at once through the
   connection's close callback, so nothing waits for the next token to notice.
@@ -29,7 +29,8 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
     "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection",
 })
-_DROP_FROM_UPSTREAM = HOP_BY_HOP | {"server", "date", "x-request-id"}
+_DROP_FROM_UPSTREAM = frozenset(
+    name.encode() for name in HOP_BY_HOP | {"server", "date", "x-request-id"})
 
 
 @dataclass
@@ -48,24 +49,25 @@ class Outcome:
                 "duration_ms": round(self.duration_ms, 3), "error": self.error}
 
 
-def response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """The child's headers a client may see (hop-by-hop and our own dropped)."""
+def response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The child's headers a client may see (hop-by-hop and our own dropped), names
+    lowercased, as the ASGI server takes them."""
     named_by_connection = {
         token.strip().lower()
         for name, value in headers if name.lower() == b"connection"
-        for token in value.decode("latin-1").split(",")
+        for token in value.split(b",")
     }
-    out: list[tuple[str, str]] = []
+    out: list[tuple[bytes, bytes]] = []
     for name, value in headers:
-        lower = name.decode("latin-1").lower()
+        lower = name.lower()
         if lower in _DROP_FROM_UPSTREAM or lower in named_by_connection:
             continue
-        out.append((lower, value.decode("latin-1")))
+        out.append((lower, value))
     return out
 
 
 class ProxiedStream:
-    """Falcon's ``resp.stream``: upstream pieces out; lease released on ``close()``."""
+    """The answer's body: upstream pieces out; lease released on ``close()``."""
 
     def __init__(self, http: UpstreamClient, conn: Connection, started: float,
                  idle: float, deadline: float, outcome: Outcome, sse: bool,
