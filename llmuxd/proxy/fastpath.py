@@ -137,13 +137,16 @@ class Exchange:
             await self._answer_error(exc)
             return
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        more = True
         try:
             async for chunk in stream:
+                more = not stream.complete
                 await self.send({"type": "http.response.body", "body": chunk,
-                                 "more_body": True})
+                                 "more_body": more})
         finally:
             await stream.close()
-        await self.send(_EOF)
+        if more:
+            await self.send(_EOF)
 
     # -- the request ---------------------------------------------------------
 
@@ -279,7 +282,7 @@ class Exchange:
             raise errors.daemon_unavailable(str(exc)) from None
 
     def _release(self, lease: Lease, outcome: Outcome) -> None:
-        self.fp.deps.leases.release(lease.lease_id, outcome.release_body())
+        self.fp.deps.leases.release(lease.lease_id, outcome.release_json())
 
     async def _release_why(self, lease: Lease, outcome: Outcome) -> str:
         """Release and wait for the answer; why the lease was revoked ("" if it was not)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from llmuxd.frontend import FrontEnd
+from llmuxd.proxy.relay import Outcome
 
 from .conftest import Stack, wait_http
 
@@ -186,3 +187,14 @@ def test_a_refusal_from_the_fast_path_carries_retry_after_and_the_request_id(
     assert headers["retry-after"] == "1"
     assert headers["x-request-id"] == "full-1"
     assert headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize("outcome", [
+    Outcome(status=200, bytes=12, ttfb_ms=1.234, duration_ms=3.14159),
+    Outcome(status=499, error='client "left"\n\u00e9', duration_ms=0),
+    Outcome(status=502, ttfb_ms=2, duration_ms=1e-7),
+    Outcome(status=504, bytes=1 << 40, ttfb_ms=123456.789, duration_ms=98765.4321),
+])
+def test_the_release_line_is_the_json_of_the_outcome(outcome: Outcome) -> None:
+    # Rendered without json.dumps on the hot path; the daemon reads it as JSON.
+    assert outcome.release_json() == json.dumps(outcome.release_body()).encode()
