@@ -297,7 +297,12 @@ def main() -> int:
                          "20,000 requests (4 s cap), and print one JSON line per round "
                          "(CPU µs per request: all llmux, llmuxd, front end); for A/B "
                          "runs of the front end's CPU; the doc is not written")
+    ap.add_argument("--p3b-only", type=int, metavar="ROUNDS", default=0,
+                    help="run only P3b (1,024 streams at once, direct and llmux), ROUNDS "
+                         "rounds, one JSON line per round; the doc is not written")
     args = ap.parse_args()
+    if args.p3b_only:
+        return p3b_only(args.p3b_only, args.workers)
     if args.p4_only:
         return p4_only(args.p4_only, args.workers)
     if args.p2_only:
@@ -440,6 +445,36 @@ def p2_only(rounds: int, workers: int) -> int:
                               "frontend_us": round(a["cpu_us_per_req"]
                                                    - a["daemon_us_per_req"], 1)}),
                   flush=True)
+    return 0
+
+
+def p3b_only(rounds: int, workers: int) -> int:
+    """P3b alone (direct and llmux, alternating), one line per round: quick A/B runs of
+    the streaming path under overload (same PYTHONPATH method as ``--p2-only``)."""
+    models = {"stream": sim_model(model_path="sim/stream-1b", gpu_memory_utilization=0.15,
+                                  sleep_level=1, extra_args=STREAM_ARGS)}
+    config = {"proxy": {"host": "127.0.0.1", "workers": workers},
+              "policy": {"request_timeout_secs": 120.0},
+              "daemon": {"max_queue_per_model": 4096}}
+    tmp = Path(tempfile.mkdtemp(prefix="llmux-bench-p3b-"))
+    with DaemonProcess(models, config=config, frontend=True, tmp=tmp,
+                       log_level="warning") as daemon:
+        port = load_config(daemon.config_path).port
+        wait_http(port, "/health", 60)
+        targets = [Target("direct", models["stream"]["port"], "stream"),
+                   Target("llmux", port, "stream")]
+        p1_latency(targets, 2, 20)  # start the model, warm connections
+        for r in range(rounds):
+            res = p3_streams(targets, 1, 1024, 200, per_client=1, stagger=0.0)
+            d, x = res["direct"], res["llmux"]
+            print(json.dumps({"round": r, "loadavg": round(os.getloadavg()[0], 2),
+                              "ttfc_p50_ms": round(x["ttfc_p50"] * 1e3, 1),
+                              "added_ttfc_p50_ms": round((x["ttfc_p50"] - d["ttfc_p50"]) * 1e3,
+                                                         1),
+                              "ttfc_p99_ms": round(x["ttfc_p99"] * 1e3, 1),
+                              "chunk_rate_vs_direct": round(x["chunk_rate"] / d["chunk_rate"], 3)
+                              if d["chunk_rate"] else None,
+                              "fail": x["fail"]}), flush=True)
     return 0
 
 

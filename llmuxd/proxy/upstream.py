@@ -216,14 +216,19 @@ class Connection(asyncio.Protocol):
             await self._wait(idle, deadline)
 
     async def read(self, idle: float, deadline: float) -> bytes:
-        """The next piece of the body as it came (b"" at its end)."""
-        while not self.chunks:
+        """What the child sent of the body since the last read (b"" at its end).
+
+        Pieces that arrived together (the reader fell behind: a busy loop, a slow
+        client) are returned as one, so they cost one send to the client, not one
+        each; a reader that keeps up gets each piece as it comes."""
+        chunks = self.chunks
+        while not chunks:
             if self.error is not None:
                 raise self.error
             if self.done:
                 return b""
             await self._wait(idle, deadline)
-        chunk = self.chunks.popleft()
+        chunk = chunks.popleft() if len(chunks) == 1 else b"".join(_drain(chunks))
         self.buffered -= len(chunk)
         if self.paused and self.buffered < LOW_WATER and self.transport is not None:
             self.paused = False
@@ -367,6 +372,12 @@ class UpstreamClient:
             for conn in idle:
                 conn.close()
         self._idle.clear()
+
+
+def _drain(chunks: deque[bytes]) -> list[bytes]:
+    out = list(chunks)
+    chunks.clear()
+    return out
 
 
 def describe(upstream: str) -> str:
