@@ -300,9 +300,13 @@ def main() -> int:
     ap.add_argument("--p3b-only", type=int, metavar="ROUNDS", default=0,
                     help="run only P3b (1,024 streams at once, direct and llmux), ROUNDS "
                          "rounds, one JSON line per round; the doc is not written")
+    ap.add_argument("--p3-only", type=int, metavar="ROUNDS", default=0,
+                    help="the same for P3's steady state (256 streams open throughout)")
     args = ap.parse_args()
     if args.p3b_only:
         return p3b_only(args.p3b_only, args.workers)
+    if args.p3_only:
+        return p3b_only(args.p3_only, args.workers, steady=True)
     if args.p4_only:
         return p4_only(args.p4_only, args.workers)
     if args.p2_only:
@@ -448,9 +452,10 @@ def p2_only(rounds: int, workers: int) -> int:
     return 0
 
 
-def p3b_only(rounds: int, workers: int) -> int:
-    """P3b alone (direct and llmux, alternating), one line per round: quick A/B runs of
-    the streaming path under overload (same PYTHONPATH method as ``--p2-only``)."""
+def p3b_only(rounds: int, workers: int, steady: bool = False) -> int:
+    """P3b alone (direct, then llmux), one line per round: quick A/B runs of the
+    streaming path under overload (same PYTHONPATH method as ``--p2-only``), with the
+    CPU of all llmux processes per relayed chunk."""
     models = {"stream": sim_model(model_path="sim/stream-1b", gpu_memory_utilization=0.15,
                                   sleep_level=1, extra_args=STREAM_ARGS)}
     config = {"proxy": {"host": "127.0.0.1", "workers": workers},
@@ -464,8 +469,12 @@ def p3b_only(rounds: int, workers: int) -> int:
         targets = [Target("direct", models["stream"]["port"], "stream"),
                    Target("llmux", port, "stream")]
         p1_latency(targets, 2, 20)  # start the model, warm connections
+        streams, per_client, stagger = (256, 2, 2.0) if steady else (1024, 1, 0.0)
         for r in range(rounds):
-            res = p3_streams(targets, 1, 1024, 200, per_client=1, stagger=0.0)
+            res = p3_streams(targets[:1], 1, streams, 200, per_client, stagger)
+            before = cpu_seconds(llmux_pids(daemon))
+            res.update(p3_streams(targets[1:], 1, streams, 200, per_client, stagger))
+            cpu = cpu_seconds(llmux_pids(daemon)) - before
             d, x = res["direct"], res["llmux"]
             print(json.dumps({"round": r, "loadavg": round(os.getloadavg()[0], 2),
                               "ttfc_p50_ms": round(x["ttfc_p50"] * 1e3, 1),
@@ -474,7 +483,10 @@ def p3b_only(rounds: int, workers: int) -> int:
                               "ttfc_p99_ms": round(x["ttfc_p99"] * 1e3, 1),
                               "chunk_rate_vs_direct": round(x["chunk_rate"] / d["chunk_rate"], 3)
                               if d["chunk_rate"] else None,
-                              "fail": x["fail"]}), flush=True)
+                              "fail": x["fail"],
+                              # all llmux processes' CPU over the chunks relayed
+                              "cpu_us_per_chunk": round(cpu / (x["n"] * 200) * 1e6, 2)
+                              if x["n"] else None}), flush=True)
     return 0
 
 

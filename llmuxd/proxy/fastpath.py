@@ -137,6 +137,22 @@ class Exchange:
             await self._answer_error(exc)
             return
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        cycle = getattr(self.send, "__self__", None)  # uvicorn's RequestResponseCycle
+        if cycle is not None and self.client is not None and not _has_length(headers):
+            # A streamed answer (SSE): pushed piece by piece, framed as uvicorn frames
+            # a chunked body, through the cycle's transport (which keeps the head first).
+            transport = cycle.transport
+
+            def write(piece: bytes) -> None:
+                if not cycle.disconnected:
+                    transport.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+
+            try:
+                await stream.push(write, cycle.flow)
+            finally:
+                await stream.close()
+            await self.send(_EOF)
+            return
         more = True
         try:
             async for chunk in stream:
@@ -344,6 +360,10 @@ class Exchange:
                          path=self.path, model=self.model, status=err.status,
                          error=err.code, waited_ms=self.waited_ms, switched=self.switched,
                          duration_ms=round((time.monotonic() - self.started) * 1000.0, 3))
+
+
+def _has_length(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name == b"content-length" for name, _ in headers)
 
 
 def _client_gone(when: str) -> OpenAIError:

@@ -132,6 +132,49 @@ class ProxiedStream:
             self.complete = True
         return chunk
 
+    async def push(self, write: Callable[[bytes], None], flow: Any) -> None:
+        """Relay the rest of the body by writing each piece from the child's protocol
+        callback as it arrives (``write`` frames it for the client), not through this
+        task: one task wake-up per answer instead of one per piece, which is most of a
+        piece's relay cost with hundreds of open streams. ``flow`` is the ASGI
+        server's flow control of the client's connection: when its buffer is full,
+        reading from the child pauses until it drains (so at most the transport's
+        buffer waits here, as with ``read``).
+
+        Ends like iterating: the answer ended (``complete``), the child failed (an SSE
+        client gets an error event, then the connection is cut), or the client left."""
+        conn = self.conn
+        outcome = self.outcome
+        started = self.started
+
+        def sink(piece: bytes) -> None:
+            if outcome.ttfb_ms is None:
+                outcome.ttfb_ms = round((time.monotonic() - started) * 1000.0, 3)
+            outcome.bytes += len(piece)
+            write(piece)
+            if flow.write_paused:
+                conn.pause_for_reader()
+
+        conn.push_to(sink)
+        while True:
+            try:
+                await conn.wait_pushed(self.idle, self.deadline)
+            except Aborted:
+                return
+            except UpstreamError as exc:
+                try:
+                    write(self._fail(exc))
+                except StopAsyncIteration:
+                    return
+                self._cut_client()
+                return
+            if conn.done:
+                self.complete = True
+                return
+            if conn.paused:
+                await flow.drain()
+                conn.resume_for_reader()
+
     def _fail(self, exc: UpstreamError) -> bytes:
         """The child died or stalled mid-answer: tell an SSE client, then cut it off."""
         self.failed = True

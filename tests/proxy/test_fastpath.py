@@ -21,7 +21,7 @@ import pytest
 from llmuxd.frontend import FrontEnd
 from llmuxd.proxy.relay import Outcome
 
-from .conftest import Stack, wait_http
+from .conftest import Stack, wait_for, wait_http
 
 KEY = "sk-fast-key"
 CHAT = json.dumps({"model": "model-a", "messages": []}).encode()
@@ -145,6 +145,8 @@ def test_a_request_body_sent_in_pieces_arrives_whole(open_stack: Stack) -> None:
 
 
 def test_a_chunked_body_over_the_limit_is_413_and_takes_no_lease(open_stack: Stack) -> None:
+    # Releases are pipelined: let the earlier tests' land before counting.
+    wait_for(lambda: not open_stack.daemon.leases, what="earlier leases released")
     releases = len(open_stack.daemon.releases)
     piece = b" " * 3000
     head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
@@ -198,3 +200,35 @@ def test_a_refusal_from_the_fast_path_carries_retry_after_and_the_request_id(
 def test_the_release_line_is_the_json_of_the_outcome(outcome: Outcome) -> None:
     # Rendered without json.dumps on the hot path; the daemon reads it as JSON.
     assert outcome.release_json() == json.dumps(outcome.release_body()).encode()
+
+
+def test_a_stream_to_a_late_reader_pauses_the_child_and_arrives_whole(
+        open_stack: Stack) -> None:
+    """30 MB of SSE to a client that starts reading late: more than every buffer on
+    the way holds, so the relay must stop reading from the child while the client's
+    buffer is full and resume when it drains (a relay that never resumed hangs here
+    until the client's timeout; one that did not pause would hold it all in memory)."""
+    import http.client
+    import time
+
+    chunks, pad = 300, 100_000
+    conn = http.client.HTTPConnection("127.0.0.1", open_stack.port, timeout=60)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": "model-b", "stream": True, "chunks": chunks, "pad": pad}),
+            {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        # Not a synchronisation: a reader that starts late, so that the buffers fill.
+        time.sleep(0.5)
+        data = resp.read()
+    finally:
+        conn.close()
+    events = [e for e in data.split(b"\n\n") if e]
+    assert len(events) == chunks + 1
+    assert events[-1] == b"data: [DONE]"
+    assert all(len(e) > pad for e in events[:-1])
+    wait_for(lambda: not open_stack.daemon.in_flight("model-b"), what="the release")
+    assert open_stack.daemon.releases[-1]["status"] == 200
+    assert open_stack.daemon.releases[-1]["bytes"] >= chunks * pad
+    assert open_stack.daemon.releases[-1]["error"] is None

@@ -52,3 +52,29 @@ def test_pieces_that_arrived_together_are_read_as_one_and_later_ones_alone() -> 
         conn.close()
 
     asyncio.run(main())
+
+
+def test_pushed_pieces_of_one_read_reach_the_sink_as_one_write() -> None:
+    """Push mode (the fast path relays streams this way): no task wake-up per piece,
+    and the pieces of one read leave in one write; what came with the head first."""
+    async def main() -> None:
+        conn = Connection("http://127.0.0.1:1")
+        conn.connection_made(_Transport())  # type: ignore[arg-type]
+        deadline = time.monotonic() + 10
+        conn.data_received(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                           b"7\r\ndata: a\r\n")
+        await conn.head(10, deadline)
+        got: list[bytes] = []
+        conn.push_to(got.append)
+        assert got == [b"data: a"]
+        conn.data_received(b"7\r\ndata: b\r\n7\r\ndata: c\r\n")
+        assert got == [b"data: a", b"data: bdata: c"]
+        waiting = asyncio.ensure_future(conn.wait_pushed(10, deadline))
+        await asyncio.sleep(0)
+        assert not waiting.done(), "a pushed piece must not wake the relaying task"
+        conn.data_received(b"0\r\n\r\n")
+        await asyncio.wait_for(waiting, 10)
+        assert conn.done and conn.reusable
+        conn.close()
+
+    asyncio.run(main())
