@@ -2,8 +2,12 @@
 
 Why it is built this way:
 
-* No buffering: each piece the child sent is handed to the ASGI server as it comes,
-  so SSE events reach the client as the engine produces them.
+* No buffering: each piece the child sent goes to the client as it comes, so SSE
+  events reach the client as the engine produces them. Under uvicorn a streamed
+  answer is pushed (``push``): the child's protocol callback writes what each read
+  brought, and the request's task wakes only at the end, on a failure, or when the
+  client's buffer is full (reading from the child then pauses until it drains).
+  Elsewhere (falcon.testing, answers with a Content-Length) it is iterated.
 * The stream object owns the end of the exchange: ``close()`` (the fast path,
   llmuxd/proxy/fastpath.py, calls it in every case: body finished, client gone,
   child failed) returns or drops the upstream connection and releases the lease
