@@ -144,7 +144,8 @@ class Exchange:
             transport = cycle.transport
 
             def write(piece: bytes) -> None:
-                if not cycle.disconnected:
+                # The client may be gone before its close callback has run.
+                if not cycle.disconnected and not transport.is_closing():
                     transport.write(b"%x\r\n%s\r\n" % (len(piece), piece))
 
             try:
