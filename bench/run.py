@@ -292,9 +292,25 @@ def main() -> int:
     ap.add_argument("--p4-only", type=int, metavar="N", default=0,
                     help="run only P4 with N switches (two models, no front-end load) "
                          "and print its table; the doc is not written")
+    ap.add_argument("--p2-only", type=int, metavar="ROUNDS", default=0,
+                    help="run only P2 against llmux (one `fast` model), ROUNDS rounds of "
+                         "20,000 requests (4 s cap), and print one JSON line per round "
+                         "(CPU µs per request: all llmux, llmuxd, front end); for A/B "
+                         "runs of the front end's CPU; the doc is not written")
+    ap.add_argument("--p3b-only", type=int, metavar="ROUNDS", default=0,
+                    help="run only P3b (1,024 streams at once, direct and llmux), ROUNDS "
+                         "rounds, one JSON line per round; the doc is not written")
+    ap.add_argument("--p3-only", type=int, metavar="ROUNDS", default=0,
+                    help="the same for P3's steady state (256 streams open throughout)")
     args = ap.parse_args()
+    if args.p3b_only:
+        return p3b_only(args.p3b_only, args.workers)
+    if args.p3_only:
+        return p3b_only(args.p3_only, args.workers, steady=True)
     if args.p4_only:
         return p4_only(args.p4_only, args.workers)
+    if args.p2_only:
+        return p2_only(args.p2_only, args.workers)
     q = args.quick
     started = time.monotonic()
     loadavg = os.getloadavg()
@@ -404,6 +420,73 @@ def p4_only(switches: int, workers: int) -> int:
         rows = p4_switches(daemon, port, {m: t["port"] for m, t in models.items()},
                            switches, time.monotonic() + 300)
     print("\n".join(_p4_lines(rows)))
+    return 0
+
+
+def p2_only(rounds: int, workers: int) -> int:
+    """P2 alone against llmux, one line per round: quick A/B runs of the CPU per request
+    (run a base checkout with PYTHONPATH pointing at it, from outside the checkout, and
+    alternate; the box is shared, so compare medians of several rounds)."""
+    models = {"fast": sim_model(model_path="sim/fast-1b", gpu_memory_utilization=0.15,
+                                sleep_level=1, extra_args=FAST_ARGS)}
+    config = {"proxy": {"host": "127.0.0.1", "workers": workers},
+              "policy": {"request_timeout_secs": 120.0},
+              "daemon": {"max_queue_per_model": 4096}}
+    tmp = Path(tempfile.mkdtemp(prefix="llmux-bench-p2-"))
+    with DaemonProcess(models, config=config, frontend=True, tmp=tmp,
+                       log_level="warning") as daemon:
+        port = load_config(daemon.config_path).port
+        wait_http(port, "/health", 60)
+        target = Target("llmux", port, "fast")
+        p1_latency([target], 1, 200)  # start the model, warm connections
+        cpu_pids = {"llmux": lambda: llmux_pids(daemon), "llmux:daemon": lambda: [daemon.pid]}
+        for r in range(rounds):
+            a = p2_throughput([target], 1, 20000, 4.0, cpu_pids)["llmux"]
+            print(json.dumps({"round": r, "loadavg": round(os.getloadavg()[0], 2),
+                              "rps": round(a["rps"]), "fail": a["fail"],
+                              "all_us": round(a["cpu_us_per_req"], 1),
+                              "daemon_us": round(a["daemon_us_per_req"], 1),
+                              "frontend_us": round(a["cpu_us_per_req"]
+                                                   - a["daemon_us_per_req"], 1)}),
+                  flush=True)
+    return 0
+
+
+def p3b_only(rounds: int, workers: int, steady: bool = False) -> int:
+    """P3b alone (direct, then llmux), one line per round: quick A/B runs of the
+    streaming path under overload (same PYTHONPATH method as ``--p2-only``), with the
+    CPU of all llmux processes per relayed chunk."""
+    models = {"stream": sim_model(model_path="sim/stream-1b", gpu_memory_utilization=0.15,
+                                  sleep_level=1, extra_args=STREAM_ARGS)}
+    config = {"proxy": {"host": "127.0.0.1", "workers": workers},
+              "policy": {"request_timeout_secs": 120.0},
+              "daemon": {"max_queue_per_model": 4096}}
+    tmp = Path(tempfile.mkdtemp(prefix="llmux-bench-p3b-"))
+    with DaemonProcess(models, config=config, frontend=True, tmp=tmp,
+                       log_level="warning") as daemon:
+        port = load_config(daemon.config_path).port
+        wait_http(port, "/health", 60)
+        targets = [Target("direct", models["stream"]["port"], "stream"),
+                   Target("llmux", port, "stream")]
+        p1_latency(targets, 2, 20)  # start the model, warm connections
+        streams, per_client, stagger = (256, 2, 2.0) if steady else (1024, 1, 0.0)
+        for r in range(rounds):
+            res = p3_streams(targets[:1], 1, streams, 200, per_client, stagger)
+            before = cpu_seconds(llmux_pids(daemon))
+            res.update(p3_streams(targets[1:], 1, streams, 200, per_client, stagger))
+            cpu = cpu_seconds(llmux_pids(daemon)) - before
+            d, x = res["direct"], res["llmux"]
+            print(json.dumps({"round": r, "loadavg": round(os.getloadavg()[0], 2),
+                              "ttfc_p50_ms": round(x["ttfc_p50"] * 1e3, 1),
+                              "added_ttfc_p50_ms": round((x["ttfc_p50"] - d["ttfc_p50"]) * 1e3,
+                                                         1),
+                              "ttfc_p99_ms": round(x["ttfc_p99"] * 1e3, 1),
+                              "chunk_rate_vs_direct": round(x["chunk_rate"] / d["chunk_rate"], 3)
+                              if d["chunk_rate"] else None,
+                              "fail": x["fail"],
+                              # all llmux processes' CPU over the chunks relayed
+                              "cpu_us_per_chunk": round(cpu / (x["n"] * 200) * 1e6, 2)
+                              if x["n"] else None}), flush=True)
     return 0
 
 

@@ -9,6 +9,10 @@ when the body ends, fails, or the client goes away. The daemon resolves aliases 
 answers ``model_not_found``, so the front end never disagrees with it after a
 config reload.
 
+The proxied routes (``POST /v1/<allow-listed route>``, the hot path) are served by
+a raw ASGI handler placed in front of the Falcon app (llmuxd/proxy/fastpath.py),
+which skips Falcon's per-request objects; everything else is Falcon's.
+
 gunicorn runs it with llmuxd/proxy/worker.py's worker class (uvicorn, uvloop,
 httptools), which adds the head/body/write timeouts and the connection limit.
 """
@@ -17,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,44 +30,15 @@ import falcon.asgi
 import structlog
 
 from llmuxd.config import Config, load_config
-from llmuxd.proxy import bodyscan, errors, logs, paths
+from llmuxd.proxy import auth, errors, logs, paths
 from llmuxd.proxy.errors import OpenAIError
-from llmuxd.proxy.lease_client import (
-    ClientGone,
-    DaemonError,
-    DaemonUnavailable,
-    Lease,
-    LeaseClient,
-    StatusCache,
-)
-from llmuxd.proxy.relay import HOP_BY_HOP, Outcome, ProxiedStream, response_headers
-from llmuxd.proxy.upstream import (
-    Aborted,
-    UpstreamClient,
-    UpstreamDeadline,
-    UpstreamError,
-    UpstreamIdle,
-    describe,
-)
+from llmuxd.proxy.fastpath import ProxyFastPath
+from llmuxd.proxy.lease_client import DaemonError, DaemonUnavailable, LeaseClient, StatusCache
+from llmuxd.proxy.upstream import UpstreamClient
 
 log = structlog.get_logger("llmux.proxy")
 
-# POST /v1/<route> that vLLM's OpenAI server answers with a JSON body naming a model
-# (vllm/entrypoints/openai/api_server.py and the pooling routers). Everything else
-# is 404: vLLM's dev endpoints (/sleep, /wake_up, /collective_rpc, ...) and LoRA
-# loading are never reachable from here. Multipart routes (audio) are not proxied.
-OPENAI_ROUTES = frozenset({
-    "chat/completions", "completions", "embeddings", "responses", "score", "rerank",
-    "messages", "classify", "pooling", "tokenize", "detokenize",
-})
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-# Request headers the child must not see from the client.
-# The body is sent at once, so "Expect: 100-continue" is not passed on either.
-_DROP_TO_UPSTREAM = frozenset(
-    name.encode() for name in HOP_BY_HOP | {"host", "content-length", "x-request-id",
-                                            "expect", "x-forwarded-for"})
-# Bodies larger than this are scanned on a thread, so the loop keeps serving streams.
-_SCAN_ON_THREAD = 1 << 20
+OPENAI_ROUTES = paths.OPENAI_ROUTES
 
 
 @dataclass
@@ -84,8 +58,9 @@ class Deps:
         return self.parses
 
 
-def create_app(deps: Deps) -> falcon.asgi.App:
-    """Build the Falcon app around its dependencies (Falcon's factory idiom)."""
+def create_app(deps: Deps) -> ProxyFastPath:
+    """Build the app around its dependencies (Falcon's factory idiom): the proxied
+    routes' fast path in front of the Falcon app that serves everything else."""
     app = falcon.asgi.App(middleware=[RequestContext(deps)], cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True
     app.add_route("/v1/models", ModelsResource(deps))
@@ -96,10 +71,10 @@ def create_app(deps: Deps) -> falcon.asgi.App:
     app.add_sink(NotFoundSink(deps))
     app.add_error_handler(Exception, errors.handle_error_async)
     app.add_error_handler(falcon.HTTPError, errors.handle_error_async)
-    return app
+    return ProxyFastPath(deps, app)
 
 
-def get_app() -> falcon.asgi.App:
+def get_app() -> ProxyFastPath:
     """The app for gunicorn, configured from env LLMUX_CONFIG and LLMUX_SOCKET."""
     logs.configure()
     config_path = os.environ.get("LLMUX_CONFIG", "/etc/llmux.toml")
@@ -136,10 +111,7 @@ class RequestContext:
                               ) -> None:
         ctx = req.context
         ctx.started = time.monotonic()
-        given = req.get_header("X-Request-Id")
-        ctx.request_id = given if given and _REQUEST_ID_RE.fullmatch(given) else os.urandom(
-            12).hex()
-        ctx.deferred = False
+        ctx.request_id = logs.request_id(req.get_header("X-Request-Id"))
         resp.set_header("X-Request-Id", ctx.request_id)
         scope = req.scope
         if not paths.is_canonical(scope.get("path") or req.path, scope.get("raw_path")):
@@ -162,8 +134,6 @@ class RequestContext:
         if "request_id" not in ctx:
             return
         resp.set_header("X-Request-Id", ctx.request_id)
-        if ctx.deferred:
-            return  # the stream's close() writes the line with the final numbers
         self.log.info("request", request_id=ctx.request_id, method=req.method,
                       path=req.path, model=ctx.get("model"), status=resp.status_code,
                       error=ctx.get("error_code"), waited_ms=ctx.get("waited_ms"),
@@ -173,11 +143,8 @@ class RequestContext:
 
 def check_key(keys: frozenset[str], req: falcon.asgi.Request) -> None:
     """401 unless the request carries one of ``keys`` as a Bearer token."""
-    auth = req.get_header("Authorization") or ""
-    scheme, _, key = auth.partition(" ")
-    if scheme.lower() != "bearer" or key.strip() not in keys:
-        raise OpenAIError(401, "invalid or missing API key (Authorization: Bearer)",
-                          "authentication_error", "invalid_api_key")
+    if not auth.bearer_ok(keys, req.get_header("Authorization") or ""):
+        raise auth.unauthorized()
 
 
 # ---------------------------------------------------------------------------
@@ -185,194 +152,19 @@ def check_key(keys: frozenset[str], req: falcon.asgi.Request) -> None:
 
 
 class ProxyResource:
-    """POST /v1/<route> with a JSON body naming a model: lease, forward, relay."""
+    """POST /v1/<route> that the fast path did not take: not an allow-listed route.
+
+    The allow-listed ones never reach Falcon (llmuxd/proxy/fastpath.py serves them);
+    this route is here so that every other ``/v1/...`` path answers like one: 401
+    without a key (when keys are set), then 404 for POST, 405 for other methods."""
 
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
-        proxy = deps.config.proxy
-        self.max_body = proxy.max_body_bytes
-        self.strip_auth = bool(proxy.api_keys)
-        self.idle = proxy.upstream_idle_timeout_secs
-        self.total = proxy.upstream_timeout_secs
-        self.log = deps.request_log
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
                       route: str) -> None:
-        if route not in OPENAI_ROUTES:
-            raise OpenAIError(404, f"no such route: POST /v1/{route}", "invalid_request_error",
-                              "not_found")
-        client = req.scope.get("llmux.conn")
-        body = await self._read_body(req)
-        found = await self._find_model(body)
-        model = found.model
-        ctx = req.context
-        ctx.model = model
-        asked = time.monotonic()
-        lease = await self._lease(model, client)
-        lease_ms = round((time.monotonic() - asked) * 1000.0, 3)
-        ctx.waited_ms = lease.waited_ms
-        ctx.switched = lease.switched
-        started = time.monotonic()
-        deadline = started + self.total
-        try:
-            if lease.served_model_name != model:
-                body = bodyscan.rewrite(body, found, lease.served_model_name)
-            # The query as the client sent it (bytes), never re-encoded.
-            query = req.scope.get("query_string") or b""
-            target = b"/v1/" + route.encode() + (b"?" + query if query else b"")
-            request = self._request_bytes(req, target, lease.upstream, body)
-            conn = await self.deps.http.send(lease.upstream, request, self.idle, deadline,
-                                             client)
-        except Aborted:
-            self._release(lease, Outcome(status=499, error="client disconnected",
-                                         duration_ms=(time.monotonic() - started) * 1e3))
-            raise _client_gone("while its answer was being generated") from None
-        except UpstreamError as exc:
-            outcome = Outcome(status=502, error=str(exc),
-                              duration_ms=(time.monotonic() - started) * 1e3)
-            if isinstance(exc, UpstreamIdle | UpstreamDeadline):
-                outcome.status = 504
-                self._release(lease, outcome)
-                raise _upstream_error(exc, lease.upstream) from None
-            # The child failed: release with the answer awaited, so that when llmuxd
-            # revoked the lease first (it killed a hung child, stopped the model) the
-            # client learns why.
-            why = await self._release_why(lease, outcome)
-            raise errors.upstream_failed(f"{exc} ({why})" if why else str(exc)) from None
-        except BaseException as exc:
-            # Whatever went wrong (a bug included), the lease must not outlive it.
-            self._release(lease, Outcome(status=500, error=f"{type(exc).__name__}: {exc}"))
-            raise
-        resp.status = conn.status
-        content_type = ""
-        for name, value in response_headers(conn.headers):
-            if name == "content-type":
-                content_type = value
-            resp.append_header(name, value)
-        outcome = Outcome(status=conn.status)
-        ctx.deferred = True
-        request_id = ctx.request_id
-
-        def on_close(result: Outcome) -> None:
-            self._release(lease, result)
-            self.log.info("request", request_id=request_id, method="POST", path=req.path,
-                          model=model, served_model=lease.served_model_name,
-                          status=result.status, error=result.error,
-                          waited_ms=lease.waited_ms, lease_ms=lease_ms,
-                          switched=lease.switched,
-                          bytes=result.bytes, ttfb_ms=result.ttfb_ms,
-                          upstream_ms=round(result.duration_ms, 3),
-                          duration_ms=round((time.monotonic() - ctx.started) * 1000.0, 3))
-
-        resp.stream = ProxiedStream(self.deps.http, conn, started, self.idle, deadline,
-                                    outcome, content_type.startswith("text/event-stream"),
-                                    on_close, client)
-
-    async def _read_body(self, req: falcon.asgi.Request) -> bytes:
-        length = req.content_length
-        if length is not None and length > self.max_body:
-            raise OpenAIError(413, f"request body of {length} bytes is over the limit of "
-                              f"{self.max_body} bytes", "invalid_request_error",
-                              "request_too_large")
-        body: bytes = await req.stream.read(self.max_body + 1)
-        if len(body) > self.max_body:
-            raise OpenAIError(413, f"request body is over the limit of {self.max_body} bytes",
-                              "invalid_request_error", "request_too_large")
-        if length is not None and len(body) < length:
-            raise _client_gone("while sending its request body")
-        return body
-
-    async def _find_model(self, body: bytes) -> bodyscan.Found:
-        """At most max_concurrent_body_parses at once per worker; big ones on a thread."""
-        async with self.deps.parse_slots():
-            try:
-                if len(body) > _SCAN_ON_THREAD:
-                    return await asyncio.to_thread(bodyscan.find_model, body)
-                return bodyscan.find_model(body)
-            except bodyscan.BodyError as exc:
-                raise errors.bad_request(str(exc), exc.param) from None
-
-    async def _lease(self, model: str, client: Any) -> Lease:
-        leases = self.deps.leases
-        try:
-            tag, fut = await leases.begin(model)
-            if client is None:
-                return await leases.wait(fut)
-
-            def gone() -> None:
-                leases.cancel(tag, fut)
-
-            client.on_lost(gone)
-            if client.transport is None or client.transport.is_closing():
-                gone()
-            try:
-                return await leases.wait(fut)
-            finally:
-                client.remove_on_lost(gone)
-        except ClientGone:
-            raise _client_gone(f"while waiting for model '{model}'") from None
-        except DaemonError as exc:
-            raise errors.from_daemon(exc.code, exc.message) from None
-        except DaemonUnavailable as exc:
-            raise errors.daemon_unavailable(str(exc)) from None
-
-    def _release(self, lease: Lease, outcome: Outcome) -> None:
-        self.deps.leases.release(lease.lease_id, outcome.release_body())
-
-    async def _release_why(self, lease: Lease, outcome: Outcome) -> str:
-        """Release and wait for the answer; why the lease was revoked ("" if it was not)."""
-        try:
-            answer = await self.deps.leases.release_now(lease.lease_id, outcome.release_body())
-        except (DaemonError, DaemonUnavailable) as exc:
-            log.warning("release_failed", lease_id=lease.lease_id, error=str(exc))
-            self._release(lease, outcome)
-            return ""
-        revoked = answer.get("revoked")
-        return f"lease revoked: {revoked}" if isinstance(revoked, str) and revoked else ""
-
-    def _request_bytes(self, req: falcon.asgi.Request, target: bytes, upstream: str,
-                       body: bytes) -> bytes:
-        """The whole upstream request, head and body, for one write."""
-        parts = [b"POST ", target, b" HTTP/1.1\r\nhost: ",
-                 describe(upstream).encode("latin-1") if upstream.startswith("http")
-                 else b"localhost", b"\r\n"]
-        forwarded = b""
-        for name, value in req.scope["headers"]:
-            if name in _DROP_TO_UPSTREAM or (self.strip_auth and name == b"authorization"):
-                if name == b"x-forwarded-for":
-                    forwarded = value
-                continue
-            if name == b"content-type":
-                continue
-            parts += [name, b": ", value, b"\r\n"]
-        client = req.scope.get("client")
-        if client:
-            peer = client[0].encode("latin-1")
-            forwarded = forwarded + b", " + peer if forwarded else peer
-        if forwarded:
-            parts += [b"x-forwarded-for: ", forwarded, b"\r\n"]
-        parts += [b"content-type: application/json\r\ncontent-length: ",
-                  str(len(body)).encode(), b"\r\nx-request-id: ",
-                  req.context.request_id.encode(), b"\r\n\r\n", body]
-        return b"".join(parts)
-
-
-def _client_gone(when: str) -> OpenAIError:
-    # Nobody is left to read an answer; 499 (nginx's "client closed request") names
-    # it in the log line.
-    return OpenAIError(499, f"client closed the connection {when}", "invalid_request_error",
-                       "client_closed")
-
-
-def _upstream_error(exc: UpstreamError, upstream: str) -> OpenAIError:
-    if isinstance(exc, UpstreamIdle):
-        return OpenAIError(504, f"model server sent nothing for the idle timeout "
-                           f"({describe(upstream)})", "timeout_error",
-                           "upstream_idle_timeout")
-    if isinstance(exc, UpstreamDeadline):
-        return OpenAIError(504, f"model server did not answer within the total timeout "
-                           f"({describe(upstream)})", "timeout_error", "upstream_timeout")
-    return errors.upstream_failed(str(exc))
+        raise OpenAIError(404, f"no such route: POST /v1/{route}", "invalid_request_error",
+                          "not_found")
 
 
 # ---------------------------------------------------------------------------

@@ -88,28 +88,33 @@ _FALCON_TYPES = {
 }
 
 
-def handle_error(req: falcon.Request, resp: falcon.Response, ex: Exception,
-                 params: dict[str, Any]) -> None:
-    """Render any exception as an OpenAI error; a bug becomes a plain 500."""
+def as_openai(ex: Exception, method: str, path: str, request_id: str | None) -> OpenAIError:
+    """Any exception as the OpenAI error a client sees; a bug becomes a plain 500 (logged)."""
     if isinstance(ex, OpenAIError):
-        err = ex
-    elif isinstance(ex, falcon.HTTPError):
+        return ex
+    if isinstance(ex, falcon.HTTPError):
         status = ex.status_code
         type_, code = _FALCON_TYPES.get(status, ("invalid_request_error", "http_error"))
         message = ex.description or ex.title or "error"
         if status == 404:
-            message = f"no such route: {req.method} {req.path}"
+            message = f"no such route: {method} {path}"
         elif status == 405:
-            message = f"method {req.method} not allowed on {req.path}"
+            message = f"method {method} not allowed on {path}"
         err = OpenAIError(status, message, type_, code)
         ex_headers: Any = ex.headers or {}
         items = ex_headers.items() if isinstance(ex_headers, dict) else ex_headers
         for name, value in items:
             err.headers[str(name)] = str(value)
-    else:
-        log.exception("internal_error", path=req.path, request_id=req.context.get("request_id"))
-        err = OpenAIError(500, "internal error in the llmux front end", "server_error",
-                          "internal")
+        return err
+    log.exception("internal_error", path=path, request_id=request_id)
+    return OpenAIError(500, "internal error in the llmux front end", "server_error",
+                       "internal")
+
+
+def handle_error(req: falcon.Request, resp: falcon.Response, ex: Exception,
+                 params: dict[str, Any]) -> None:
+    """Render any exception as an OpenAI error; a bug becomes a plain 500."""
+    err = as_openai(ex, req.method, req.path, req.context.get("request_id"))
     resp.status = err.status
     resp.content_type = falcon.MEDIA_JSON
     resp.data = err.body()

@@ -204,9 +204,11 @@ class LeaseClient:
         _, fut = await self.begin(model)
         return await self.wait(fut)
 
-    def release(self, lease_id: str, outcome: dict[str, Any]) -> None:
-        """Hand a lease back with the request's outcome; not waited for."""
-        line = b"R %s %s\n" % (lease_id.encode(), json.dumps(outcome).encode())
+    def release(self, lease_id: str, outcome: dict[str, Any] | bytes) -> None:
+        """Hand a lease back with the request's outcome (a dict, or its JSON); not
+        waited for."""
+        body = outcome if isinstance(outcome, bytes) else json.dumps(outcome).encode()
+        line = b"R %s %s\n" % (lease_id.encode(), body)
         conn = self._conn
         if conn is not None and not conn.lost:
             conn.send(line)

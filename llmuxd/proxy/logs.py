@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import re
 import sys
 import time
 from collections.abc import MutableMapping
@@ -128,6 +130,15 @@ class RequestLog:
         self.stamp(None, "info", fields)
         self.out.write(self.encode(fields) + "\n")
         self.out.flush()
+
+
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def request_id(given: str | None) -> str:
+    """The client's X-Request-Id when it is a safe token (it goes into log lines and
+    the child's request), else a fresh random one."""
+    return given if given and _REQUEST_ID_RE.fullmatch(given) else os.urandom(12).hex()
 
 
 def request_logger() -> Any:

@@ -13,6 +13,14 @@ from __future__ import annotations
 
 import re
 
+# POST /v1/<route> that vLLM's OpenAI server answers with a JSON body naming a model
+# (vllm/entrypoints/openai/api_server.py and the pooling routers). Everything else
+# is 404: vLLM's dev endpoints (/sleep, /wake_up, /collective_rpc, ...) and LoRA
+# loading are never reachable from here. Multipart routes (audio) are not proxied.
+OPENAI_ROUTES = frozenset({
+    "chat/completions", "completions", "embeddings", "responses", "score", "rerank",
+    "messages", "classify", "pooling", "tokenize", "detokenize",
+})
 # %2F (/), %5C (\), %2E (.) in the raw target: never needed by an OpenAI client...
 _ENCODED_SEPARATOR = re.compile(rb"%(2f|5c|2e)", re.IGNORECASE)
 _ENCODED_DOT_OR_BACKSLASH = re.compile(rb"%(5c|2e)", re.IGNORECASE)

@@ -2,13 +2,17 @@
 
 Why it is built this way:
 
-* No buffering: each piece the child sent is handed to the ASGI server as it comes,
-  so SSE events reach the client as the engine produces them.
-* The stream object owns the end of the exchange: ``close()`` (Falcon calls it in
-  every case: body finished, client gone, child failed) returns or drops the
-  upstream connection and releases the lease with the outcome, exactly once.
-  Dropping the connection when the body did not finish is what makes vLLM see the
-  request end and stop generating.
+* No buffering: each piece the child sent goes to the client as it comes, so SSE
+  events reach the client as the engine produces them. Under uvicorn a streamed
+  answer is pushed (``push``): the child's protocol callback writes what each read
+  brought, and the request's task wakes only at the end, on a failure, or when the
+  client's buffer is full (reading from the child then pauses until it drains).
+  Elsewhere (falcon.testing, answers with a Content-Length) it is iterated.
+* The stream object owns the end of the exchange: ``close()`` (the fast path,
+  llmuxd/proxy/fastpath.py, calls it in every case: body finished, client gone,
+  child failed) returns or drops the upstream connection and releases the lease
+  with the outcome, exactly once. Dropping the connection when the body did not
+  finish is what makes vLLM see the request end and stop generating.
 * A client that goes away (it closed, or the worker dropped it for not reading:
   ``client_write_timeout_secs``) aborts the upstream read at once through the
   connection's close callback, so nothing waits for the next token to notice.
@@ -16,6 +20,8 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import builtins
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +35,8 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
     "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection",
 })
-_DROP_FROM_UPSTREAM = HOP_BY_HOP | {"server", "date", "x-request-id"}
+_DROP_FROM_UPSTREAM = frozenset(
+    name.encode() for name in HOP_BY_HOP | {"server", "date", "x-request-id"})
 
 
 @dataclass
@@ -47,25 +54,35 @@ class Outcome:
         return {"status": self.status, "bytes": self.bytes, "ttfb_ms": self.ttfb_ms,
                 "duration_ms": round(self.duration_ms, 3), "error": self.error}
 
+    def release_json(self) -> builtins.bytes:  # the field "bytes" shadows the type here
+        """``release_body()`` as the JSON that json.dumps writes, without json.dumps:
+        it is rendered once per request on the hot path."""
+        return b'{"status": %d, "bytes": %d, "ttfb_ms": %s, "duration_ms": %s, "error": %s}' % (
+            self.status, self.bytes,
+            b"null" if self.ttfb_ms is None else repr(self.ttfb_ms).encode(),
+            repr(round(self.duration_ms, 3)).encode(),
+            b"null" if self.error is None else json.dumps(self.error).encode())
 
-def response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """The child's headers a client may see (hop-by-hop and our own dropped)."""
+
+def response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The child's headers a client may see (hop-by-hop and our own dropped), names
+    lowercased, as the ASGI server takes them."""
     named_by_connection = {
         token.strip().lower()
         for name, value in headers if name.lower() == b"connection"
-        for token in value.decode("latin-1").split(",")
+        for token in value.split(b",")
     }
-    out: list[tuple[str, str]] = []
+    out: list[tuple[bytes, bytes]] = []
     for name, value in headers:
-        lower = name.decode("latin-1").lower()
+        lower = name.lower()
         if lower in _DROP_FROM_UPSTREAM or lower in named_by_connection:
             continue
-        out.append((lower, value.decode("latin-1")))
+        out.append((lower, value))
     return out
 
 
 class ProxiedStream:
-    """Falcon's ``resp.stream``: upstream pieces out; lease released on ``close()``."""
+    """The answer's body: upstream pieces out; lease released on ``close()``."""
 
     def __init__(self, http: UpstreamClient, conn: Connection, started: float,
                  idle: float, deadline: float, outcome: Outcome, sse: bool,
@@ -112,7 +129,55 @@ class ProxiedStream:
         if self.outcome.ttfb_ms is None:
             self.outcome.ttfb_ms = round((time.monotonic() - self.started) * 1000.0, 3)
         self.outcome.bytes += len(chunk)
+        conn = self.conn
+        if conn.done and not conn.chunks and conn.error is None:
+            # The answer's last piece: the caller can send it as the end of the body
+            # (one ASGI send fewer for a whole answer that came in one read).
+            self.complete = True
         return chunk
+
+    async def push(self, write: Callable[[bytes], None], flow: Any) -> None:
+        """Relay the rest of the body by writing each piece from the child's protocol
+        callback as it arrives (``write`` frames it for the client), not through this
+        task: one task wake-up per answer instead of one per piece, which is most of a
+        piece's relay cost with hundreds of open streams. ``flow`` is the ASGI
+        server's flow control of the client's connection: when its buffer is full,
+        reading from the child pauses until it drains (so at most the transport's
+        buffer waits here, as with ``read``).
+
+        Ends like iterating: the answer ended (``complete``), the child failed (an SSE
+        client gets an error event, then the connection is cut), or the client left."""
+        conn = self.conn
+        outcome = self.outcome
+        started = self.started
+
+        def sink(piece: bytes) -> None:
+            if outcome.ttfb_ms is None:
+                outcome.ttfb_ms = round((time.monotonic() - started) * 1000.0, 3)
+            outcome.bytes += len(piece)
+            write(piece)
+            if flow.write_paused:
+                conn.pause_for_reader()
+
+        conn.push_to(sink)
+        while True:
+            try:
+                await conn.wait_pushed(self.idle, self.deadline)
+            except Aborted:
+                return
+            except UpstreamError as exc:
+                try:
+                    write(self._fail(exc))
+                except StopAsyncIteration:
+                    return
+                self._cut_client()
+                return
+            if conn.done:
+                self.complete = True
+                return
+            if conn.paused:
+                await flow.drain()
+                conn.resume_for_reader()
 
     def _fail(self, exc: UpstreamError) -> bytes:
         """The child died or stalled mid-answer: tell an SSE client, then cut it off."""

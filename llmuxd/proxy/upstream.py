@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -94,6 +95,8 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.sink: Callable[[bytes], None] | None = None
+        self.pushed: list[bytes] = []
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -110,6 +113,10 @@ class Connection(asyncio.Protocol):
             self._fail(UpstreamError("the child switched protocols"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"malformed answer from the child: {exc}"))
+        pushed = self.pushed
+        if pushed and self.sink is not None:
+            self.sink(pushed[0] if len(pushed) == 1 else b"".join(pushed))
+            pushed.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -144,6 +151,11 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            # Pushed at the end of this data_received, with the other pieces of the
+            # same read: no wake-up of the relaying task, one write for the lot.
+            self.pushed.append(body)
+            return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
@@ -216,19 +228,58 @@ class Connection(asyncio.Protocol):
             await self._wait(idle, deadline)
 
     async def read(self, idle: float, deadline: float) -> bytes:
-        """The next piece of the body as it came (b"" at its end)."""
-        while not self.chunks:
+        """What the child sent of the body since the last read (b"" at its end).
+
+        Pieces that arrived together (the reader fell behind: a busy loop, a slow
+        client) are returned as one, so they cost one send to the client, not one
+        each; a reader that keeps up gets each piece as it comes."""
+        chunks = self.chunks
+        while not chunks:
             if self.error is not None:
                 raise self.error
             if self.done:
                 return b""
             await self._wait(idle, deadline)
-        chunk = self.chunks.popleft()
+        chunk = chunks.popleft() if len(chunks) == 1 else b"".join(_drain(chunks))
         self.buffered -= len(chunk)
         if self.paused and self.buffered < LOW_WATER and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
         return chunk
+
+    def push_to(self, sink: Callable[[bytes], None]) -> None:
+        """From now on hand each body piece to ``sink`` as it arrives (what is already
+        here first), instead of queueing it for ``read``. ``sink`` may call
+        ``pause_for_reader``; the task relaying waits in ``wait_pushed``."""
+        if self.chunks:
+            pieces = b"".join(_drain(self.chunks))
+            self.buffered = 0
+            sink(pieces)
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        self.sink = sink
+
+    def pause_for_reader(self) -> None:
+        """The client cannot take more for now: stop reading from the child and wake
+        the relaying task (it waits for the client, then calls ``resume_for_reader``)."""
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def resume_for_reader(self) -> None:
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
+    async def wait_pushed(self, idle: float, deadline: float) -> None:
+        """In push mode: return when the answer ended or the sink paused; raise when it
+        failed (idle and total timeouts as for ``read``)."""
+        if self.error is None and not self.done and not self.paused:
+            await self._wait(idle, deadline)
+        if self.error is not None:
+            raise self.error
 
     @property
     def reusable(self) -> bool:
@@ -367,6 +418,12 @@ class UpstreamClient:
             for conn in idle:
                 conn.close()
         self._idle.clear()
+
+
+def _drain(chunks: deque[bytes]) -> list[bytes]:
+    out = list(chunks)
+    chunks.clear()
+    return out
 
 
 def describe(upstream: str) -> str:
