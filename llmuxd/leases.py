@@ -16,6 +16,20 @@ open" and the in-flight increment happen in one critical section, and closing
 the gate reads the in-flight count in another, so a lease can never slip in
 after a drain has seen zero.
 
+Standing grants (issue 11e): a front-end connection that asks for them may be
+granted, with a lease on a model whose gate is open and that nothing is pending
+against, a *standing grant* (an epoch) to admit further requests for that model
+itself. Each one it admits arrives as a notice (``notice``) and is recorded here as a
+Lease exactly like a granted one. Whatever closes the gate (close_gate, set_hold,
+shut, revoke) *recalls* the model's standing grants: the holder is told
+(``Holder.recall``), and until it acknowledges (``ack``; its notices sent before the
+ack precede it on the stream) or its connection closes (``holder_gone``), each
+unacknowledged recall counts as one in flight in the gate's busy count
+(``GateView.in_flight``, ``close_gate``, the idle kick), so a drain cannot see zero
+while a request the holder admitted is still on its way to being noticed. A holder
+that never acks is ended by the drain's own timeout: ``revoke`` forgets its recall
+(and any notice of a revoked grant arrives already revoked).
+
 Measured (tests/daemon/lease_bench.py, this 2-core box, shared): one acquire plus one
 release over a keep-alive Unix-socket connection costs the daemon about 50-90 µs of
 CPU in total (two HTTP requests: parse, route, JSON, lock, metrics), with a client
@@ -33,7 +47,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from llmuxd.errors import ApiError, model_not_found, shutting_down
 
@@ -50,6 +64,23 @@ class Lease:
     granted_at: float          # time.monotonic()
     waited_s: float
     switched: bool
+
+
+class Holder(Protocol):
+    """A front-end connection holding standing grants (the lease listener's)."""
+
+    def recall(self, epoch: int) -> None:
+        """Tell the holder to stop admitting under ``epoch``; thread-safe, must not block."""
+
+
+@dataclass(eq=False)
+class Standing:
+    """One standing grant: ``holder`` may admit requests for ``model`` itself."""
+
+    epoch: int
+    model: str
+    holder: Holder
+    state: str = "live"        # live → recalling (told, no ack yet) | revoked
 
 
 @dataclass(eq=False)
@@ -77,6 +108,13 @@ class Gate:
     watch_idle: bool = False    # supervisor wants a kick when in_flight reaches 0
     hold: ApiError | None = None  # refuse at once (model FAILED)
     last_use: float = 0.0       # monotonic time of the last grant or release (idle time)
+    standing: dict[Any, int] = field(default_factory=dict)  # holder → its live epoch
+    recalling: set[int] = field(default_factory=set)  # recalled epochs not yet acked
+
+    @property
+    def busy(self) -> int:
+        """Leases in flight plus unacknowledged recalls (each may hide one more)."""
+        return self.in_flight + len(self.recalling)
 
 
 @dataclass(frozen=True)
@@ -101,6 +139,8 @@ class LeaseTable:
         self._leases: dict[str, Lease] = {}
         self._tombstones: OrderedDict[str, str] = OrderedDict()
         self._ids = itertools.count(1)
+        self._epochs = itertools.count(1)
+        self._standing: dict[int, Standing] = {}
         self._prefix = f"{os.getpid():x}-"
         self._kick = kick
         self.max_queue = max_queue
@@ -187,7 +227,7 @@ class LeaseTable:
             if gate is not None:
                 gate.in_flight -= 1
                 gate.last_use = time.monotonic()
-                kick = gate.in_flight == 0 and gate.watch_idle
+                kick = gate.busy == 0 and gate.watch_idle
         if kick:
             self._kick()
         return lease
@@ -229,18 +269,26 @@ class LeaseTable:
 
     def set_hold(self, model: str, error: ApiError | None) -> None:
         """Refuse new acquires for ``model`` at once with ``error`` (None lifts it)."""
+        recalls: list[tuple[Holder, int]] = []
         with self._lock:
             gate = self._gates.get(model)
             if gate is not None:
                 gate.hold = error
+                if error is not None:
+                    recalls = self._recall(gate)
+        _tell(recalls)
 
     def close_gate(self, model: str) -> int:
-        """Stop new leases (drain); returns in-flight now. A kick comes when it hits 0."""
+        """Stop new leases (drain) and recall the standing grants; returns the busy count
+        now (leases plus unacknowledged recalls). A kick comes when it hits 0."""
         with self._lock:
             gate = self._gates[model]
             gate.open = False
             gate.watch_idle = True
-            return gate.in_flight
+            recalls = self._recall(gate)
+            busy = gate.busy
+        _tell(recalls)
+        return busy
 
     def watch_idle(self, model: str) -> None:
         """Kick the supervisor when ``model``'s in-flight count next reaches 0 (its gate
@@ -264,7 +312,10 @@ class LeaseTable:
             return count
 
     def revoke(self, model: str, reason: str) -> list[Lease]:
-        """Drop every lease on ``model`` (its child died or was stopped)."""
+        """Drop every lease on ``model`` (its child died or was stopped), recall its
+        standing grants and stop waiting for their acks: a lease noticed under one of
+        them from now on arrives revoked."""
+        recalls: list[tuple[Holder, int]] = []
         with self._lock:
             gate = self._gates.get(model)
             gone = [lease for lease in self._leases.values() if lease.model == model]
@@ -273,7 +324,68 @@ class LeaseTable:
                 self._tomb(lease.lease_id, reason)
             if gate is not None:
                 gate.in_flight = 0
-            return gone
+                recalls = self._recall(gate)
+                for epoch in gate.recalling:
+                    st = self._standing.get(epoch)
+                    if st is not None:
+                        st.state = "revoked"
+                gate.recalling.clear()
+        _tell(recalls)
+        return gone
+
+    # -- standing grants (the lease listener's loop thread) ------------------
+
+    def standing_for(self, model: str, holder: Holder) -> int | None:
+        """A standing grant on ``model`` for ``holder`` (its live epoch, or a new one),
+        or None when the gate is not open with nothing pending against the model."""
+        with self._lock:
+            gate = self._gates.get(model)
+            if (self.closed or gate is None or not gate.open or gate.queue
+                    or gate.hold is not None or gate.watch_idle):
+                return None
+            epoch = gate.standing.get(holder)
+            if epoch is None:
+                epoch = next(self._epochs)
+                gate.standing[holder] = epoch
+                self._standing[epoch] = Standing(epoch, model, holder)
+            return epoch
+
+    def notice(self, epoch: int, lease_id: str, pid: int) -> Lease | None:
+        """Record a lease its holder admitted under standing grant ``epoch``, exactly
+        like a granted one; None when the grant was revoked first (the lease is
+        tombstoned: its release is a no-op that reports why)."""
+        now = time.monotonic()
+        with self._lock:
+            st = self._standing.get(epoch)
+            gate = self._gates.get(st.model) if st is not None else None
+            if st is None or gate is None or st.state == "revoked" or lease_id in self._leases:
+                self._tomb(lease_id, "admitted under a standing grant that was revoked")
+                return None
+            lease = Lease(lease_id=lease_id, model=st.model, pid=pid, granted_at=now,
+                          waited_s=0.0, switched=False)
+            self._leases[lease_id] = lease
+            gate.in_flight += 1
+            gate.last_use = now
+            return lease
+
+    def ack(self, epoch: int) -> None:
+        """The holder stopped admitting under ``epoch`` (a recall's answer)."""
+        with self._lock:
+            st = self._standing.pop(epoch, None)
+            kick = st is not None and self._forget(st)
+        if kick:
+            self._kick()
+
+    def holder_gone(self, holder: Holder) -> None:
+        """The holder's connection closed: as good as an ack of all its grants (its
+        leases stay, reclaimed with its process as before)."""
+        kick = False
+        with self._lock:
+            for st in [st for st in self._standing.values() if st.holder is holder]:
+                del self._standing[st.epoch]
+                kick = self._forget(st) or kick
+        if kick:
+            self._kick()
 
     def expire(self, max_age: float, now: float | None = None) -> list[Lease]:
         """Revoke the leases older than ``max_age`` seconds (``max_lease_secs``); <= 0: none.
@@ -320,20 +432,25 @@ class LeaseTable:
             gate = self._gates.get(lease.model)
             if gate is not None:
                 gate.in_flight -= 1
-                kick = kick or (gate.in_flight == 0 and gate.watch_idle)
+                kick = kick or (gate.busy == 0 and gate.watch_idle)
         return kick
 
     def shut(self) -> int:
-        """Refuse every waiter and every future acquire (daemon stopping)."""
+        """Refuse every waiter and every future acquire (daemon stopping); recall every
+        standing grant."""
+        recalls: list[tuple[Holder, int]] = []
         with self._lock:
             self.closed = True
             models = list(self._gates)
+            for gate in self._gates.values():
+                recalls += self._recall(gate)
+        _tell(recalls)
         return sum(self.refuse(m, shutting_down()) for m in models)
 
     def view(self) -> dict[str, GateView]:
         with self._lock:
             return {
-                name: GateView(open=g.open, in_flight=g.in_flight, queued=len(g.queue),
+                name: GateView(open=g.open, in_flight=g.busy, queued=len(g.queue),
                                oldest_wait=g.queue[0].enqueued_at if g.queue else None,
                                wait_sum=sum(w.enqueued_at for w in g.queue),
                                newest_wait=g.queue[-1].enqueued_at if g.queue else None,
@@ -343,7 +460,7 @@ class LeaseTable:
 
     def total_in_flight(self) -> int:
         with self._lock:
-            return sum(g.in_flight for g in self._gates.values())
+            return sum(g.busy for g in self._gates.values())
 
     def leases(self) -> list[Lease]:
         with self._lock:
@@ -370,6 +487,32 @@ class LeaseTable:
         gate.last_use = now
         return lease
 
+    def _recall(self, gate: Gate) -> list[tuple[Holder, int]]:
+        """Move ``gate``'s live standing grants to recalling; the holders to tell (after
+        the lock is released: telling one wakes another thread)."""
+        recalls = []
+        for holder, epoch in gate.standing.items():
+            st = self._standing.get(epoch)
+            if st is not None:
+                st.state = "recalling"
+                gate.recalling.add(epoch)
+                recalls.append((holder, epoch))
+        gate.standing.clear()
+        return recalls
+
+    def _forget(self, st: Standing) -> bool:
+        """Drop ``st`` (already out of ``_standing``) from its gate; True when a watched
+        gate went idle."""
+        gate = self._gates.get(st.model)
+        if gate is None:
+            return False
+        if gate.standing.get(st.holder) == st.epoch:
+            del gate.standing[st.holder]
+        if st.epoch in gate.recalling:
+            gate.recalling.discard(st.epoch)
+            return gate.busy == 0 and gate.watch_idle
+        return False
+
     def _remove_waiter(self, waiter: Waiter) -> None:
         gate = self._gates.get(waiter.model)
         if gate is not None:
@@ -380,3 +523,8 @@ class LeaseTable:
         self._tombstones[lease_id] = reason
         while len(self._tombstones) > _TOMBSTONES:
             self._tombstones.popitem(last=False)
+
+
+def _tell(recalls: list[tuple[Holder, int]]) -> None:
+    for holder, epoch in recalls:
+        holder.recall(epoch)

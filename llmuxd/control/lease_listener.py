@@ -13,13 +13,30 @@ that must wait for a switch gets a thread of its own, which blocks in
 The protocol (UTF-8 lines; the front end's client is llmuxd/proxy/lease_client.py):
 
     front end → llmuxd
+      S                              "I take standing grants"; answered S <prefix>
       A <tag> <json model name>      acquire; answered with + or - and the same tag
       C <tag>                        the client left: drop this waiting acquire
       R <lease id> <json outcome>    release; never answered (pipelined)
+      N <epoch> <lease id>           notice: admitted a lease under a standing grant
+                                     (never answered; the id starts with <prefix>)
+      K <epoch>                      ack: no more admissions under <epoch>
     llmuxd → front end
+      S <prefix>                     the lease id prefix of this connection's notices
       + <tag> <json grant>           {"lease_id", "model", "upstream",
                                       "served_model_name", "waited_ms", "switched"}
+                                     and, after S, maybe "standing": <epoch>
       - <tag> <json error>           {"code", "message"} (docs/interfaces.md §5 codes)
+      X <epoch>                      recall: stop admitting under <epoch>, then K
+
+Standing grants (issue 11e) take the round trip off an ACTIVE model's requests: a
+fast grant on a model whose gate is open with nothing pending against it carries an
+epoch, and while the worker holds it, it admits that model's requests itself (a
+lease id of its own, a notice line, and the request goes upstream at once). The
+daemon records each notice as a lease exactly like a granted one (llmuxd/leases.py).
+Whatever closes the gate recalls the epoch, and the gate does not count as drained
+until the worker's K is read: the worker writes K after it stopped admitting, on the
+same stream as its notices, so every lease it admitted is counted by then. A closed
+connection counts as acked; a worker that never acks is cut by the drain timeout.
 
 Leases belong to the peer pid (SO_PEERCRED), as on the control socket: when a
 connection closes and its process is dead (a killed worker), its leases are
@@ -30,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import socket
@@ -65,6 +83,10 @@ class LeaseBackend(Protocol):
 
     def peer_gone(self, pid: int) -> None:
         """A connection of ``pid`` closed: reclaim its leases if it is dead."""
+
+    # Optional (a backend without them never gives standing grants):
+    # standing(model, holder) -> int | None, notice(epoch, lease_id, pid),
+    # ack(epoch), holder_gone(holder); see SupervisorBackend.
 
 
 class SupervisorBackend:
@@ -109,6 +131,22 @@ class SupervisorBackend:
             self.sup.metrics.released(lease.model, outcome.get("status"),
                                       outcome.get("duration_ms"))
 
+    def standing(self, model: str, holder: Any) -> int | None:
+        """A standing grant for ``holder`` on ``model`` (a resolved name), or None."""
+        epoch: int | None = self.sup.leases.standing_for(model, holder)
+        return epoch
+
+    def notice(self, epoch: int, lease_id: str, pid: int) -> None:
+        lease = self.sup.leases.notice(epoch, lease_id, pid)
+        if lease is not None:
+            self.sup.metrics.granted(lease.model, 0.0)
+
+    def ack(self, epoch: int) -> None:
+        self.sup.leases.ack(epoch)
+
+    def holder_gone(self, holder: Any) -> None:
+        self.sup.leases.holder_gone(holder)
+
     def peer_gone(self, pid: int) -> None:
         from llmuxd.pidcheck import pid_alive
         if pid != os.getpid() and not pid_alive(pid):
@@ -121,8 +159,13 @@ def _peer(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+_SERIALS = itertools.count(1)
+
+
 class _Connection(asyncio.Protocol):
-    """One front-end worker's connection: lines in, answers out, on the loop thread."""
+    """One front-end worker's connection: lines in, answers out, on the loop thread.
+
+    It is also the lease table's Holder of the standing grants it was given."""
 
     def __init__(self, listener: LeaseListener) -> None:
         self.listener = listener
@@ -134,6 +177,15 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.cancelled: set[str] = set()
         self.out: list[bytes] = []
+        # Standing grants: only for a peer that said S (it understands X and sends N/K).
+        self.standing_ok = False
+        self.prefix = f"{os.getpid():x}-s{next(_SERIALS)}-"
+        self._standing = getattr(self.backend, "standing", None)
+
+    def recall(self, epoch: int) -> None:
+        """The lease table recalls ``epoch`` (any thread): write X on the loop."""
+        with contextlib.suppress(RuntimeError):  # the loop is gone: daemon stopping
+            self.loop.call_soon_threadsafe(self._send, b"X %d\n" % epoch)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; same interface.
@@ -157,6 +209,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.listener.connections.discard(self)
+        if self.standing_ok:
+            # Every notice it sent was read before this: a closed holder has acked.
+            self.backend.holder_gone(self)  # type: ignore[attr-defined]
         if self.pid:
             self.backend.peer_gone(self.pid)
             # A dying process closes its sockets before it is a zombie, so "is it dead"
@@ -167,7 +222,14 @@ class _Connection(asyncio.Protocol):
 
     def _line(self, line: bytes) -> None:
         op, _, rest = line.partition(b" ")
-        if op == b"R":
+        if op == b"N":
+            epoch, _, lease_id = rest.partition(b" ")
+            lid = lease_id.decode()
+            if self.standing_ok and lid.startswith(self.prefix) and epoch.isdigit():
+                self.backend.notice(int(epoch), lid, self.pid)  # type: ignore[attr-defined]
+            else:
+                log.warning("lease_notice_refused", pid=self.pid, lease_id=lid[:80])
+        elif op == b"R":
             lease_id, _, body = rest.partition(b" ")
             try:
                 outcome = json.loads(body) if body else {}
@@ -180,6 +242,12 @@ class _Connection(asyncio.Protocol):
             self._acquire(tag.decode(), body)
         elif op == b"C":
             self.cancelled.add(rest.decode())
+        elif op == b"K":
+            if self.standing_ok and rest.isdigit():
+                self.backend.ack(int(rest))  # type: ignore[attr-defined]
+        elif op == b"S" and self._standing is not None and not self.standing_ok:
+            self.standing_ok = True
+            self._send(b"S %s\n" % self.prefix.encode())
 
     def _acquire(self, tag: str, body: bytes) -> None:
         try:
@@ -194,6 +262,11 @@ class _Connection(asyncio.Protocol):
             self._answer(tag, None, ApiError("bad_request", "malformed lease request"))
             return
         if grant is not None:
+            if self.standing_ok:
+                assert self._standing is not None
+                epoch = self._standing(grant["model"], self)
+                if epoch is not None:
+                    grant["standing"] = epoch
             self._answer(tag, grant, None)
             return
         threading.Thread(target=self._wait, args=(tag, model), name="lease-wait",
@@ -229,7 +302,11 @@ class _Connection(asyncio.Protocol):
             assert error is not None
             line = b"- %s %s\n" % (tag.encode(), json.dumps(
                 {"code": error.code, "message": error.message}).encode())
-        # Answers of one turn of the loop leave in one write (one wake-up of the worker).
+        self._send(line)
+
+    def _send(self, line: bytes) -> None:
+        """Queue a line; the lines of one turn of the loop leave in one write (one
+        wake-up of the worker)."""
         if not self.out:
             self.loop.call_soon(self._flush)
         self.out.append(line)

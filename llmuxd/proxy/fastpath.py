@@ -275,6 +275,9 @@ class Exchange:
 
     async def _lease(self, model: str) -> Lease:
         leases = self.fp.deps.leases
+        lease = leases.local(model)  # a standing grant: no round trip
+        if lease is not None:
+            return lease
         client = self.client
         try:
             tag, fut = await leases.begin(model)

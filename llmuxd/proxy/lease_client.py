@@ -8,6 +8,15 @@ tagged, so any number wait at once on the one connection (a switch can take
 minutes) and answers may come in any order. A release is written and not waited
 for (pipelined): the daemon never answers it.
 
+Standing grants (issue 11e; protocol in lease_listener.py): the connection opens
+with S, and a grant may then carry a standing epoch for its model. While the worker
+holds it, ``local`` admits that model's requests here: a lease id of the worker's
+own, a notice line queued like a release, and no round trip. A recall (X) drops the
+epoch before anything else is read and answers K behind every notice already
+queued, so the daemon has counted each admitted lease when it reads the ack; the
+requests after it take the round trip again (and wait for the switch). A broken
+connection drops every standing grant with it.
+
 Leases belong to the worker's pid (SO_PEERCRED), not to the connection: a worker
 that dies loses its leases in the daemon without any help from here. If the
 connection breaks, waiting acquires fail with DaemonUnavailable (503) and the next
@@ -72,9 +81,25 @@ class _LeaseConnection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.pending: dict[bytes, asyncio.Future[Lease]] = {}
+        self.asked: dict[bytes, str] = {}         # tag → the model name it asked for
         self.lost = False
         self.buf = b""
         self.out: list[bytes] = []
+        self.prefix = ""                          # from the daemon's S answer
+        self.standing: dict[str, tuple[int, Lease]] = {}  # asked name → (epoch, a grant)
+        self.admitted = 0
+
+    def local(self, model: str) -> Lease | None:
+        """A lease admitted here under a standing grant for ``model``, or None."""
+        held = self.standing.get(model)
+        if held is None or self.lost:
+            return None
+        epoch, grant = held
+        self.admitted += 1
+        lease_id = f"{self.prefix}{self.admitted}"
+        self.send(b"N %d %s\n" % (epoch, lease_id.encode()))
+        return Lease(lease_id, grant.model, grant.upstream, grant.served_model_name,
+                     0.0, False)
 
     def send(self, line: bytes) -> None:
         if not self.out:
@@ -96,8 +121,18 @@ class _LeaseConnection(asyncio.Protocol):
             self._answer(line)
 
     def _answer(self, line: bytes) -> None:
+        if line[:2] == b"X ":
+            epoch = int(line[2:])
+            for name in [n for n, (e, _) in self.standing.items() if e == epoch]:
+                del self.standing[name]
+            self.send(b"K %d\n" % epoch)  # after every notice queued so far
+            return
+        if line[:2] == b"S ":
+            self.prefix = line[2:].decode()
+            return
         kind, tag, body = line.split(b" ", 2)
         fut = self.pending.pop(tag, None)
+        asked = self.asked.pop(tag, None)
         data = json.loads(body)
         if fut is None or fut.done():
             if kind == b"+" and self.transport is not None:
@@ -106,12 +141,15 @@ class _LeaseConnection(asyncio.Protocol):
                           % data["lease_id"].encode())
             return
         if kind == b"+":
-            fut.set_result(Lease(lease_id=data["lease_id"], model=data["model"],
-                                 upstream=data["upstream"],
-                                 served_model_name=data.get("served_model_name")
-                                 or data["model"],
-                                 waited_ms=float(data.get("waited_ms") or 0.0),
-                                 switched=bool(data.get("switched"))))
+            lease = Lease(lease_id=data["lease_id"], model=data["model"],
+                          upstream=data["upstream"],
+                          served_model_name=data.get("served_model_name") or data["model"],
+                          waited_ms=float(data.get("waited_ms") or 0.0),
+                          switched=bool(data.get("switched")))
+            epoch = data.get("standing")
+            if isinstance(epoch, int) and self.prefix and asked is not None:
+                self.standing[asked] = (epoch, lease)
+            fut.set_result(lease)
         else:
             code = str(data.get("code") or "internal")
             fut.set_exception(DaemonError(_STATUS.get(code, 502), code,
@@ -119,6 +157,8 @@ class _LeaseConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.standing.clear()
+        self.asked.clear()
         for fut in self.pending.values():
             if not fut.done():
                 fut.set_exception(DaemonUnavailable("the daemon closed the lease connection"))
@@ -167,6 +207,7 @@ class LeaseClient:
             self._connecting = None
             raise error from None
         assert isinstance(proto, _LeaseConnection)
+        proto.send(b"S\n")  # standing grants welcome (answered S <prefix>, first)
         self._conn = proto
         self._connecting.set_result(proto)
         self._connecting = None
@@ -179,6 +220,7 @@ class LeaseClient:
         tag = b"%d" % self._tags
         fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         conn.pending[tag] = fut
+        conn.asked[tag] = model
         conn.send(b"A %s %s\n" % (tag, json.dumps(model).encode()))
         return tag, fut
 
@@ -200,7 +242,18 @@ class LeaseClient:
         finally:
             handle.cancel()
 
+    def local(self, model: str) -> Lease | None:
+        """A lease on ``model`` at once under a standing grant (no round trip), or
+        None: then begin/wait."""
+        conn = self._conn
+        if conn is None or self._loop is not asyncio.get_running_loop():
+            return None
+        return conn.local(model)
+
     async def acquire(self, model: str) -> Lease:
+        lease = self.local(model)
+        if lease is not None:
+            return lease
         _, fut = await self.begin(model)
         return await self.wait(fut)
 

@@ -1,0 +1,224 @@
+"""Standing grants (issue 11e) on the real lease socket, with a scripted peer.
+
+The listener runs its real event-loop thread on a real Unix socket in front of a real
+LeaseTable through SupervisorBackend (the stand-in supervisor of
+test_lease_listener.py); the peer is a plain socket that says exactly what the test
+scripts, so the orderings that matter (a notice after the daemon decided to drain,
+an ack held back) happen every run, without sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llmuxd.config import lease_socket_path
+from llmuxd.control.lease_listener import LeaseListener, SupervisorBackend
+from llmuxd.proxy.lease_client import LeaseClient
+from tests.proxy.test_lease_listener import Sup
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[Sup, str]]:
+    sup = Sup()
+    sup.leases.add_model("model-a", "http://127.0.0.1:9001", "served-a")
+    sup.leases.add_model("model-b", "http://127.0.0.1:9002", "model-b")
+    sup.leases.open_gate("model-a")
+    control = str(tmp_path / "llmuxd.sock")
+    listener = LeaseListener(lease_socket_path(control), SupervisorBackend(sup)).start()
+    try:
+        yield sup, control
+    finally:
+        listener.close()
+
+
+class Peer:
+    """A scripted front-end connection: send lines, read lines (with a deadline)."""
+
+    def __init__(self, control: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(lease_socket_path(control))
+        self.buf = b""
+
+    def send(self, line: str) -> None:
+        self.sock.sendall(line.encode() + b"\n")
+
+    def line(self) -> str:
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            assert data, "the daemon closed the connection"
+            self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_until(cond, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 10
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def standing_peer(control: str) -> tuple[Peer, str, str, int]:
+    """A peer that took a standing grant on model-a: (peer, prefix, lease id, epoch)."""
+    peer = Peer(control)
+    peer.send("S")
+    kind, prefix = peer.line().split(" ", 1)
+    assert kind == "S" and prefix
+    peer.send('A 1 "model-a"')
+    kind, tag, body = peer.line().split(" ", 2)
+    grant = json.loads(body)
+    assert (kind, tag) == ("+", "1")
+    assert isinstance(grant.get("standing"), int), grant
+    return peer, prefix, grant["lease_id"], grant["standing"]
+
+
+def test_drain_waits_for_the_ack_of_a_recalled_standing_grant(
+        daemon: tuple[Sup, str]) -> None:
+    """The worker admits a request under its grant at the moment the daemon decides to
+    drain: the gate must not count as drained until the ack, and then it counts the
+    noticed lease until its release."""
+    sup, control = daemon
+    peer, prefix, first, epoch = standing_peer(control)
+    try:
+        assert sup.leases.close_gate("model-a") >= 1       # the daemon decides to drain
+        assert peer.line() == f"X {epoch}"                 # ...and recalls the grant
+        peer.send(f"R {first} {{}}")                      # the granted lease ends
+        wait_until(lambda: not sup.leases.leases(), "the release was not read")
+        # The ack is held back: a request may have been admitted meanwhile.
+        assert sup.leases.view()["model-a"].in_flight == 1, "drained before the ack"
+        peer.send(f"N {epoch} {prefix}7")                 # it was: its notice comes
+        wait_until(lambda: sup.leases.leases(), "the notice was not recorded")
+        assert sup.leases.view()["model-a"].in_flight == 2
+        peer.send(f"K {epoch}")
+        wait_until(lambda: sup.leases.view()["model-a"].in_flight == 1,
+                   "the ack was not read")
+        assert [lo.lease_id for lo in sup.leases.leases()] == [f"{prefix}7"]
+        assert [lo.pid for lo in sup.leases.leases()] == [os.getpid()]
+        kicks = sup.kicks
+        peer.send(f"R {prefix}7 {{\"status\": 200}}")
+        wait_until(lambda: sup.leases.view()["model-a"].in_flight == 0,
+                   "the noticed lease was not released")
+        assert sup.kicks > kicks                           # the drain hears it at once
+        assert ("released", ("model-a", 200)) in sup.metrics.calls
+        # After the recall, requests take the round trip and wait (the gate is shut).
+        peer.send('A 2 "model-a"')
+        wait_until(lambda: sup.leases.view()["model-a"].queued == 1, "not queued")
+    finally:
+        peer.close()
+
+
+def test_a_closed_holder_counts_as_acked(daemon: tuple[Sup, str]) -> None:
+    sup, control = daemon
+    peer, _prefix, first, epoch = standing_peer(control)
+    peer.send(f"R {first} {{}}")
+    wait_until(lambda: not sup.leases.leases(), "the release was not read")
+    sup.leases.close_gate("model-a")
+    assert peer.line() == f"X {epoch}"
+    assert sup.leases.view()["model-a"].in_flight == 1
+    peer.close()
+    wait_until(lambda: sup.leases.view()["model-a"].in_flight == 0,
+               "a closed holder still held the drain")
+
+
+def test_revoke_stops_waiting_and_later_notices_arrive_revoked(
+        daemon: tuple[Sup, str]) -> None:
+    """A holder that never acks is cut like a drain timeout: revoke forgets its
+    recall, and a lease it notices afterwards is not counted (its release says why)."""
+    sup, control = daemon
+    peer, prefix, first, epoch = standing_peer(control)
+    try:
+        sup.leases.close_gate("model-a")
+        assert peer.line() == f"X {epoch}"
+        assert [lo.lease_id for lo in sup.leases.revoke("model-a", "drain timed out")] \
+            == [first]
+        assert sup.leases.view()["model-a"].in_flight == 0
+        peer.send(f"N {epoch} {prefix}9")
+        wait_until(lambda: sup.leases.revoked_reason(f"{prefix}9") is not None,
+                   "the late notice was not read")
+        assert sup.leases.leases() == []
+        assert sup.leases.view()["model-a"].in_flight == 0
+    finally:
+        peer.close()
+
+
+def test_no_standing_grant_without_asking_or_while_something_is_pending(
+        daemon: tuple[Sup, str]) -> None:
+    sup, control = daemon
+    plain = Peer(control)                      # never said S: the old protocol
+    try:
+        plain.send('A 1 "model-a"')
+        assert "standing" not in json.loads(plain.line().split(" ", 2)[2])
+    finally:
+        plain.close()
+    sup.leases.watch_idle("model-a")           # a switch waits for model-a to go idle
+    peer = Peer(control)
+    try:
+        peer.send("S")
+        peer.line()
+        peer.send('A 1 "model-a"')
+        assert "standing" not in json.loads(peer.line().split(" ", 2)[2])
+    finally:
+        peer.close()
+
+
+def test_notices_with_a_foreign_prefix_are_refused(daemon: tuple[Sup, str]) -> None:
+    sup, control = daemon
+    peer, prefix, first, epoch = standing_peer(control)
+    try:
+        peer.send(f"N {epoch} {first}")        # an id the daemon gave out: a collision
+        peer.send(f"N {epoch} other-1")
+        peer.send(f"N {epoch} {prefix}1")
+        wait_until(lambda: len(sup.leases.leases()) == 2, "the good notice was not read")
+        assert sorted(lo.lease_id for lo in sup.leases.leases()) == sorted(
+            [first, f"{prefix}1"])
+    finally:
+        peer.close()
+
+
+def test_the_client_admits_locally_and_acks_a_recall_after_its_notices(
+        daemon: tuple[Sup, str]) -> None:
+    """The front end's own LeaseClient: round trip once, then local leases noticed to
+    the daemon; a recall sends it back to the round trip."""
+    sup, control = daemon
+
+    async def go() -> None:
+        client = LeaseClient(control, lease_timeout=10)
+        first = await client.acquire("alias-a")
+        assert client.local("model-b") is None
+        local = client.local("alias-a")
+        assert local is not None
+        assert (local.model, local.upstream, local.served_model_name) == (
+            "model-a", "http://127.0.0.1:9001", "served-a")
+        more = [client.local("alias-a") for _ in range(5)]
+        ids = {first.lease_id, local.lease_id, *(lo.lease_id for lo in more if lo)}
+        assert len(ids) == 7
+        deadline = time.monotonic() + 10
+        while len(sup.leases.leases()) < 7:
+            assert time.monotonic() < deadline, "notices not recorded"
+            await asyncio.sleep(0.005)
+        await asyncio.to_thread(sup.leases.close_gate, "model-a")
+        while sup.leases.view()["model-a"].in_flight != 7:   # the ack came: 7 leases
+            assert time.monotonic() < deadline, sup.leases.view()
+            await asyncio.sleep(0.005)
+        assert client.local("alias-a") is None
+        for lease_id in ids:
+            client.release(lease_id, {"status": 200})
+        while sup.leases.view()["model-a"].in_flight:
+            assert time.monotonic() < deadline, "releases not recorded"
+            await asyncio.sleep(0.005)
+        client.close()
+
+    asyncio.run(go())
+    assert sup.leases.leases() == []
