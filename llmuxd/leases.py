@@ -235,11 +235,15 @@ class LeaseTable:
     # -- supervisor side ----------------------------------------------------
 
     def add_model(self, model: str, upstream: str, served_model_name: str) -> None:
+        recalls: list[tuple[Holder, int]] = []
         with self._lock:
             gate = self._gates.setdefault(model, Gate(model))
+            if (gate.upstream, gate.served_model_name) != (upstream, served_model_name):
+                recalls = self._recall(gate)  # holders cached the old address
             gate.upstream = upstream
             gate.served_model_name = served_model_name
             gate.hold = None
+        _tell(recalls)
 
     def remove_model(self, model: str, error: ApiError) -> list[Lease]:
         """Forget a model (reload removed it): refuse its waiters, drop its leases."""

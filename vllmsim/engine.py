@@ -119,6 +119,7 @@ class Engine:
         self.hold_running = False
         self.running: set[Handle] = set()
         self.parked = 0
+        self.parked_total = 0   # requests that arrived while asleep (ever): a proxy bug
         self.shutting_down = False
         self.op_lock = asyncio.Lock()
         self.requests_served = 0
@@ -310,6 +311,7 @@ class Engine:
         """Wait (parked) while the engine sleeps; None when the client left meanwhile."""
         if not self.gate.is_set():
             self.parked += 1
+            self.parked_total += 1
             try:
                 while not self.gate.is_set():
                     if client_gone():

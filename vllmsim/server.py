@@ -354,6 +354,7 @@ async def _sim_state(srv: SimServer, req: Request, resp: Responder) -> None:
                                if e.host_weights else 0),
         "running": len(e.running),
         "parked": e.parked,
+        "parked_total": e.parked_total,
         "requests_served": srv.served,
         "faults": srv.opts.faults.as_dict(),
         "enable_sleep_mode": srv.opts.enable_sleep_mode,
