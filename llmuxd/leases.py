@@ -344,8 +344,11 @@ class LeaseTable:
         or None when the gate is not open with nothing pending against the model."""
         with self._lock:
             gate = self._gates.get(model)
+            # Not watch_idle: "kick me when idle" decides nothing, and the counts it
+            # watches stay exact under standing grants (it is sticky until the gate
+            # next opens, so honouring it would turn grants off for good).
             if (self.closed or gate is None or not gate.open or gate.queue
-                    or gate.hold is not None or gate.watch_idle):
+                    or gate.hold is not None):
                 return None
             epoch = gate.standing.get(holder)
             if epoch is None:

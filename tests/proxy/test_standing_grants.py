@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from llmuxd.config import lease_socket_path
+from llmuxd.control.errors import ApiError
 from llmuxd.control.lease_listener import LeaseListener, SupervisorBackend
 from llmuxd.proxy.lease_client import LeaseClient
 from tests.proxy.test_lease_listener import Sup
@@ -162,7 +163,7 @@ def test_no_standing_grant_without_asking_or_while_something_is_pending(
         assert "standing" not in json.loads(plain.line().split(" ", 2)[2])
     finally:
         plain.close()
-    sup.leases.watch_idle("model-a")           # a switch waits for model-a to go idle
+    sup.leases.set_hold("model-a", ApiError("model_failed", "held"))  # pending: a hold
     peer = Peer(control)
     try:
         peer.send("S")
