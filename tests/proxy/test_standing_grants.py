@@ -223,3 +223,67 @@ def test_the_client_admits_locally_and_acks_a_recall_after_its_notices(
 
     asyncio.run(go())
     assert sup.leases.leases() == []
+
+
+class FakeHolder:
+    """A holder for the table alone: records the recalls it was told."""
+
+    def __init__(self) -> None:
+        self.recalled: list[int] = []
+
+    def recall(self, epoch: int) -> None:
+        self.recalled.append(epoch)
+
+
+def held_table() -> tuple[Sup, FakeHolder, int]:
+    sup = Sup()
+    sup.leases.add_model("model-a", "http://127.0.0.1:9001", "served-a")
+    sup.leases.open_gate("model-a")
+    holder = FakeHolder()
+    epoch = sup.leases.standing_for("model-a", holder)
+    assert epoch is not None
+    assert sup.leases.standing_for("model-a", holder) == epoch   # one per holder
+    return sup, holder, epoch
+
+
+@pytest.mark.parametrize("what", ["hold", "shutdown", "new address", "removal"])
+def test_everything_that_ends_admission_recalls(what: str) -> None:
+    sup, holder, epoch = held_table()
+    t = sup.leases
+    if what == "hold":
+        t.set_hold("model-a", ApiError("model_failed", "held"))
+    elif what == "shutdown":
+        t.shut()
+    elif what == "new address":
+        t.add_model("model-a", "unix:/run/llmux/a.sock", "served-a")
+    else:
+        t.remove_model("model-a", ApiError("model_not_found", "removed"))
+    assert holder.recalled == [epoch]
+    if what == "new address":      # the gate stays open: a new grant, a new epoch
+        assert t.standing_for("model-a", holder) not in (None, epoch)
+    else:
+        assert t.standing_for("model-a", holder) is None
+    if what in ("hold", "shutdown", "new address"):
+        assert t.view()["model-a"].in_flight == 1          # until the ack
+        assert t.total_in_flight() == 1
+        t.notice(epoch, "p-1", 4242)                       # admitted before the ack
+        t.ack(epoch)
+        assert t.view()["model-a"].in_flight == 1
+        t.release("p-1")
+        assert t.total_in_flight() == 0
+
+
+def test_noticed_leases_expire_and_are_reclaimed_like_granted_ones() -> None:
+    sup, holder, epoch = held_table()
+    t = sup.leases
+    old = t.notice(epoch, "p-1", 4242)
+    assert old is not None
+    old.granted_at -= 100.0
+    t.notice(epoch, "p-2", 4343)
+    assert [lo.lease_id for lo in t.expire(max_age=50.0)] == ["p-1"]
+    assert t.revoked_reason("p-1") is not None
+    assert [lo.lease_id for lo in t.reclaim_pid(4343)] == ["p-2"]
+    assert t.view()["model-a"].in_flight == 0
+    t.holder_gone(holder)                                   # its connection closed
+    assert t.notice(epoch, "p-3", 4242) is None             # nothing admits under it now
+    assert t.leases() == []
