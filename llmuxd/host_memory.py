@@ -201,6 +201,7 @@ class HostMemoryKeeper:
         self.limit_how = ""
         self.next_at = 0.0
         self.running = False
+        self.sampled_at: float | None = None   # wall time the last applied sample began
         self._disk: dict[str, int | None] = {}
 
     # -- sampling --------------------------------------------------------------
@@ -212,21 +213,24 @@ class HostMemoryKeeper:
         self.running = True
         self.next_at = now + SAMPLE_EVERY
         pids = {n: m.child.pid for n, m in self.core.models.items() if m.child is not None}
-        threading.Thread(target=self._sample, args=(pids,), name="host-sample",
+        threading.Thread(target=self._sample, args=(pids, time.time()), name="host-sample",
                          daemon=True).start()
 
-    def _sample(self, pids: dict[str, int]) -> None:
+    def _sample(self, pids: dict[str, int], began: float) -> None:
         by_pid = trees_rss(list(pids.values())) if pids else {}
         sizes = {n: by_pid.get(pid) for n, pid in pids.items()}
         try:
             host: HostMemory | None = self.read_host()
         except (OSError, ValueError, KeyError):
             host = None
-        self.core.post(lambda: self._apply(pids, sizes, host))
+        self.core.post(lambda: self._apply(pids, sizes, host, began))
 
     def _apply(self, pids: dict[str, int], sizes: dict[str, int | None],
-               host: HostMemory | None) -> None:
+               host: HostMemory | None, began: float) -> None:
         self.running = False
+        # When the figures were taken: a sample begun before a switch ended still shows
+        # the memory as it was (a woken model's level-1 copy, for one).
+        self.sampled_at = began
         for name, m in self.core.models.items():
             if m.child is None:
                 m.host_memory_bytes = None
@@ -347,6 +351,7 @@ class HostMemoryKeeper:
             "host_total_bytes": host.total if host else None,
             "host_available_bytes": host.available if host else None,
             "models_bytes": self._held(),
+            "sampled_at": self.sampled_at,
             "limit_bytes": self.limit, "limit": self.core.config.daemon.host_memory_limit,
             "limit_how": self.limit_how or None,
             "recent_actions": list(self.actions),

@@ -9,6 +9,7 @@ known in advance), a little above what they hold then.
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 from llmux_testkit.daemon import free_port, sim_model
@@ -32,10 +33,16 @@ def _learned(d, names):
 
 
 def _set_limit_above_what_is_held(d, margin):
-    def sleepers_sampled():
-        st = d.status()["models"]
-        return all(m["host_memory_bytes"] for m in st.values() if m["pid"] is not None)
-    d.wait_for(sleepers_sampled, 30, "host RAM sampled")
+    # A sample begun now, after the test's last switch: one taken before a model woke
+    # still counts its level-1 copy (CI saw that: a budget 128 MiB too generous).
+    since = time.time()
+
+    def sampled_since():
+        status = d.status()
+        fresh = (status["memory"]["sampled_at"] or 0) >= since
+        return fresh and all(m["host_memory_bytes"] for m in status["models"].values()
+                             if m["pid"] is not None)
+    d.wait_for(sampled_since, 30, "host RAM sampled after the last switch")
     held = d.status()["memory"]["models_bytes"]
     d.extra.setdefault("daemon", {})["host_memory_limit"] = str(held + margin)
     d.write_config()
