@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import textwrap
 import time
 from collections.abc import Iterator
@@ -12,28 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from llmux_testkit.sim import free_port
 from llmuxd.config import Config, load_config
 from llmuxd.frontend import FrontEnd
 
+from .lease_standin import daemon  # noqa: F401 (a fixture for the lease socket's tests)
 from .standins import FakeChild, FakeDaemon, FakeModel
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def free_ports(n: int) -> list[int]:
-    """n distinct free ports (all bound at once, so none repeats)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """n distinct free ports (``free_port`` never hands out the same one twice)."""
+    return [free_port() for _ in range(n)]
 
 
 def write_config(path: Path, port: int, models: dict[str, int], extra_proxy: str = "",

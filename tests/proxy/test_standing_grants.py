@@ -14,30 +14,13 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from llmuxd.config import lease_socket_path
 from llmuxd.control.errors import ApiError
-from llmuxd.control.lease_listener import LeaseListener, SupervisorBackend
 from llmuxd.proxy.lease_client import LeaseClient
-from tests.proxy.test_lease_listener import Sup
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[tuple[Sup, str]]:
-    sup = Sup()
-    sup.leases.add_model("model-a", "http://127.0.0.1:9001", "served-a")
-    sup.leases.add_model("model-b", "http://127.0.0.1:9002", "model-b")
-    sup.leases.open_gate("model-a")
-    control = str(tmp_path / "llmuxd.sock")
-    listener = LeaseListener(lease_socket_path(control), SupervisorBackend(sup)).start()
-    try:
-        yield sup, control
-    finally:
-        listener.close()
+from tests.proxy.lease_standin import Sup
 
 
 class Peer:
