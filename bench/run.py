@@ -14,6 +14,7 @@ and in time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -403,20 +405,29 @@ def main() -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _bench_daemon(models: dict[str, dict[str, Any]], workers: int,
+                  prefix: str) -> Iterator[tuple[DaemonProcess, int]]:
+    """llmuxd with its front end on ``models`` (the single-measurement modes' setup):
+    the daemon and the front end's port, once /health answers."""
+    config = {"proxy": {"host": "127.0.0.1", "workers": workers},
+              "policy": {"request_timeout_secs": 120.0},
+              "daemon": {"max_queue_per_model": 4096}}
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    with DaemonProcess(models, config=config, frontend=True, tmp=tmp,
+                       log_level="warning") as daemon:
+        port = load_config(daemon.config_path).port
+        wait_http(port, "/health", 60)
+        yield daemon, port
+
+
 def p4_only(switches: int, workers: int) -> int:
     """P4 alone, on the same two models and config as the full run (quicker to bisect)."""
     models = {"sw-a": sim_model(model_path="sim/qwen-7b", gpu_memory_utilization=0.6,
                                 sleep_level=1, extra_args=SWITCH_ARGS),
               "sw-b": sim_model(model_path="sim/llama-8b", gpu_memory_utilization=0.6,
                                 sleep_level=1, extra_args=SWITCH_ARGS)}
-    config = {"proxy": {"host": "127.0.0.1", "workers": workers},
-              "policy": {"request_timeout_secs": 120.0},
-              "daemon": {"max_queue_per_model": 4096}}
-    tmp = Path(tempfile.mkdtemp(prefix="llmux-bench-p4-"))
-    with DaemonProcess(models, config=config, frontend=True, tmp=tmp,
-                       log_level="warning") as daemon:
-        port = load_config(daemon.config_path).port
-        wait_http(port, "/health", 60)
+    with _bench_daemon(models, workers, "llmux-bench-p4-") as (daemon, port):
         rows = p4_switches(daemon, port, {m: t["port"] for m, t in models.items()},
                            switches, time.monotonic() + 300)
     print("\n".join(_p4_lines(rows)))
@@ -429,14 +440,7 @@ def p2_only(rounds: int, workers: int) -> int:
     alternate; the box is shared, so compare medians of several rounds)."""
     models = {"fast": sim_model(model_path="sim/fast-1b", gpu_memory_utilization=0.15,
                                 sleep_level=1, extra_args=FAST_ARGS)}
-    config = {"proxy": {"host": "127.0.0.1", "workers": workers},
-              "policy": {"request_timeout_secs": 120.0},
-              "daemon": {"max_queue_per_model": 4096}}
-    tmp = Path(tempfile.mkdtemp(prefix="llmux-bench-p2-"))
-    with DaemonProcess(models, config=config, frontend=True, tmp=tmp,
-                       log_level="warning") as daemon:
-        port = load_config(daemon.config_path).port
-        wait_http(port, "/health", 60)
+    with _bench_daemon(models, workers, "llmux-bench-p2-") as (daemon, port):
         target = Target("llmux", port, "fast")
         p1_latency([target], 1, 200)  # start the model, warm connections
         cpu_pids = {"llmux": lambda: llmux_pids(daemon), "llmux:daemon": lambda: [daemon.pid]}
@@ -458,14 +462,7 @@ def p3b_only(rounds: int, workers: int, steady: bool = False) -> int:
     CPU of all llmux processes per relayed chunk."""
     models = {"stream": sim_model(model_path="sim/stream-1b", gpu_memory_utilization=0.15,
                                   sleep_level=1, extra_args=STREAM_ARGS)}
-    config = {"proxy": {"host": "127.0.0.1", "workers": workers},
-              "policy": {"request_timeout_secs": 120.0},
-              "daemon": {"max_queue_per_model": 4096}}
-    tmp = Path(tempfile.mkdtemp(prefix="llmux-bench-p3b-"))
-    with DaemonProcess(models, config=config, frontend=True, tmp=tmp,
-                       log_level="warning") as daemon:
-        port = load_config(daemon.config_path).port
-        wait_http(port, "/health", 60)
+    with _bench_daemon(models, workers, "llmux-bench-p3b-") as (daemon, port):
         targets = [Target("direct", models["stream"]["port"], "stream"),
                    Target("llmux", port, "stream")]
         p1_latency(targets, 2, 20)  # start the model, warm connections
