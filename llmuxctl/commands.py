@@ -208,8 +208,10 @@ def cmd_logs(ctx: Context) -> int:
     data = _fetch_logs(ctx, window)
     model = str(data.get("model", ctx.args.model))
     seen: list[str] = data["lines"]
-    _print_lines(ctx, model, seen[-count:] if count else [])
     try:
+        # Ctrl-C once lines are coming out ends the follow normally, also while the
+        # first ones are still being printed.
+        _print_lines(ctx, model, seen[-count:] if count else [])
         while True:
             time.sleep(FOLLOW_POLL_SECS)  # the poll interval, not a synchronisation
             current = _fetch_logs(ctx, window)["lines"]

@@ -7,9 +7,12 @@ Ctrl-C (or ``kill -INT``) did nothing. llmuxctl installs its handler explicitly.
 
 from __future__ import annotations
 
+import io
 import signal
 import subprocess
 import sys
+
+from llmuxctl.cli import main
 
 from .conftest import REPO, ctl_env
 from .fake_daemon import FakeDaemon
@@ -54,3 +57,20 @@ def test_sigint_ends_logs_follow_though_started_ignored(fake: FakeDaemon) -> Non
             proc.kill()
             proc.wait()
     assert proc.returncode == 0
+
+
+class _CtrlCOnFirstWrite(io.StringIO):
+    """stdout on which Ctrl-C arrives while the first lines are being printed."""
+
+    def write(self, s: str) -> int:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_the_first_lines_of_logs_follow_also_ends_it_with_0(
+        fake: FakeDaemon) -> None:
+    """CI caught the race: SIGINT right after the first line came out, while llmuxctl
+    was still printing the initial tail (outside the follow loop), exited 130."""
+    err = io.StringIO()
+    code = main([*sock(fake), "logs", "alpha", "-f", "-n", "1"], out=_CtrlCOnFirstWrite(),
+                err=err)
+    assert (code, err.getvalue()) == (0, "")
