@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import textwrap
@@ -106,16 +107,23 @@ def wait_http(port: int, path: str = "/health", timeout: float = 60.0,
     raise AssertionError(f"nothing answered on :{port}{path} in {timeout}s: {last}")
 
 
-@pytest.fixture
-def gunicorn_stack(stack: Stack) -> Iterator[tuple[Stack, FrontEnd]]:
-    """The fake daemon and children behind a real gunicorn front end."""
+@contextlib.contextmanager
+def served(stack: Stack) -> Iterator[FrontEnd]:
+    """A real gunicorn front end in front of ``stack``, answering /health; stopped after."""
     fe = FrontEnd(stack.config, str(stack.config_path), stack.socket_path)
     fe.start()
     try:
         wait_http(stack.port, proc=fe)
-        yield stack, fe
+        yield fe
     finally:
         fe.stop(timeout=10)
+
+
+@pytest.fixture
+def gunicorn_stack(stack: Stack) -> Iterator[tuple[Stack, FrontEnd]]:
+    """The fake daemon and children behind a real gunicorn front end."""
+    with served(stack) as fe:
+        yield stack, fe
 
 
 def post(port: int, path: str, body: dict[str, object] | bytes,

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from llmuxd.frontend import FrontEnd
-
-from .conftest import Stack, wait_http
+from .conftest import Stack, served
 
 KEY = "sk-test-key"
 
@@ -25,14 +23,8 @@ KEY = "sk-test-key"
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp: Path = tmp_path_factory.mktemp("keyed")
-    with Stack(tmp, extra_proxy=f'api_keys = ["{KEY}"]') as stack:
-        fe = FrontEnd(stack.config, str(stack.config_path), stack.socket_path)
-        fe.start()
-        try:
-            wait_http(stack.port, proc=fe)
-            yield stack
-        finally:
-            fe.stop(timeout=10)
+    with Stack(tmp, extra_proxy=f'api_keys = ["{KEY}"]') as stack, served(stack):
+        yield stack
 
 
 def raw(port: int, method: str, target: str, body: bytes = b"",

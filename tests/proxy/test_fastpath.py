@@ -18,24 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from llmuxd.frontend import FrontEnd
 from llmuxd.proxy.relay import Outcome
 
-from .conftest import Stack, wait_for, wait_http
+from .conftest import Stack, served, wait_for
 
 KEY = "sk-fast-key"
 CHAT = json.dumps({"model": "model-a", "messages": []}).encode()
 
 
 def _serve(tmp: Path, extra_proxy: str) -> Iterator[Stack]:
-    with Stack(tmp, extra_proxy=extra_proxy) as stack:
-        fe = FrontEnd(stack.config, str(stack.config_path), stack.socket_path)
-        fe.start()
-        try:
-            wait_http(stack.port, proc=fe)
-            yield stack
-        finally:
-            fe.stop(timeout=10)
+    with Stack(tmp, extra_proxy=extra_proxy) as stack, served(stack):
+        yield stack
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 
 from llmuxd.frontend import FrontEnd
 
-from .conftest import Stack, post, wait_for, wait_http
+from .conftest import Stack, post, served, wait_for, wait_http
 from .standins import FakeChild, FakeModel
 
 GUARDS = """
@@ -33,14 +33,8 @@ body_timeout_secs = 2.0
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, FrontEnd]]:
     tmp: Path = tmp_path_factory.mktemp("guarded")
-    with Stack(tmp, extra_proxy=GUARDS) as stack:
-        fe = FrontEnd(stack.config, str(stack.config_path), stack.socket_path)
-        fe.start()
-        try:
-            wait_http(stack.port, proc=fe)
-            yield stack, fe
-        finally:
-            fe.stop(timeout=10)
+    with Stack(tmp, extra_proxy=GUARDS) as stack, served(stack) as fe:
+        yield stack, fe
 
 
 def worker(fe: FrontEnd) -> psutil.Process:
