@@ -299,12 +299,18 @@ def main() -> int:
                          "20,000 requests (4 s cap), and print one JSON line per round "
                          "(CPU µs per request: all llmux, llmuxd, front end); for A/B "
                          "runs of the front end's CPU; the doc is not written")
+    ap.add_argument("--p1-only", type=int, metavar="ROUNDS", default=0,
+                    help="run only P1 (direct and llmux, interleaved), ROUNDS rounds of "
+                         "300 requests each, one JSON line per round (added p50/p99 ms); "
+                         "the doc is not written")
     ap.add_argument("--p3b-only", type=int, metavar="ROUNDS", default=0,
                     help="run only P3b (1,024 streams at once, direct and llmux), ROUNDS "
                          "rounds, one JSON line per round; the doc is not written")
     ap.add_argument("--p3-only", type=int, metavar="ROUNDS", default=0,
                     help="the same for P3's steady state (256 streams open throughout)")
     args = ap.parse_args()
+    if args.p1_only:
+        return p1_only(args.p1_only, args.workers)
     if args.p3b_only:
         return p3b_only(args.p3b_only, args.workers)
     if args.p3_only:
@@ -453,6 +459,27 @@ def p2_only(rounds: int, workers: int) -> int:
                               "frontend_us": round(a["cpu_us_per_req"]
                                                    - a["daemon_us_per_req"], 1)}),
                   flush=True)
+    return 0
+
+
+def p1_only(rounds: int, workers: int) -> int:
+    """P1 alone (direct and llmux interleaved as in the full run), one line per round:
+    quick A/B runs of the added latency (same PYTHONPATH method as ``--p2-only``)."""
+    models = {"fast": sim_model(model_path="sim/fast-1b", gpu_memory_utilization=0.15,
+                                sleep_level=1, extra_args=FAST_ARGS)}
+    with _bench_daemon(models, workers, "llmux-bench-p1-") as (_daemon, port):
+        targets = [Target("direct", models["fast"]["port"], "fast"),
+                   Target("llmux", port, "fast")]
+        p1_latency(targets, 2, 50)  # start the model, warm connections
+        for r in range(rounds):
+            lat = p1_latency(targets, 2, 150)
+            d, x = lat["direct"], lat["llmux"]
+            print(json.dumps({"round": r, "loadavg": round(os.getloadavg()[0], 2),
+                              "direct_p50_ms": round(percentile(d, 50) * 1e3, 3),
+                              "added_p50_ms": round((percentile(x, 50) - percentile(d, 50))
+                                                    * 1e3, 3),
+                              "added_p99_ms": round((percentile(x, 99) - percentile(d, 99))
+                                                    * 1e3, 3)}), flush=True)
     return 0
 
 

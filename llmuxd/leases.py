@@ -375,6 +375,26 @@ class LeaseTable:
             gate.last_use = now
             return lease
 
+    def done(self, epoch: int) -> str | None:
+        """A request its holder admitted under standing grant ``epoch`` and finished
+        before its notice left (one ``D`` line for ``N`` + ``R``): the model's last use
+        moves, nothing is in flight for it. The model, or None for an unknown epoch.
+
+        Why it may skip the lease: a drain only ever waits for requests still on their
+        way, and the holder writes the notice of every one still open before it acks a
+        recall, so a request that ended unnoticed held nothing anybody waited for."""
+        now = time.monotonic()
+        with self._lock:
+            st = self._standing.get(epoch)
+            gate = self._gates.get(st.model) if st is not None else None
+            if st is None or gate is None:
+                return None
+            gate.last_use = now
+            kick = gate.busy == 0 and gate.watch_idle
+        if kick:
+            self._kick()
+        return st.model
+
     def ack(self, epoch: int) -> None:
         """The holder stopped admitting under ``epoch`` (a recall's answer)."""
         with self._lock:

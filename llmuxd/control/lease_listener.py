@@ -17,8 +17,15 @@ The protocol (UTF-8 lines; the front end's client is llmuxd/proxy/lease_client.p
       A <tag> <json model name>      acquire; answered with + or - and the same tag
       C <tag>                        the client left: drop this waiting acquire
       R <lease id> <json outcome>    release; never answered (pipelined)
+      Q <tag> <lease id> <json outcome>
+                                     release and say whether the lease was revoked
+                                     first (a failed request's error names why);
+                                     answered = <tag> {"released": true, "revoked": ..}
       N <epoch> <lease id>           notice: admitted a lease under a standing grant
                                      (never answered; the id starts with <prefix>)
+      D <epoch> <status> <duration ms>
+                                     done: a request admitted under <epoch> ended
+                                     before its notice left (N and R in one line)
       K <epoch>                      ack: no more admissions under <epoch>
     llmuxd → front end
       S <prefix>                     the lease id prefix of this connection's notices
@@ -26,6 +33,7 @@ The protocol (UTF-8 lines; the front end's client is llmuxd/proxy/lease_client.p
                                       "served_model_name", "waited_ms", "switched"}
                                      and, after S, maybe "standing": <epoch>
       - <tag> <json error>           {"code", "message"} (docs/interfaces.md §5 codes)
+      = <tag> <json>                 the answer to Q
       X <epoch>                      recall: stop admitting under <epoch>, then K
 
 Standing grants (issue 11e) take the round trip off an ACTIVE model's requests: a
@@ -37,6 +45,10 @@ Whatever closes the gate recalls the epoch, and the gate does not count as drain
 until the worker's K is read: the worker writes K after it stopped admitting, on the
 same stream as its notices, so every lease it admitted is counted by then. A closed
 connection counts as acked; a worker that never acks is cut by the drain timeout.
+Notices, and the releases of leases whose grant still stands, are not urgent (nobody
+waits for them), so the worker sends them up to ~10 ms late, many per write, and a
+request that ended by then as one D line; a recall makes it write every notice it
+held back before its K.
 
 Leases belong to the peer pid (SO_PEERCRED), as on the control socket: when a
 connection closes and its process is dead (a killed worker), its leases are
@@ -81,12 +93,17 @@ class LeaseBackend(Protocol):
     def release(self, lease_id: str, outcome: dict[str, Any]) -> None:
         """End a lease with the request's outcome (unknown ids are ignored)."""
 
+    def release_answer(self, lease_id: str, outcome: dict[str, Any]) -> dict[str, Any]:
+        """Release, answering {"released": true} and, when the lease had been revoked
+        first, {"revoked": why} (the control API's release route)."""
+
     def peer_gone(self, pid: int) -> None:
         """A connection of ``pid`` closed: reclaim its leases if it is dead."""
 
     # Optional (a backend without them never gives standing grants):
     # standing(model, holder) -> int | None, notice(epoch, lease_id, pid),
-    # ack(epoch), holder_gone(holder); see SupervisorBackend.
+    # done(epoch, status, duration_ms), ack(epoch), holder_gone(holder);
+    # see SupervisorBackend.
 
 
 class SupervisorBackend:
@@ -130,6 +147,25 @@ class SupervisorBackend:
         if lease is not None:
             self.sup.metrics.released(lease.model, outcome.get("status"),
                                       outcome.get("duration_ms"))
+
+    def release_answer(self, lease_id: str, outcome: dict[str, Any]) -> dict[str, Any]:
+        """Release, and why the lease was revoked first ("" if it was not): the
+        control API's release route, on the lease socket (ordered after the notice)."""
+        try:
+            lease = self.sup.leases.release(lease_id)
+        except ApiError:
+            lease = None
+        if lease is not None:
+            self.sup.metrics.released(lease.model, outcome.get("status"),
+                                      outcome.get("duration_ms"))
+            return {"released": True}
+        return {"released": True, "revoked": self.sup.leases.revoked_reason(lease_id) or ""}
+
+    def done(self, epoch: int, status: int, duration_ms: float) -> None:
+        model = self.sup.leases.done(epoch)
+        if model is not None:
+            self.sup.metrics.granted(model, 0.0)
+            self.sup.metrics.released(model, status, duration_ms)
 
     def standing(self, model: str, holder: Any) -> int | None:
         """A standing grant for ``holder`` on ``model`` (a resolved name), or None."""
@@ -229,6 +265,26 @@ class _Connection(asyncio.Protocol):
                 self.backend.notice(int(epoch), lid, self.pid)  # type: ignore[attr-defined]
             else:
                 log.warning("lease_notice_refused", pid=self.pid, lease_id=lid[:80])
+        elif op == b"D":
+            parts = rest.split(b" ")
+            try:
+                epoch_n, status, duration = int(parts[0]), int(parts[1]), float(parts[2])
+            except (ValueError, IndexError):
+                log.warning("lease_done_refused", pid=self.pid,
+                            line=line[:80].decode("utf-8", "replace"))
+                return
+            if self.standing_ok:
+                self.backend.done(epoch_n, status, duration)  # type: ignore[attr-defined]
+        elif op == b"Q":
+            tag, _, rest = rest.partition(b" ")
+            lease_id, _, body = rest.partition(b" ")
+            try:
+                outcome = json.loads(body) if body else {}
+            except ValueError:
+                outcome = {}
+            answer = self.backend.release_answer(
+                lease_id.decode(), outcome if isinstance(outcome, dict) else {})
+            self._send(b"= %s %s\n" % (tag, json.dumps(answer).encode()))
         elif op == b"R":
             lease_id, _, body = rest.partition(b" ")
             try:

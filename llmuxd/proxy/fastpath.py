@@ -21,6 +21,7 @@ the idle and total timeouts, X-Request-Id both ways, the request's log line
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -199,14 +200,21 @@ class Exchange:
         return body
 
     async def _find_model(self, body: bytes) -> bodyscan.Found:
-        """At most max_concurrent_body_parses at once per worker; big ones on a thread."""
-        async with self.fp.deps.parse_slots():
-            try:
+        """At most max_concurrent_body_parses at once per worker; big ones on a thread.
+
+        A small body is parsed on the loop without awaiting, so while a slot is free it
+        takes one only for the length of a call nothing else can run during: it needs
+        no acquire (two awaits of the semaphore per request, the common case)."""
+        slots = self.fp.deps.parse_slots()
+        try:
+            if len(body) <= _SCAN_ON_THREAD and not slots.locked():
+                return bodyscan.find_model(body)
+            async with slots:
                 if len(body) > _SCAN_ON_THREAD:
                     return await asyncio.to_thread(bodyscan.find_model, body)
                 return bodyscan.find_model(body)
-            except bodyscan.BodyError as exc:
-                raise errors.bad_request(str(exc), exc.param) from None
+        except bodyscan.BodyError as exc:
+            raise errors.bad_request(str(exc), exc.param) from None
 
     async def _forward(self, body: bytes) -> tuple[ProxiedStream, int,
                                                    list[tuple[bytes, bytes]]]:
@@ -302,13 +310,13 @@ class Exchange:
             raise errors.daemon_unavailable(str(exc)) from None
 
     def _release(self, lease: Lease, outcome: Outcome) -> None:
-        self.fp.deps.leases.release(lease.lease_id, outcome.release_json())
+        self.fp.deps.leases.finish(lease, outcome.status, outcome.duration_ms,
+                                   outcome.release_json)
 
     async def _release_why(self, lease: Lease, outcome: Outcome) -> str:
         """Release and wait for the answer; why the lease was revoked ("" if it was not)."""
         try:
-            answer = await self.fp.deps.leases.release_now(lease.lease_id,
-                                                           outcome.release_body())
+            answer = await self.fp.deps.leases.release_now(lease, outcome.release_body())
         except (DaemonError, DaemonUnavailable) as exc:
             errors.log.warning("release_failed", lease_id=lease.lease_id, error=str(exc))
             self._release(lease, outcome)
@@ -322,9 +330,7 @@ class Exchange:
         # The query as the client sent it (bytes), never re-encoded.
         query = scope.get("query_string") or b""
         parts = [b"POST /v1/", self.route.encode(), b"?" + query if query else b"",
-                 b" HTTP/1.1\r\nhost: ",
-                 describe(upstream).encode("latin-1") if upstream.startswith("http")
-                 else b"localhost", b"\r\n"]
+                 b" HTTP/1.1\r\nhost: ", _host_header(upstream), b"\r\n"]
         forwarded = b""
         strip_auth = self.fp.strip_auth
         for name, value in scope["headers"]:
@@ -364,6 +370,13 @@ class Exchange:
                          path=self.path, model=self.model, status=err.status,
                          error=err.code, waited_ms=self.waited_ms, switched=self.switched,
                          duration_ms=round((time.monotonic() - self.started) * 1000.0, 3))
+
+
+@functools.lru_cache(maxsize=256)
+def _host_header(upstream: str) -> bytes:
+    """The Host header for the child at ``upstream`` (parsed once per upstream)."""
+    return describe(upstream).encode("latin-1") if upstream.startswith("http") \
+        else b"localhost"
 
 
 def _has_length(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -17,6 +17,15 @@ queued, so the daemon has counted each admitted lease when it reads the ack; the
 requests after it take the round trip again (and wait for the switch). A broken
 connection drops every standing grant with it.
 
+Lines that nobody waits for leave lazily (``LAZY_FLUSH``): the notices, and the
+releases of leases whose grant still stands (no drain can be waiting for them). They
+go out with the next urgent line (an acquire, a release a drain may wait for, an
+ack) or after at most ``LAZY_FLUSH``, many requests' lines in one write; a request
+that ended before its notice left is one ``D`` line instead of ``N`` and ``R``. At
+P2's load that took most of llmuxd's CPU per request and a write per loop turn off
+the worker (docs/benchmarks.md, "Fifth pass"). A recall writes every notice still
+held back before its ``K``, so the ack rule is unchanged.
+
 Leases belong to the worker's pid (SO_PEERCRED), not to the connection: a worker
 that dies loses its leases in the daemon without any help from here. If the
 connection breaks, waiting acquires fail with DaemonUnavailable (503) and the next
@@ -30,14 +39,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from llmuxd.config import lease_socket_path
 from llmuxd.lineproto import split_lines
 from llmuxd.proxy.upstream import UpstreamClient, UpstreamError
+
+# How long a line nobody waits for may be held back to share a write with others.
+LAZY_FLUSH = 0.010
 
 
 class DaemonUnavailable(Exception):
@@ -68,6 +82,9 @@ class Lease:
     served_model_name: str
     waited_ms: float
     switched: bool
+    # The standing grant it came under (local admissions, and a grant that carried
+    # one): its release may leave lazily while that grant stands.
+    epoch: int | None = None
 
 
 class _LeaseConnection(asyncio.Protocol):
@@ -79,15 +96,21 @@ class _LeaseConnection(asyncio.Protocol):
     the lot."""
 
     def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.pending: dict[bytes, asyncio.Future[Lease]] = {}
+        self.answers: dict[bytes, asyncio.Future[dict[str, Any]]] = {}  # Q tags
         self.asked: dict[bytes, str] = {}         # tag → the model name it asked for
         self.lost = False
         self.buf = b""
         self.out: list[bytes] = []
         self.prefix = ""                          # from the daemon's S answer
         self.standing: dict[str, tuple[int, Lease]] = {}  # asked name → (epoch, a grant)
+        self.epochs: set[int] = set()             # the epochs in ``standing``
         self.admitted = 0
+        self.unnoticed: dict[str, int] = {}       # admitted here, N not written: id → epoch
+        self.soon = False                         # a flush is due this turn of the loop
+        self.later: asyncio.TimerHandle | None = None
 
     def local(self, model: str) -> Lease | None:
         """A lease admitted here under a standing grant for ``model``, or None."""
@@ -97,16 +120,54 @@ class _LeaseConnection(asyncio.Protocol):
         epoch, grant = held
         self.admitted += 1
         lease_id = f"{self.prefix}{self.admitted}"
-        self.send(b"N %d %s\n" % (epoch, lease_id.encode()))
+        self.unnoticed[lease_id] = epoch  # its N leaves with the next flush
+        self._later()
         return Lease(lease_id, grant.model, grant.upstream, grant.served_model_name,
-                     0.0, False)
+                     0.0, False, epoch)
+
+    def finish(self, lease: Lease, status: int, duration_ms: float,
+               outcome: Callable[[], bytes]) -> None:
+        """Release ``lease``: lazily while its grant stands, else at once. ``outcome``
+        renders the release's JSON, needed only when the lease was noticed."""
+        epoch = self.unnoticed.pop(lease.lease_id, None)
+        if epoch is not None:
+            self.out.append(b"D %d %d %.3f\n" % (epoch, status, duration_ms))
+            self._later()
+            return
+        line = b"R %s %s\n" % (lease.lease_id.encode(), outcome())
+        if lease.epoch is not None and lease.epoch in self.epochs:
+            self.out.append(line)
+            self._later()
+        else:
+            self.send(line)
 
     def send(self, line: bytes) -> None:
-        if not self.out:
-            asyncio.get_running_loop().call_soon(self.flush)
+        """Queue a line that someone waits for: it leaves this turn of the loop."""
         self.out.append(line)
+        if not self.soon:
+            self.soon = True
+            self.loop.call_soon(self.flush)
+
+    def _later(self) -> None:
+        if self.later is None and not self.soon:
+            self.later = self.loop.call_later(LAZY_FLUSH, self.flush)
+
+    def _notices(self) -> None:
+        """The notices held back, into the queue (before anything queued after this)."""
+        if self.unnoticed:
+            self.out += [b"N %d %s\n" % (epoch, lease_id.encode())
+                         for lease_id, epoch in self.unnoticed.items()]
+            self.unnoticed.clear()
 
     def flush(self) -> None:
+        self.soon = False
+        if self.later is not None:
+            self.later.cancel()
+            self.later = None
+        # The notices may follow the lines queued before them: those never refer to
+        # a lease still unnoticed (its release became a D; a recall's K and a Q put
+        # the notices they need ahead of themselves).
+        self._notices()
         out, self.out = self.out, []
         if out and self.transport is not None and not self.lost:
             self.transport.write(b"".join(out))
@@ -125,7 +186,16 @@ class _LeaseConnection(asyncio.Protocol):
             epoch = int(line[2:])
             for name in [n for n, (e, _) in self.standing.items() if e == epoch]:
                 del self.standing[name]
-            self.send(b"K %d\n" % epoch)  # after every notice queued so far
+            self.epochs.discard(epoch)
+            self._notices()
+            self.send(b"K %d\n" % epoch)  # after every notice held back or queued
+            return
+        if line[:2] == b"= ":
+            tag, _, body = line[2:].partition(b" ")
+            waiter = self.answers.pop(tag, None)
+            if waiter is not None and not waiter.done():
+                answer = json.loads(body)
+                waiter.set_result(answer if isinstance(answer, dict) else {})
             return
         if line[:2] == b"S ":
             self.prefix = line[2:].decode()
@@ -149,6 +219,8 @@ class _LeaseConnection(asyncio.Protocol):
             epoch = data.get("standing")
             if isinstance(epoch, int) and self.prefix and asked is not None:
                 self.standing[asked] = (epoch, lease)
+                self.epochs.add(epoch)
+                lease = dataclasses.replace(lease, epoch=epoch)
             fut.set_result(lease)
         else:
             code = str(data.get("code") or "internal")
@@ -158,11 +230,17 @@ class _LeaseConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.standing.clear()
+        self.epochs.clear()
         self.asked.clear()
-        for fut in self.pending.values():
-            if not fut.done():
-                fut.set_exception(DaemonUnavailable("the daemon closed the lease connection"))
-        self.pending.clear()
+        if self.later is not None:
+            self.later.cancel()
+            self.later = None
+        for waiting in (self.pending, self.answers):
+            for fut in waiting.values():
+                if not fut.done():
+                    fut.set_exception(DaemonUnavailable(
+                        "the daemon closed the lease connection"))
+            waiting.clear()
 
 
 _STATUS = {"bad_request": 400, "model_not_found": 404, "queue_full": 429,
@@ -246,7 +324,9 @@ class LeaseClient:
         """A lease on ``model`` at once under a standing grant (no round trip), or
         None: then begin/wait."""
         conn = self._conn
-        if conn is None or self._loop is not asyncio.get_running_loop():
+        # Not get_running_loop() (a getpid(2) per call): a request handler runs on
+        # some loop of this thread, so the connection's loop runs iff it is that one.
+        if conn is None or not conn.loop.is_running():
             return None
         return conn.local(model)
 
@@ -277,12 +357,41 @@ class LeaseClient:
             conn = await self._connection()
             conn.send(line)
 
-    async def release_now(self, lease_id: str, outcome: dict[str, Any]) -> dict[str, Any]:
-        """Hand a lease back over the control API and wait for the answer: its
-        ``"revoked"`` says why the daemon took the lease back first (e.g. it killed a
-        hung child), for the client's error. Only on a failed request: the fast path
-        is ``release``."""
+    def finish(self, lease: Lease, status: int, duration_ms: float,
+               outcome: Callable[[], bytes]) -> None:
+        """Hand ``lease`` back with the request's outcome (``outcome`` renders its
+        JSON), not waited for; lazily while its standing grant holds (see the
+        module's text)."""
+        conn = self._conn
+        if conn is not None and not conn.lost:
+            conn.finish(lease, status, duration_ms, outcome)
+        else:
+            self.release(lease.lease_id, outcome())
+
+    async def release_now(self, lease: Lease, outcome: dict[str, Any]) -> dict[str, Any]:
+        """Hand a lease back and wait for the answer: its ``"revoked"`` says why the
+        daemon took the lease back first (e.g. it killed a hung child), for the
+        client's error. Only on a failed request: the fast path is ``finish``.
+
+        On the lease connection (a ``Q`` line behind the lease's notice, so the daemon
+        has always read the notice first); over the control API when that is broken."""
         body = json.dumps(outcome).encode()
+        conn = self._conn
+        if conn is not None and not conn.lost and conn.loop.is_running():
+            epoch = conn.unnoticed.pop(lease.lease_id, None)
+            if epoch is not None:
+                conn.out.append(b"N %d %s\n" % (epoch, lease.lease_id.encode()))
+            self._tags += 1
+            tag = b"%d" % self._tags
+            fut: asyncio.Future[dict[str, Any]] = conn.loop.create_future()
+            conn.answers[tag] = fut
+            conn.send(b"Q %s %s %s\n" % (tag, lease.lease_id.encode(), body))
+            try:
+                return await asyncio.wait_for(fut, self.call_timeout)
+            except TimeoutError:
+                conn.answers.pop(tag, None)
+                raise DaemonUnavailable("no answer to the release in time") from None
+        lease_id = lease.lease_id
         data = await self._get(f"/v1/leases/{lease_id}/release", "POST", body)
         return data if isinstance(data, dict) else {}
 

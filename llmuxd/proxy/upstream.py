@@ -79,10 +79,12 @@ class Connection(asyncio.Protocol):
         self.last_data = 0.0
         self.idle = 0.0
         self.deadline = 0.0
+        self.parser = httptools.HttpResponseParser(self)
         self._reset()
 
     def _reset(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+        # The parser is kept: a kept-alive connection is reused only after its last
+        # answer was parsed to its end, where the parser is ready for the next one.
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_done = False
@@ -327,10 +329,12 @@ class UpstreamClient:
         return conn
 
     def _take(self, upstream: str) -> Connection | None:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # a new loop (tests): old connections are unusable
+        # A new loop (tests): the old one's connections are unusable. Not asked of
+        # get_running_loop() per request (a getpid(2) each): the caller runs on a loop
+        # of this thread, so the pool's loop runs iff it is that one.
+        if self._loop is None or not self._loop.is_running():
             self._idle.clear()
-            self._loop = loop
+            self._loop = asyncio.get_running_loop()
         idle = self._idle.get(upstream)
         while idle:
             conn = idle.pop()

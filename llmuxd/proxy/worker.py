@@ -20,7 +20,6 @@ callbacks and ``abort``); under falcon.testing there is none, and the app copes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -106,18 +105,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._guard: asyncio.TimerHandle | None = None
+        self._guarding: str | None = None  # what the armed guard waits for
+        self._phase: str | None = None     # what the request being read still lacks
         self._write_guard: asyncio.TimerHandle | None = None
-        self._lost: list[Callable[[], None]] = []
+        # Insertion-ordered, removal by key: a request adds and removes two of these.
+        self._lost: dict[Callable[[], None], None] = {}
 
     # -- the app's handle ----------------------------------------------------
 
     def on_lost(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once if the connection closes or is dropped."""
-        self._lost.append(callback)
+        self._lost[callback] = None
 
     def remove_on_lost(self, callback: Callable[[], None]) -> None:
-        with contextlib.suppress(ValueError):
-            self._lost.remove(callback)
+        self._lost.pop(callback, None)
 
     def abort(self) -> None:
         """Cut the client off (a broken stream must not look complete)."""
@@ -130,14 +131,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._guard is not None:
             self._guard.cancel()
         self._guard = self.loop.call_later(seconds, self._expired, what)
+        self._guarding = what
 
     def _disarm(self) -> None:
         if self._guard is not None:
             self._guard.cancel()
             self._guard = None
+            self._guarding = None
 
     def _expired(self, what: str) -> None:
         self._guard = None
+        self._guarding = None
         self.logger.info("dropping a client that did not send its request %s in time", what)
         self.transport.abort()
 
@@ -145,19 +149,29 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._arm(self.head_timeout, "head")
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # The guard for what the request still lacks after this read, armed here and
+        # not in the parser's callbacks: a request that came whole in one read (the
+        # common case) arms no timer at all, where arming per phase cost two timers
+        # and two cancels per request.
+        phase = self._phase
+        if phase is not None and phase != self._guarding:
+            self._arm(self.head_timeout if phase == "head" else self.body_timeout, phase)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope["llmux.conn"] = self  # type: ignore[typeddict-unknown-key]
-        if self._guard is None:
-            self._arm(self.head_timeout, "head")
+        self._phase = "head"  # a guard armed at the connection's opening keeps running
 
     def on_headers_complete(self) -> None:
-        self._arm(self.body_timeout, "body")
+        self._phase = "body"
         super().on_headers_complete()
         # The cycle was just made (its task has not run yet, or it waits in the pipeline).
         self.cycle.transport = HeadCoalescer(self.transport, self.loop)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
+        self._phase = None
         self._disarm()
         super().on_message_complete()
 
@@ -182,7 +196,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._write_guard is not None:
             self._write_guard.cancel()
             self._write_guard = None
-        callbacks, self._lost = self._lost, []
+        callbacks, self._lost = list(self._lost), {}
         super().connection_lost(exc)
         for callback in callbacks:
             try:

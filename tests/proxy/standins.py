@@ -225,6 +225,10 @@ class _FakeBackend:
                 self.daemon.releases.append({"lease_id": lease_id, "model": model_name,
                                              **outcome})
 
+    def release_answer(self, lease_id: str, outcome: dict[str, Any]) -> dict[str, Any]:
+        self.release(lease_id, outcome)
+        return {"released": True}
+
     def peer_gone(self, pid: int) -> None:
         pass
 

@@ -19,6 +19,7 @@ import pytest
 
 from llmuxd.config import lease_socket_path
 from llmuxd.control.errors import ApiError
+from llmuxd.proxy import lease_client
 from llmuxd.proxy.lease_client import LeaseClient
 from tests.proxy.lease_standin import Sup
 
@@ -270,3 +271,129 @@ def test_noticed_leases_expire_and_are_reclaimed_like_granted_ones() -> None:
     t.holder_gone(holder)                                   # its connection closed
     assert t.notice(epoch, "p-3", 4242) is None             # nothing admits under it now
     assert t.leases() == []
+
+
+# -- lazy lines (fifth pass): notices and standing releases held back, D and Q ----------
+
+
+def test_notices_held_back_are_written_before_the_ack_of_a_recall(
+        daemon: tuple[Sup, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Notices wait for the next write (here: never, but for the recall); the K that
+    answers a recall must still follow every one of them, or the drain ends while a
+    request the worker admitted is on its way."""
+    sup, control = daemon
+    monkeypatch.setattr(lease_client, "LAZY_FLUSH", 3600.0)
+
+    async def go() -> None:
+        client = LeaseClient(control, lease_timeout=10)
+        first = await client.acquire("alias-a")
+        admitted = [client.local("alias-a") for _ in range(5)]
+        assert all(admitted)
+        await asyncio.sleep(0.05)
+        assert [lo.lease_id for lo in sup.leases.leases()] == [first.lease_id], \
+            "a notice left before anything urgent"
+        await asyncio.to_thread(sup.leases.close_gate, "model-a")
+        deadline = time.monotonic() + 10
+        while not at_ack:
+            assert time.monotonic() < deadline, "no ack"
+            await asyncio.sleep(0.005)
+        client.close()
+
+    at_ack = record_acks(sup, monkeypatch)
+    asyncio.run(go())
+    assert at_ack == [6], "the ack came before the notices held back"
+    assert len(sup.leases.leases()) == 6
+
+
+def record_acks(sup: Sup, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many leases the daemon had recorded at each ack it read (filled as they
+    come)."""
+    seen: list[int] = []
+    real = sup.leases.ack
+
+    def ack(epoch: int) -> None:
+        seen.append(len(sup.leases.leases()))
+        real(epoch)
+
+    monkeypatch.setattr(sup.leases, "ack", ack)
+    return seen
+
+
+def test_a_request_that_ended_before_its_notice_is_one_done_line(
+        daemon: tuple[Sup, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    sup, control = daemon
+    monkeypatch.setattr(lease_client, "LAZY_FLUSH", 3600.0)
+
+    async def go() -> None:
+        client = LeaseClient(control, lease_timeout=10)
+        first = await client.acquire("alias-a")
+        lease = client.local("alias-a")
+        assert lease is not None
+        client.finish(lease, 201, 1.5, lambda: b"{}")
+        client.finish(first, 200, 2.0, lambda: b'{"status": 200}')  # under the grant: lazy
+        await asyncio.sleep(0.05)
+        assert sup.leases.view()["model-a"].in_flight == 1, "sent before anything urgent"
+        used = sup.leases.view()["model-a"].last_use
+        await client.begin("model-b")                         # an urgent line: the lot
+        deadline = time.monotonic() + 10
+        while sup.leases.view()["model-a"].in_flight:
+            assert time.monotonic() < deadline, sup.leases.view()
+            await asyncio.sleep(0.005)
+        assert sup.leases.view()["model-a"].last_use > used
+        client.close()
+
+    asyncio.run(go())
+    assert sup.leases.leases() == []
+    assert ("released", ("model-a", 201)) in sup.metrics.calls   # the D line
+    assert ("released", ("model-a", 200)) in sup.metrics.calls
+
+
+def test_a_release_a_drain_waits_for_is_not_held_back(
+        daemon: tuple[Sup, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    sup, control = daemon
+    monkeypatch.setattr(lease_client, "LAZY_FLUSH", 3600.0)
+
+    async def go() -> None:
+        client = LeaseClient(control, lease_timeout=10)
+        await client.acquire("alias-a")
+        lease = client.local("alias-a")
+        assert lease is not None
+        await asyncio.to_thread(sup.leases.close_gate, "model-a")
+        deadline = time.monotonic() + 10
+        while not at_ack:                                 # recalled and acked
+            assert time.monotonic() < deadline, "no ack"
+            await asyncio.sleep(0.005)
+        client.finish(lease, 200, 1.0, lambda: b"{}")     # the grant is gone: at once
+        while sup.leases.view()["model-a"].in_flight != 1:
+            assert time.monotonic() < deadline, "the release was held back"
+            await asyncio.sleep(0.005)
+        client.close()
+
+    at_ack = record_acks(sup, monkeypatch)
+    asyncio.run(go())
+    assert at_ack == [2]
+
+
+def test_a_failed_request_learns_why_its_unnoticed_lease_was_revoked(
+        daemon: tuple[Sup, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The release that asks "was it revoked?" travels behind the lease's notice on the
+    lease socket: it can no longer overtake the notice (over the control API it
+    could, and the client's 502 lost the reason)."""
+    sup, control = daemon
+    monkeypatch.setattr(lease_client, "LAZY_FLUSH", 3600.0)
+
+    async def go() -> dict[str, object]:
+        client = LeaseClient(control, lease_timeout=10)
+        await client.acquire("alias-a")
+        lease = client.local("alias-a")
+        assert lease is not None
+        # The daemon revokes the model's leases (it killed a hung child) while the
+        # local lease's notice is still held back, then the request fails.
+        await asyncio.to_thread(sup.leases.revoke, "model-a", "the child hung")
+        answer = await client.release_now(lease, {"status": 502})
+        client.close()
+        return answer
+
+    answer = asyncio.run(go())
+    assert answer.get("revoked"), answer
+    assert sup.leases.leases() == []
