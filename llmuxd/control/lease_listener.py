@@ -46,7 +46,7 @@ until the worker's K is read: the worker writes K after it stopped admitting, on
 same stream as its notices, so every lease it admitted is counted by then. A closed
 connection counts as acked; a worker that never acks is cut by the drain timeout.
 Notices, and the releases of leases whose grant still stands, are not urgent (nobody
-waits for them), so the worker sends them up to ~10 ms late, many per write, and a
+waits for them), so the worker sends them up to ~20 ms late, many per write, and a
 request that ended by then as one D line; a recall makes it write every notice it
 held back before its K.
 

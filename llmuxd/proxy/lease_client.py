@@ -51,7 +51,7 @@ from llmuxd.lineproto import split_lines
 from llmuxd.proxy.upstream import UpstreamClient, UpstreamError
 
 # How long a line nobody waits for may be held back to share a write with others.
-LAZY_FLUSH = 0.010
+LAZY_FLUSH = 0.020
 
 
 class DaemonUnavailable(Exception):

@@ -9,6 +9,7 @@ arrives as unparseable free text.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import os
@@ -86,29 +87,45 @@ class _Stamp:
 
 
 class _StepBuffered:
-    """stdout for the per-request lines: written once per event-loop step, not per line.
+    """stdout for the per-request lines: written at most ``DELAY`` seconds late, many
+    lines per write.
 
     Why: structlog's WriteLogger flushes after every line, a write(2) per request;
-    under load many requests end in the same loop step, and one write carries all
-    their lines. A line waits at most until the end of the current step; outside an
-    event loop (tests, tools) each line is written at once."""
+    one write per event-loop step was still one per request at low concurrency (P1),
+    taken on the worker's CPU just as the client sends its next request. A line waits
+    at most ``DELAY`` (or until ``MAX_LINES`` wait), and whatever waits is written at
+    the worker's exit; outside an event loop (tests, tools) each line is written at
+    once."""
+
+    DELAY = 0.02
+    MAX_LINES = 256
 
     def __init__(self, out: Any = None) -> None:
         self.out = out
         self.lines: list[str] = []
+        self.timer: asyncio.TimerHandle | None = None
+        atexit.register(self.write_out)
 
     def write(self, text: str) -> None:
         self.lines.append(text)
 
     def flush(self) -> None:
-        if len(self.lines) != 1:
-            return  # nothing to do, or a flush is already scheduled
-        try:
-            asyncio.get_running_loop().call_soon(self.write_out)
-        except RuntimeError:
+        n = len(self.lines)
+        if n >= self.MAX_LINES:
             self.write_out()
+        elif n == 1 and self.timer is None:
+            try:
+                self.timer = asyncio.get_running_loop().call_later(self.DELAY,
+                                                                   self.write_out)
+            except RuntimeError:
+                self.write_out()
 
     def write_out(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.lines:
+            return
         lines, self.lines = self.lines, []
         out = self.out or sys.stdout
         out.write("".join(lines))

@@ -312,11 +312,15 @@ class UpstreamClient:
         kind, where, port = parse_upstream(upstream)
         loop = asyncio.get_running_loop()
         try:
-            if kind == "unix":
-                coro: Any = loop.create_unix_connection(lambda: Connection(upstream), where)
-            else:
-                coro = loop.create_connection(lambda: Connection(upstream), where, port)
-            _, conn = await asyncio.wait_for(coro, self.connect_timeout)
+            # asyncio.timeout, not wait_for: no task of its own per connect (a burst of
+            # new streams opens hundreds at once).
+            async with asyncio.timeout(self.connect_timeout):
+                if kind == "unix":
+                    _, conn = await loop.create_unix_connection(
+                        lambda: Connection(upstream), where)
+                else:
+                    _, conn = await loop.create_connection(
+                        lambda: Connection(upstream), where, port)
         except ConnectionRefusedError:
             raise UpstreamError(f"connection refused by {describe(upstream)}") from None
         except FileNotFoundError:

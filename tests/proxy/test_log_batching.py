@@ -1,4 +1,4 @@
-"""The request log's per-loop-step writes (issue 11, P2), on a StringIO stdout."""
+"""The request log's batched writes (issue 11, P1/P2), on a StringIO stdout."""
 
 from __future__ import annotations
 
@@ -22,11 +22,40 @@ def test_log_lines_of_one_step_are_written_together_and_in_order() -> None:
             b.write(line)
             b.flush()
         seen = out.getvalue()
-        await asyncio.sleep(0)
+        deadline = asyncio.get_running_loop().time() + 5
+        while not writes:
+            assert asyncio.get_running_loop().time() < deadline, "never written"
+            await asyncio.sleep(0.005)
         return seen
 
     assert asyncio.run(main()) == ""
     assert writes == ["a\nb\nc\n"]
+
+
+def test_lines_of_consecutive_steps_share_a_write_and_a_full_batch_goes_at_once() -> None:
+    out = io.StringIO()
+    writes: list[str] = []
+    real_write = out.write
+    out.write = lambda s: writes.append(s) or real_write(s)  # type: ignore[method-assign]
+
+    async def main() -> None:
+        b = _StepBuffered(out)
+        b.DELAY = 3600.0
+        for i in range(3):
+            b.write(f"{i}\n")
+            b.flush()
+            await asyncio.sleep(0)           # another turn of the loop
+        assert writes == []
+        for i in range(3, b.MAX_LINES):
+            b.write(f"{i}\n")
+            b.flush()
+        assert writes == ["".join(f"{i}\n" for i in range(b.MAX_LINES))]
+        b.write("last\n")
+        b.flush()
+        b.write_out()                        # what the worker's exit runs
+        assert writes[-1] == "last\n"
+
+    asyncio.run(main())
 
 
 def test_log_lines_outside_a_loop_are_written_at_once() -> None:
