@@ -214,9 +214,11 @@ class LeaseTable:
             raise gate.hold
         return gate, None
 
-    def release(self, lease_id: str) -> Lease | None:
-        """End a lease; None when it was already revoked/reclaimed (idempotent)."""
+    def release(self, lease_id: str, at: float | None = None) -> Lease | None:
+        """End a lease; None when it was already revoked/reclaimed (idempotent).
+        ``at``: when it ended (monotonic), if the holder said so (a release sent late)."""
         kick = False
+        ended = _when(at)
         with self._lock:
             lease = self._leases.pop(lease_id, None)
             if lease is None:
@@ -226,7 +228,7 @@ class LeaseTable:
             gate = self._gates.get(lease.model)
             if gate is not None:
                 gate.in_flight -= 1
-                gate.last_use = time.monotonic()
+                gate.last_use = max(gate.last_use, ended)
                 kick = gate.busy == 0 and gate.watch_idle
         if kick:
             self._kick()
@@ -357,11 +359,13 @@ class LeaseTable:
                 self._standing[epoch] = Standing(epoch, model, holder)
             return epoch
 
-    def notice(self, epoch: int, lease_id: str, pid: int) -> Lease | None:
+    def notice(self, epoch: int, lease_id: str, pid: int,
+               at: float | None = None) -> Lease | None:
         """Record a lease its holder admitted under standing grant ``epoch``, exactly
         like a granted one; None when the grant was revoked first (the lease is
-        tombstoned: its release is a no-op that reports why)."""
-        now = time.monotonic()
+        tombstoned: its release is a no-op that reports why). ``at``: when it was
+        admitted (monotonic; notices leave up to ~20 ms late)."""
+        now = _when(at)
         with self._lock:
             st = self._standing.get(epoch)
             gate = self._gates.get(st.model) if st is not None else None
@@ -372,24 +376,26 @@ class LeaseTable:
                           waited_s=0.0, switched=False)
             self._leases[lease_id] = lease
             gate.in_flight += 1
-            gate.last_use = now
+            gate.last_use = max(gate.last_use, now)
             return lease
 
-    def done(self, epoch: int) -> str | None:
+    def done(self, epoch: int, at: float | None = None) -> str | None:
         """A request its holder admitted under standing grant ``epoch`` and finished
         before its notice left (one ``D`` line for ``N`` + ``R``): the model's last use
         moves, nothing is in flight for it. The model, or None for an unknown epoch.
 
         Why it may skip the lease: a drain only ever waits for requests still on their
         way, and the holder writes the notice of every one still open before it acks a
-        recall, so a request that ended unnoticed held nothing anybody waited for."""
-        now = time.monotonic()
+        recall, so a request that ended unnoticed held nothing anybody waited for.
+        ``at``: when it ended (monotonic), so the model's idle time is not reset by a
+        line that came late."""
+        ended = _when(at)
         with self._lock:
             st = self._standing.get(epoch)
             gate = self._gates.get(st.model) if st is not None else None
             if st is None or gate is None:
                 return None
-            gate.last_use = now
+            gate.last_use = max(gate.last_use, ended)
             kick = gate.busy == 0 and gate.watch_idle
         if kick:
             self._kick()
@@ -550,6 +556,15 @@ class LeaseTable:
         self._tombstones[lease_id] = reason
         while len(self._tombstones) > _TOMBSTONES:
             self._tombstones.popitem(last=False)
+
+
+def _when(at: float | None) -> float:
+    """A holder's monotonic timestamp (same clock: CLOCK_MONOTONIC is system-wide),
+    trusted only between a minute ago and now; else now."""
+    now = time.monotonic()
+    if at is None or not now - 60.0 <= at <= now:
+        return now
+    return at
 
 
 def _tell(recalls: list[tuple[Holder, int]]) -> None:

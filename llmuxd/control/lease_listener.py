@@ -21,11 +21,14 @@ The protocol (UTF-8 lines; the front end's client is llmuxd/proxy/lease_client.p
                                      release and say whether the lease was revoked
                                      first (a failed request's error names why);
                                      answered = <tag> {"released": true, "revoked": ..}
-      N <epoch> <lease id>           notice: admitted a lease under a standing grant
+      N <epoch> <lease id> [<at>]    notice: admitted a lease under a standing grant
                                      (never answered; the id starts with <prefix>)
-      D <epoch> <status> <duration ms>
+      D <epoch> <status> <duration ms> [<at>]
                                      done: a request admitted under <epoch> ended
                                      before its notice left (N and R in one line)
+      (<at>: when it happened, in seconds of CLOCK_MONOTONIC, which both ends share;
+      R's outcome may carry it as "ended_at". Lines sent late keep the model's idle
+      time true.)
       K <epoch>                      ack: no more admissions under <epoch>
     llmuxd → front end
       S <prefix>                     the lease id prefix of this connection's notices
@@ -141,7 +144,7 @@ class SupervisorBackend:
 
     def release(self, lease_id: str, outcome: dict[str, Any]) -> None:
         try:
-            lease = self.sup.leases.release(lease_id)
+            lease = self.sup.leases.release(lease_id, _at(outcome.get("ended_at")))
         except ApiError:
             return  # unknown lease: nothing to do, and nobody waits for an answer
         if lease is not None:
@@ -152,7 +155,7 @@ class SupervisorBackend:
         """Release, and why the lease was revoked first ("" if it was not): the
         control API's release route, on the lease socket (ordered after the notice)."""
         try:
-            lease = self.sup.leases.release(lease_id)
+            lease = self.sup.leases.release(lease_id, _at(outcome.get("ended_at")))
         except ApiError:
             lease = None
         if lease is not None:
@@ -161,8 +164,9 @@ class SupervisorBackend:
             return {"released": True}
         return {"released": True, "revoked": self.sup.leases.revoked_reason(lease_id) or ""}
 
-    def done(self, epoch: int, status: int, duration_ms: float) -> None:
-        model = self.sup.leases.done(epoch)
+    def done(self, epoch: int, status: int, duration_ms: float,
+             at: float | None = None) -> None:
+        model = self.sup.leases.done(epoch, at)
         if model is not None:
             self.sup.metrics.granted(model, 0.0)
             self.sup.metrics.released(model, status, duration_ms)
@@ -172,8 +176,8 @@ class SupervisorBackend:
         epoch: int | None = self.sup.leases.standing_for(model, holder)
         return epoch
 
-    def notice(self, epoch: int, lease_id: str, pid: int) -> None:
-        lease = self.sup.leases.notice(epoch, lease_id, pid)
+    def notice(self, epoch: int, lease_id: str, pid: int, at: float | None = None) -> None:
+        lease = self.sup.leases.notice(epoch, lease_id, pid, at)
         if lease is not None:
             self.sup.metrics.granted(lease.model, 0.0)
 
@@ -187,6 +191,16 @@ class SupervisorBackend:
         from llmuxd.pidcheck import pid_alive
         if pid != os.getpid() and not pid_alive(pid):
             self.sup.reclaim_pid(pid)
+
+
+def _at(value: Any) -> float | None:
+    """A timestamp from a line (a number), or None."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bytes):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return None
 
 
 def _peer(sock: socket.socket) -> tuple[int, int, int]:
@@ -259,10 +273,12 @@ class _Connection(asyncio.Protocol):
     def _line(self, line: bytes) -> None:
         op, _, rest = line.partition(b" ")
         if op == b"N":
-            epoch, _, lease_id = rest.partition(b" ")
+            epoch, _, rest = rest.partition(b" ")
+            lease_id, _, at = rest.partition(b" ")
             lid = lease_id.decode()
             if self.standing_ok and lid.startswith(self.prefix) and epoch.isdigit():
-                self.backend.notice(int(epoch), lid, self.pid)  # type: ignore[attr-defined]
+                self.backend.notice(  # type: ignore[attr-defined]
+                    int(epoch), lid, self.pid, _at(at))
             else:
                 log.warning("lease_notice_refused", pid=self.pid, lease_id=lid[:80])
         elif op == b"D":
@@ -274,7 +290,8 @@ class _Connection(asyncio.Protocol):
                             line=line[:80].decode("utf-8", "replace"))
                 return
             if self.standing_ok:
-                self.backend.done(epoch_n, status, duration)  # type: ignore[attr-defined]
+                self.backend.done(  # type: ignore[attr-defined]
+                    epoch_n, status, duration, _at(parts[3]) if len(parts) > 3 else None)
         elif op == b"Q":
             tag, _, rest = rest.partition(b" ")
             lease_id, _, body = rest.partition(b" ")

@@ -108,7 +108,8 @@ class _LeaseConnection(asyncio.Protocol):
         self.standing: dict[str, tuple[int, Lease]] = {}  # asked name → (epoch, a grant)
         self.epochs: set[int] = set()             # the epochs in ``standing``
         self.admitted = 0
-        self.unnoticed: dict[str, int] = {}       # admitted here, N not written: id → epoch
+        # Admitted here, N not written yet: lease id → (epoch, when, monotonic).
+        self.unnoticed: dict[str, tuple[int, float]] = {}
         self.soon = False                         # a flush is due this turn of the loop
         self.later: asyncio.TimerHandle | None = None
 
@@ -120,21 +121,23 @@ class _LeaseConnection(asyncio.Protocol):
         epoch, grant = held
         self.admitted += 1
         lease_id = f"{self.prefix}{self.admitted}"
-        self.unnoticed[lease_id] = epoch  # its N leaves with the next flush
+        self.unnoticed[lease_id] = (epoch, time.monotonic())  # N leaves with the next flush
         self._later()
         return Lease(lease_id, grant.model, grant.upstream, grant.served_model_name,
                      0.0, False, epoch)
 
     def finish(self, lease: Lease, status: int, duration_ms: float,
-               outcome: Callable[[], bytes]) -> None:
+               outcome: Callable[[float], bytes]) -> None:
         """Release ``lease``: lazily while its grant stands, else at once. ``outcome``
-        renders the release's JSON, needed only when the lease was noticed."""
-        epoch = self.unnoticed.pop(lease.lease_id, None)
-        if epoch is not None:
-            self.out.append(b"D %d %d %.3f\n" % (epoch, status, duration_ms))
+        renders the release's JSON with the time it ended (needed only when the lease
+        was noticed)."""
+        now = time.monotonic()
+        held = self.unnoticed.pop(lease.lease_id, None)
+        if held is not None:
+            self.out.append(b"D %d %d %.3f %.6f\n" % (held[0], status, duration_ms, now))
             self._later()
             return
-        line = b"R %s %s\n" % (lease.lease_id.encode(), outcome())
+        line = b"R %s %s\n" % (lease.lease_id.encode(), outcome(now))
         if lease.epoch is not None and lease.epoch in self.epochs:
             self.out.append(line)
             self._later()
@@ -155,8 +158,8 @@ class _LeaseConnection(asyncio.Protocol):
     def _notices(self) -> None:
         """The notices held back, into the queue (before anything queued after this)."""
         if self.unnoticed:
-            self.out += [b"N %d %s\n" % (epoch, lease_id.encode())
-                         for lease_id, epoch in self.unnoticed.items()]
+            self.out += [b"N %d %s %.6f\n" % (epoch, lease_id.encode(), at)
+                         for lease_id, (epoch, at) in self.unnoticed.items()]
             self.unnoticed.clear()
 
     def flush(self) -> None:
@@ -358,15 +361,15 @@ class LeaseClient:
             conn.send(line)
 
     def finish(self, lease: Lease, status: int, duration_ms: float,
-               outcome: Callable[[], bytes]) -> None:
+               outcome: Callable[[float], bytes]) -> None:
         """Hand ``lease`` back with the request's outcome (``outcome`` renders its
-        JSON), not waited for; lazily while its standing grant holds (see the
-        module's text)."""
+        JSON with the monotonic time it ended), not waited for; lazily while its
+        standing grant holds (see the module's text)."""
         conn = self._conn
         if conn is not None and not conn.lost:
             conn.finish(lease, status, duration_ms, outcome)
         else:
-            self.release(lease.lease_id, outcome())
+            self.release(lease.lease_id, outcome(time.monotonic()))
 
     async def release_now(self, lease: Lease, outcome: dict[str, Any]) -> dict[str, Any]:
         """Hand a lease back and wait for the answer: its ``"revoked"`` says why the
@@ -378,9 +381,10 @@ class LeaseClient:
         body = json.dumps(outcome).encode()
         conn = self._conn
         if conn is not None and not conn.lost and conn.loop.is_running():
-            epoch = conn.unnoticed.pop(lease.lease_id, None)
-            if epoch is not None:
-                conn.out.append(b"N %d %s\n" % (epoch, lease.lease_id.encode()))
+            held = conn.unnoticed.pop(lease.lease_id, None)
+            if held is not None:
+                conn.out.append(b"N %d %s %.6f\n" % (held[0], lease.lease_id.encode(),
+                                                     held[1]))
             self._tags += 1
             tag = b"%d" % self._tags
             fut: asyncio.Future[dict[str, Any]] = conn.loop.create_future()

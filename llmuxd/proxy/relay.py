@@ -54,14 +54,16 @@ class Outcome:
         return {"status": self.status, "bytes": self.bytes, "ttfb_ms": self.ttfb_ms,
                 "duration_ms": round(self.duration_ms, 3), "error": self.error}
 
-    def release_json(self) -> builtins.bytes:  # the field "bytes" shadows the type here
-        """``release_body()`` as the JSON that json.dumps writes, without json.dumps:
-        it is rendered once per request on the hot path."""
-        return b'{"status": %d, "bytes": %d, "ttfb_ms": %s, "duration_ms": %s, "error": %s}' % (
+    def release_json(self, ended_at: float) -> builtins.bytes:  # "bytes" shadows the type
+        """``release_body()`` as the JSON that json.dumps writes, without json.dumps
+        (it is rendered on the hot path), plus when the request ended (monotonic: the
+        release may be sent late)."""
+        return (b'{"status": %d, "bytes": %d, "ttfb_ms": %s, "duration_ms": %s, "error": %s, '
+                b'"ended_at": %.6f}') % (
             self.status, self.bytes,
             b"null" if self.ttfb_ms is None else repr(self.ttfb_ms).encode(),
             repr(round(self.duration_ms, 3)).encode(),
-            b"null" if self.error is None else json.dumps(self.error).encode())
+            b"null" if self.error is None else json.dumps(self.error).encode(), ended_at)
 
 
 def response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

@@ -192,7 +192,8 @@ def test_a_refusal_from_the_fast_path_carries_retry_after_and_the_request_id(
 ])
 def test_the_release_line_is_the_json_of_the_outcome(outcome: Outcome) -> None:
     # Rendered without json.dumps on the hot path; the daemon reads it as JSON.
-    assert outcome.release_json() == json.dumps(outcome.release_body()).encode()
+    assert json.loads(outcome.release_json(1234.5)) == {**outcome.release_body(),
+                                                        "ended_at": 1234.5}
 
 
 def test_a_stream_to_a_late_reader_pauses_the_child_and_arrives_whole(
