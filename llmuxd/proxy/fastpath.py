@@ -268,14 +268,11 @@ class Exchange:
 
         def on_close(result: Outcome) -> None:
             self._release(lease, result)
-            fp.log.info("request", request_id=self.request_id, method="POST", path=self.path,
-                        model=model, served_model=lease.served_model_name,
-                        status=result.status, error=result.error,
-                        waited_ms=lease.waited_ms, lease_ms=self.lease_ms,
-                        switched=lease.switched,
-                        bytes=result.bytes, ttfb_ms=result.ttfb_ms,
-                        upstream_ms=round(result.duration_ms, 3),
-                        duration_ms=round((time.monotonic() - self.started) * 1000.0, 3))
+            fp.log.proxied(self.request_id, self.path, model, lease.served_model_name,
+                           result.status, result.error, lease.waited_ms, self.lease_ms,
+                           lease.switched, result.bytes, result.ttfb_ms,
+                           round(result.duration_ms, 3),
+                           round((time.monotonic() - self.started) * 1000.0, 3))
 
         stream = ProxiedStream(fp.deps.http, conn, started, fp.idle, deadline,
                                Outcome(status=conn.status), sse, on_close, self.client)

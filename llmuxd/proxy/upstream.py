@@ -79,6 +79,7 @@ class Connection(asyncio.Protocol):
         self.last_data = 0.0
         self.idle = 0.0
         self.deadline = 0.0
+        self.armed = (0.0, 0.0)  # the (idle, deadline) the running timer was set for
         self.parser = httptools.HttpResponseParser(self)
         self._reset()
 
@@ -190,15 +191,21 @@ class Connection(asyncio.Protocol):
     async def _wait(self, idle: float, deadline: float) -> None:
         """Wait for the parser's next event, within the idle and total timeouts.
 
-        One timer per connection, not one per wait: a stream waits once per chunk,
-        and arming a timer each time was a measurable share of the per-chunk CPU.
-        Arrivals only stamp ``last_data``; the timer re-arms itself lazily."""
+        One timer per connection, not one per wait (nor per exchange: it outlives a
+        return to the pool): a stream waits once per chunk, and arming a timer each
+        time was a measurable share of the per-chunk CPU. Arrivals (and each new
+        exchange: ``UpstreamClient.send``) only stamp ``last_data``; a timer that fires
+        early re-arms itself, and one set for a later deadline or a longer idle time
+        than this wait's is replaced."""
         self.idle = idle
         self.deadline = deadline
         waiter = self.loop.create_future()
         self.waiter = waiter
-        if self.timer is None:
-            self.last_data = self.loop.time()
+        timer = self.timer
+        if timer is None:
+            self._arm()
+        elif idle < self.armed[0] or deadline < self.armed[1]:
+            timer.cancel()
             self._arm()
         try:
             await waiter
@@ -209,6 +216,7 @@ class Connection(asyncio.Protocol):
         due = min(self.last_data + self.idle,
                   self.loop.time() + (self.deadline - time.monotonic()))
         self.timer = self.loop.call_at(due, self._check)
+        self.armed = (self.idle, self.deadline)
 
     def _check(self) -> None:
         self.timer = None
@@ -352,7 +360,8 @@ class UpstreamClient:
         if not conn.reusable:
             conn.close()
             return
-        conn._cancel_timer()
+        # Its timer keeps running: it stops itself when it finds nobody waiting, and
+        # the next exchange on this connection (usually sooner) needs no new one.
         idle = self._idle.setdefault(conn.key, [])
         if len(idle) >= MAX_IDLE_PER_UPSTREAM:
             conn.close()
@@ -373,6 +382,7 @@ class UpstreamClient:
                 conn = await self._connect(upstream)
             assert conn.transport is not None
             conn.transport.write(request)
+            conn.last_data = conn.loop.time()  # the idle clock starts with the request
             gone = None
             if client is not None:
                 def gone(conn: Connection = conn) -> None:

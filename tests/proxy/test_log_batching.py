@@ -85,3 +85,37 @@ def test_the_request_line_has_the_structlog_shape(capsys: pytest.CaptureFixture[
     assert line["weird"].startswith("<object object at")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line["timestamp"])
     assert text.startswith('{"request_id": "r1", "status": 200, "model": null')
+
+
+@pytest.mark.parametrize("fields", [
+    ("abc123", "/v1/chat/completions", "alias-a", "model-a", 200, None, 0.0, 0.003, False,
+     450, 1.569, 1.605, 2.503),
+    ("r.1:x-2", "/v1/completions", 'we"ird\\\u00e9\U0001f600', "m", 502,
+     'upstream failed: "x"\n', 12.5, 0, True, 0, None, 1e-07, 123456.789),
+    ("r", "/v1/embeddings", "m", "m", 499, "client disconnected", 3, 1.0, False, 1 << 40,
+     2, 0.0, float("inf")),
+])
+def test_the_proxied_line_is_the_generic_line(fields: tuple[object, ...],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The fast path's formatted line is byte for byte what ``info`` writes for the same
+    fields (log readers parse one shape)."""
+    import json
+    import re
+
+    from llmuxd.proxy.logs import request_logger
+
+    log = request_logger()
+    (request_id, path, model, served, status, error, waited, lease_ms, switched, nbytes,
+     ttfb, upstream, duration) = fields
+    log.proxied(*fields)  # type: ignore[arg-type]
+    fast = capsys.readouterr().out
+    log.info("request", request_id=request_id, method="POST", path=path, model=model,
+             served_model=served, status=status, error=error, waited_ms=waited,
+             lease_ms=lease_ms, switched=switched, bytes=nbytes, ttfb_ms=ttfb,
+             upstream_ms=upstream, duration_ms=duration)
+    generic = capsys.readouterr().out
+    cut = fast.index('"timestamp": "') + len('"timestamp": "')
+    assert fast[:cut] == generic[:cut]          # all but the time itself
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"
+    assert re.fullmatch(stamp, json.loads(fast)["timestamp"]), fast
+    assert fast[cut:].endswith('Z"}\n') and len(fast) == len(generic)
