@@ -87,7 +87,10 @@ class ProxyFastPath:
         route = path[4:-1] if path.endswith("/") else path[4:]
         if route not in paths.OPENAI_ROUTES:
             return None
-        if not paths.is_canonical(path, scope.get("raw_path")):
+        # "/v1/<allow-listed route>[/]" is canonical as decoded; it stays so if nothing
+        # in the target was percent-decoded into it (the common case: one compare).
+        if scope.get("raw_path") != path.encode() and \
+                not paths.is_canonical(path, scope.get("raw_path")):
             return None
         return route
 

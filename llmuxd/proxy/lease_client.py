@@ -39,12 +39,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from llmuxd.config import lease_socket_path
 from llmuxd.lineproto import split_lines
@@ -72,9 +70,10 @@ class DaemonError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
-class Lease:
-    """A granted lease: where to send the request and under which model name."""
+class Lease(NamedTuple):
+    """A granted lease: where to send the request and under which model name.
+
+    A NamedTuple (immutable, built in C): one is made per request."""
 
     lease_id: str
     model: str
@@ -223,7 +222,7 @@ class _LeaseConnection(asyncio.Protocol):
             if isinstance(epoch, int) and self.prefix and asked is not None:
                 self.standing[asked] = (epoch, lease)
                 self.epochs.add(epoch)
-                lease = dataclasses.replace(lease, epoch=epoch)
+                lease = lease._replace(epoch=epoch)
             fut.set_result(lease)
         else:
             code = str(data.get("code") or "internal")
