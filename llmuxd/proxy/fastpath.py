@@ -69,6 +69,12 @@ class ProxyFastPath:
         self.total = proxy.upstream_timeout_secs
         self.log = deps.request_log
 
+    def flush_held(self) -> None:
+        """Write what waits to be written lazily (lease lines, log lines): the worker
+        calls it when its server has stopped, before its event loop ends."""
+        self.deps.leases.flush_now()
+        self.log.out.write_out()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self._route(scope)
         if route is None:

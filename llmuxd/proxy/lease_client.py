@@ -359,6 +359,12 @@ class LeaseClient:
             conn = await self._connection()
             conn.send(line)
 
+    def flush_now(self) -> None:
+        """Write every line held back now (the worker is about to exit)."""
+        conn = self._conn
+        if conn is not None and not conn.lost:
+            conn.flush()
+
     def finish(self, lease: Lease, status: int, duration_ms: float,
                outcome: Callable[[float], bytes]) -> None:
         """Hand ``lease`` back with the request's outcome (``outcome`` renders its

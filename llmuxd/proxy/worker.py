@@ -227,3 +227,13 @@ class LlmuxWorker(UvicornWorker):
         limit = configure_protocol()
         self.CONFIG_KWARGS = {**self.CONFIG_KWARGS, "limit_concurrency": limit}
         super().__init__(*args, **kwargs)
+
+    async def _serve(self) -> None:
+        """uvicorn's server, then the lines the app held back (lease notices and
+        releases, log lines: up to ~20 ms of requests) while the loop still runs."""
+        try:
+            await super()._serve()
+        finally:
+            flush = getattr(self.wsgi, "flush_held", None)
+            if flush is not None:
+                flush()

@@ -400,3 +400,54 @@ def test_a_failed_request_learns_why_its_unnoticed_lease_was_revoked(
     answer = asyncio.run(go())
     assert answer.get("revoked"), answer
     assert sup.leases.leases() == []
+
+
+def test_lines_held_back_are_written_when_the_worker_stops(
+        daemon: tuple[Sup, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that exits (front-end restart, shutdown) writes what it held back, so
+    llmuxd counts the requests of its last ~20 ms (``LlmuxWorker._serve`` calls the
+    app's ``flush_held``; see test_worker_flushes_held_lines_after_its_server)."""
+    sup, control = daemon
+    monkeypatch.setattr(lease_client, "LAZY_FLUSH", 3600.0)
+
+    async def go() -> None:
+        client = LeaseClient(control, lease_timeout=10)
+        await client.acquire("alias-a")
+        lease = client.local("alias-a")
+        assert lease is not None
+        client.finish(lease, 200, 1.0, lambda at: b"{}")
+        await asyncio.sleep(0.05)
+        assert ("released", ("model-a", 200)) not in sup.metrics.calls
+        client.flush_now()
+        deadline = time.monotonic() + 10
+        while ("released", ("model-a", 200)) not in sup.metrics.calls:
+            assert time.monotonic() < deadline, "the held-back line was not written"
+            await asyncio.sleep(0.005)
+        client.close()
+
+    asyncio.run(go())
+
+
+def test_worker_flushes_held_lines_after_its_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gunicorn worker class: after uvicorn's server returned (or failed to start),
+    the app's held lines are written, still on the worker's loop."""
+    from uvicorn_worker import UvicornWorker
+
+    from llmuxd.proxy.worker import LlmuxWorker
+
+    order: list[str] = []
+
+    async def serve(self: object) -> None:
+        order.append("served")
+        raise SystemExit(3)  # what uvicorn's worker does when the server did not start
+
+    class App:
+        def flush_held(self) -> None:
+            order.append("flushed")
+
+    monkeypatch.setattr(UvicornWorker, "_serve", serve)
+    worker = object.__new__(LlmuxWorker)
+    worker.wsgi = App()
+    with pytest.raises(SystemExit):
+        asyncio.run(worker._serve())
+    assert order == ["served", "flushed"]
