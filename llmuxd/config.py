@@ -577,6 +577,9 @@ def _read_keys_file(c: _Checker, key: str, raw_path: str) -> tuple[str, ...]:
                     "LoadCredential=; outside the service: CREDENTIALS_DIRECTORY=/etc/llmux)")
         return ()
     path = os.path.expandvars(raw_path)
+    if "\0" in path:  # open() would raise ValueError, not OSError
+        c.fail(key, "the path contains a NUL byte")
+        return ()
     try:
         with open(path, encoding="utf-8") as f:
             mode = os.fstat(f.fileno()).st_mode

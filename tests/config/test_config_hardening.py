@@ -160,3 +160,10 @@ def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
     path = tmp_path / "c.toml"
     path.write_bytes(b"port = 3000\n# caf\xe9\n")
     assert errors_of(path) == [f"{path}: not UTF-8 text (byte 17)"]
+
+
+def test_a_keys_file_path_with_a_nul_byte_is_one_readable_error(tmp_path):
+    # Found by the config fuzzer: open() raised ValueError ("embedded null byte").
+    text = '[proxy]\napi_keys_file = "keys\\u0000.txt"\n' + BASE
+    assert errors_of(write(tmp_path, text)) == [
+        "proxy.api_keys_file: the path contains a NUL byte"]
