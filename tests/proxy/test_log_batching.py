@@ -10,11 +10,17 @@ import pytest
 from llmuxd.proxy.logs import _StepBuffered
 
 
-def test_log_lines_of_one_step_are_written_together_and_in_order() -> None:
+def recording() -> tuple[io.StringIO, list[str]]:
+    """A stdout stand-in and the list of its write() calls, one entry per call."""
     out = io.StringIO()
     writes: list[str] = []
     real_write = out.write
     out.write = lambda s: writes.append(s) or real_write(s)  # type: ignore[method-assign]
+    return out, writes
+
+
+def test_log_lines_of_one_step_are_written_together_and_in_order() -> None:
+    out, writes = recording()
 
     async def main() -> str:
         b = _StepBuffered(out)
@@ -33,10 +39,7 @@ def test_log_lines_of_one_step_are_written_together_and_in_order() -> None:
 
 
 def test_lines_of_consecutive_steps_share_a_write_and_a_full_batch_goes_at_once() -> None:
-    out = io.StringIO()
-    writes: list[str] = []
-    real_write = out.write
-    out.write = lambda s: writes.append(s) or real_write(s)  # type: ignore[method-assign]
+    out, writes = recording()
 
     async def main() -> None:
         b = _StepBuffered(out)

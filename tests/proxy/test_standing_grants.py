@@ -20,7 +20,7 @@ import pytest
 from llmuxd.config import lease_socket_path
 from llmuxd.control.errors import ApiError
 from llmuxd.proxy import lease_client
-from llmuxd.proxy.lease_client import LeaseClient
+from llmuxd.proxy.lease_client import Lease, LeaseClient
 from tests.proxy.lease_standin import Sup
 
 
@@ -276,6 +276,24 @@ def test_noticed_leases_expire_and_are_reclaimed_like_granted_ones() -> None:
 # -- lazy lines (fifth pass): notices and standing releases held back, D and Q ----------
 
 
+async def standing_client(control: str) -> tuple[LeaseClient, Lease, Lease]:
+    """The front end's client holding a standing grant on model-a: (client, the granted
+    lease, one lease admitted locally)."""
+    client = LeaseClient(control, lease_timeout=10)
+    first = await client.acquire("alias-a")
+    lease = client.local("alias-a")
+    assert lease is not None
+    return client, first, lease
+
+
+async def until(cond, what: str) -> None:  # type: ignore[no-untyped-def]
+    """Poll ``cond`` on the loop (10 s deadline)."""
+    deadline = time.monotonic() + 10
+    while not cond():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.005)
+
+
 def test_notices_held_back_are_written_before_the_ack_of_a_recall(
         daemon: tuple[Sup, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Notices wait for the next write (here: never, but for the recall); the K that
@@ -285,18 +303,14 @@ def test_notices_held_back_are_written_before_the_ack_of_a_recall(
     monkeypatch.setattr(lease_client, "LAZY_FLUSH", 3600.0)
 
     async def go() -> None:
-        client = LeaseClient(control, lease_timeout=10)
-        first = await client.acquire("alias-a")
-        admitted = [client.local("alias-a") for _ in range(5)]
+        client, first, _ = await standing_client(control)
+        admitted = [client.local("alias-a") for _ in range(4)]
         assert all(admitted)
         await asyncio.sleep(0.05)
         assert [lo.lease_id for lo in sup.leases.leases()] == [first.lease_id], \
             "a notice left before anything urgent"
         await asyncio.to_thread(sup.leases.close_gate, "model-a")
-        deadline = time.monotonic() + 10
-        while not at_ack:
-            assert time.monotonic() < deadline, "no ack"
-            await asyncio.sleep(0.005)
+        await until(lambda: at_ack, "no ack")
         client.close()
 
     at_ack = record_acks(sup, monkeypatch)
@@ -325,10 +339,7 @@ def test_a_request_that_ended_before_its_notice_is_one_done_line(
     monkeypatch.setattr(lease_client, "LAZY_FLUSH", 3600.0)
 
     async def go() -> None:
-        client = LeaseClient(control, lease_timeout=10)
-        first = await client.acquire("alias-a")
-        lease = client.local("alias-a")
-        assert lease is not None
+        client, first, lease = await standing_client(control)
         client.finish(lease, 201, 1.5, lambda at: b"{}")
         ended = time.monotonic()
         client.finish(first, 200, 2.0,                      # under the grant: lazy too
@@ -337,10 +348,7 @@ def test_a_request_that_ended_before_its_notice_is_one_done_line(
         assert sup.leases.view()["model-a"].in_flight == 1, "sent before anything urgent"
         used = sup.leases.view()["model-a"].last_use
         await client.begin("model-b")                         # an urgent line: the lot
-        deadline = time.monotonic() + 10
-        while sup.leases.view()["model-a"].in_flight:
-            assert time.monotonic() < deadline, sup.leases.view()
-            await asyncio.sleep(0.005)
+        await until(lambda: not sup.leases.view()["model-a"].in_flight, "not released")
         # The model was last used when the requests ended, not when the lines came.
         assert used < sup.leases.view()["model-a"].last_use < ended + 0.1
         client.close()
@@ -357,19 +365,12 @@ def test_a_release_a_drain_waits_for_is_not_held_back(
     monkeypatch.setattr(lease_client, "LAZY_FLUSH", 3600.0)
 
     async def go() -> None:
-        client = LeaseClient(control, lease_timeout=10)
-        await client.acquire("alias-a")
-        lease = client.local("alias-a")
-        assert lease is not None
+        client, _, lease = await standing_client(control)
         await asyncio.to_thread(sup.leases.close_gate, "model-a")
-        deadline = time.monotonic() + 10
-        while not at_ack:                                 # recalled and acked
-            assert time.monotonic() < deadline, "no ack"
-            await asyncio.sleep(0.005)
+        await until(lambda: at_ack, "no ack")             # recalled and acked
         client.finish(lease, 200, 1.0, lambda at: b"{}")  # the grant is gone: at once
-        while sup.leases.view()["model-a"].in_flight != 1:
-            assert time.monotonic() < deadline, "the release was held back"
-            await asyncio.sleep(0.005)
+        await until(lambda: sup.leases.view()["model-a"].in_flight == 1,
+                    "the release was held back")
         client.close()
 
     at_ack = record_acks(sup, monkeypatch)
@@ -386,10 +387,7 @@ def test_a_failed_request_learns_why_its_unnoticed_lease_was_revoked(
     monkeypatch.setattr(lease_client, "LAZY_FLUSH", 3600.0)
 
     async def go() -> dict[str, object]:
-        client = LeaseClient(control, lease_timeout=10)
-        await client.acquire("alias-a")
-        lease = client.local("alias-a")
-        assert lease is not None
+        client, _, lease = await standing_client(control)
         # The daemon revokes the model's leases (it killed a hung child) while the
         # local lease's notice is still held back, then the request fails.
         await asyncio.to_thread(sup.leases.revoke, "model-a", "the child hung")
@@ -411,18 +409,13 @@ def test_lines_held_back_are_written_when_the_worker_stops(
     monkeypatch.setattr(lease_client, "LAZY_FLUSH", 3600.0)
 
     async def go() -> None:
-        client = LeaseClient(control, lease_timeout=10)
-        await client.acquire("alias-a")
-        lease = client.local("alias-a")
-        assert lease is not None
+        client, _, lease = await standing_client(control)
         client.finish(lease, 200, 1.0, lambda at: b"{}")
         await asyncio.sleep(0.05)
         assert ("released", ("model-a", 200)) not in sup.metrics.calls
         client.flush_now()
-        deadline = time.monotonic() + 10
-        while ("released", ("model-a", 200)) not in sup.metrics.calls:
-            assert time.monotonic() < deadline, "the held-back line was not written"
-            await asyncio.sleep(0.005)
+        await until(lambda: ("released", ("model-a", 200)) in sup.metrics.calls,
+                    "the held-back line was not written")
         client.close()
 
     asyncio.run(go())
