@@ -77,6 +77,7 @@ import structlog
 
 from llmuxd.config import lease_socket_path
 from llmuxd.control.errors import ApiError
+from llmuxd.leases import Lease
 from llmuxd.lineproto import split_lines
 
 log = structlog.get_logger("llmuxd.leases")
@@ -143,26 +144,25 @@ class SupervisorBackend:
         return self._grant(name, lease)
 
     def release(self, lease_id: str, outcome: dict[str, Any]) -> None:
-        try:
-            lease = self.sup.leases.release(lease_id, _at(outcome.get("ended_at")))
-        except ApiError:
-            return  # unknown lease: nothing to do, and nobody waits for an answer
-        if lease is not None:
-            self.sup.metrics.released(lease.model, outcome.get("status"),
-                                      outcome.get("duration_ms"))
+        self._end(lease_id, outcome)
 
     def release_answer(self, lease_id: str, outcome: dict[str, Any]) -> dict[str, Any]:
         """Release, and why the lease was revoked first ("" if it was not): the
         control API's release route, on the lease socket (ordered after the notice)."""
+        if self._end(lease_id, outcome) is not None:
+            return {"released": True}
+        return {"released": True, "revoked": self.sup.leases.revoked_reason(lease_id) or ""}
+
+    def _end(self, lease_id: str, outcome: dict[str, Any]) -> Lease | None:
+        """The ended lease (counted in the metrics), or None: unknown or revoked first."""
         try:
             lease = self.sup.leases.release(lease_id, _at(outcome.get("ended_at")))
         except ApiError:
-            lease = None
+            return None  # unknown lease: nothing to do
         if lease is not None:
             self.sup.metrics.released(lease.model, outcome.get("status"),
                                       outcome.get("duration_ms"))
-            return {"released": True}
-        return {"released": True, "revoked": self.sup.leases.revoked_reason(lease_id) or ""}
+        return lease
 
     def done(self, epoch: int, status: int, duration_ms: float,
              at: float | None = None) -> None:
