@@ -50,6 +50,18 @@ STREAM_ARGS = ["--sim-token-rate", "100", "--sim-ttft-s", "0", "--sim-load-s", "
 SWITCH_ARGS = ["--sim-time-scale", "0.05", "--sim-ttft-s", "0", "--sim-token-rate", "0"]
 
 
+def fast_model() -> dict[str, Any]:
+    """The `fast` child: answers at once (P1, P2, A1)."""
+    return sim_model(model_path="sim/fast-1b", gpu_memory_utilization=0.15, sleep_level=1,
+                     extra_args=FAST_ARGS)
+
+
+def stream_model() -> dict[str, Any]:
+    """The `stream` child: one token every 10 ms (P3, P3b, the lone stream)."""
+    return sim_model(model_path="sim/stream-1b", gpu_memory_utilization=0.15,
+                     sleep_level=1, extra_args=STREAM_ARGS)
+
+
 @dataclass
 class Target:
     name: str
@@ -325,10 +337,8 @@ def main() -> int:
     hard_deadline = started + (240 if q else 600)
 
     models = {
-        "fast": sim_model(model_path="sim/fast-1b", gpu_memory_utilization=0.15,
-                          sleep_level=1, extra_args=FAST_ARGS),
-        "stream": sim_model(model_path="sim/stream-1b", gpu_memory_utilization=0.15,
-                            sleep_level=1, extra_args=STREAM_ARGS),
+        "fast": fast_model(),
+        "stream": stream_model(),
         "sw-a": sim_model(model_path="sim/qwen-7b", gpu_memory_utilization=0.6,
                           sleep_level=1, extra_args=SWITCH_ARGS),
         "sw-b": sim_model(model_path="sim/llama-8b", gpu_memory_utilization=0.6,
@@ -444,8 +454,7 @@ def p2_only(rounds: int, workers: int) -> int:
     """P2 alone against llmux, one line per round: quick A/B runs of the CPU per request
     (run a base checkout with PYTHONPATH pointing at it, from outside the checkout, and
     alternate; the box is shared, so compare medians of several rounds)."""
-    models = {"fast": sim_model(model_path="sim/fast-1b", gpu_memory_utilization=0.15,
-                                sleep_level=1, extra_args=FAST_ARGS)}
+    models = {"fast": fast_model()}
     with _bench_daemon(models, workers, "llmux-bench-p2-") as (daemon, port):
         target = Target("llmux", port, "fast")
         p1_latency([target], 1, 200)  # start the model, warm connections
@@ -465,8 +474,7 @@ def p2_only(rounds: int, workers: int) -> int:
 def p1_only(rounds: int, workers: int) -> int:
     """P1 alone (direct and llmux interleaved as in the full run), one line per round:
     quick A/B runs of the added latency (same PYTHONPATH method as ``--p2-only``)."""
-    models = {"fast": sim_model(model_path="sim/fast-1b", gpu_memory_utilization=0.15,
-                                sleep_level=1, extra_args=FAST_ARGS)}
+    models = {"fast": fast_model()}
     with _bench_daemon(models, workers, "llmux-bench-p1-") as (_daemon, port):
         targets = [Target("direct", models["fast"]["port"], "fast"),
                    Target("llmux", port, "fast")]
@@ -487,8 +495,7 @@ def p3b_only(rounds: int, workers: int, steady: bool = False) -> int:
     """P3b alone (direct, then llmux), one line per round: quick A/B runs of the
     streaming path under overload (same PYTHONPATH method as ``--p2-only``), with the
     CPU of all llmux processes per relayed chunk."""
-    models = {"stream": sim_model(model_path="sim/stream-1b", gpu_memory_utilization=0.15,
-                                  sleep_level=1, extra_args=STREAM_ARGS)}
+    models = {"stream": stream_model()}
     with _bench_daemon(models, workers, "llmux-bench-p3b-") as (daemon, port):
         targets = [Target("direct", models["stream"]["port"], "stream"),
                    Target("llmux", port, "stream")]

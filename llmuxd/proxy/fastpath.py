@@ -95,8 +95,8 @@ class ProxyFastPath:
             return None
         # "/v1/<allow-listed route>[/]" is canonical as decoded; it stays so if nothing
         # in the target was percent-decoded into it (the common case: one compare).
-        if scope.get("raw_path") != path.encode() and \
-                not paths.is_canonical(path, scope.get("raw_path")):
+        raw = scope.get("raw_path")
+        if raw != path.encode() and not paths.is_canonical(path, raw):
             return None
         return route
 

@@ -276,6 +276,14 @@ def test_noticed_leases_expire_and_are_reclaimed_like_granted_ones() -> None:
 # -- lazy lines (fifth pass): notices and standing releases held back, D and Q ----------
 
 
+@pytest.fixture
+def lazy(daemon: tuple[Sup, str], monkeypatch: pytest.MonkeyPatch) -> tuple[Sup, str]:
+    """The stand-in daemon, with the front end's lazy lines held back for an hour: only
+    an urgent line (or a recall, or a flush) sends them."""
+    monkeypatch.setattr(lease_client, "LAZY_FLUSH", 3600.0)
+    return daemon
+
+
 async def standing_client(control: str) -> tuple[LeaseClient, Lease, Lease]:
     """The front end's client holding a standing grant on model-a: (client, the granted
     lease, one lease admitted locally)."""
@@ -295,12 +303,11 @@ async def until(cond, what: str) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_notices_held_back_are_written_before_the_ack_of_a_recall(
-        daemon: tuple[Sup, str], monkeypatch: pytest.MonkeyPatch) -> None:
+        lazy: tuple[Sup, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Notices wait for the next write (here: never, but for the recall); the K that
     answers a recall must still follow every one of them, or the drain ends while a
     request the worker admitted is on its way."""
-    sup, control = daemon
-    monkeypatch.setattr(lease_client, "LAZY_FLUSH", 3600.0)
+    sup, control = lazy
 
     async def go() -> None:
         client, first, _ = await standing_client(control)
@@ -334,23 +341,30 @@ def record_acks(sup: Sup, monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def test_a_request_that_ended_before_its_notice_is_one_done_line(
-        daemon: tuple[Sup, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    sup, control = daemon
-    monkeypatch.setattr(lease_client, "LAZY_FLUSH", 3600.0)
+        lazy: tuple[Sup, str]) -> None:
+    sup, control = lazy
 
     async def go() -> None:
         client, first, lease = await standing_client(control)
+        ended: list[float] = []
+
+        def outcome(at: float) -> bytes:
+            ended.append(at)
+            return b'{"status": 200, "ended_at": %.6f}' % at
+
         client.finish(lease, 201, 1.5, lambda at: b"{}")
-        ended = time.monotonic()
-        client.finish(first, 200, 2.0,                      # under the grant: lazy too
-                      lambda at: b'{"status": 200, "ended_at": %.6f}' % at)
+        client.finish(first, 200, 2.0, outcome)               # under the grant: lazy too
         await asyncio.sleep(0.3)
         assert sup.leases.view()["model-a"].in_flight == 1, "sent before anything urgent"
         used = sup.leases.view()["model-a"].last_use
+        sent = time.monotonic()
         await client.begin("model-b")                         # an urgent line: the lot
         await until(lambda: not sup.leases.view()["model-a"].in_flight, "not released")
-        # The model was last used when the requests ended, not when the lines came.
-        assert used < sup.leases.view()["model-a"].last_use < ended + 0.1
+        # The model was last used when the requests ended (the later one: the R line's
+        # "ended_at"), not when the lines came (at least 0.3 s later).
+        last_use = sup.leases.view()["model-a"].last_use
+        assert used < last_use < sent
+        assert last_use == pytest.approx(ended[0], abs=1e-5)
         client.close()
 
     asyncio.run(go())
@@ -360,9 +374,8 @@ def test_a_request_that_ended_before_its_notice_is_one_done_line(
 
 
 def test_a_release_a_drain_waits_for_is_not_held_back(
-        daemon: tuple[Sup, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    sup, control = daemon
-    monkeypatch.setattr(lease_client, "LAZY_FLUSH", 3600.0)
+        lazy: tuple[Sup, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    sup, control = lazy
 
     async def go() -> None:
         client, _, lease = await standing_client(control)
@@ -379,12 +392,11 @@ def test_a_release_a_drain_waits_for_is_not_held_back(
 
 
 def test_a_failed_request_learns_why_its_unnoticed_lease_was_revoked(
-        daemon: tuple[Sup, str], monkeypatch: pytest.MonkeyPatch) -> None:
+        lazy: tuple[Sup, str]) -> None:
     """The release that asks "was it revoked?" travels behind the lease's notice on the
     lease socket: it can no longer overtake the notice (over the control API it
     could, and the client's 502 lost the reason)."""
-    sup, control = daemon
-    monkeypatch.setattr(lease_client, "LAZY_FLUSH", 3600.0)
+    sup, control = lazy
 
     async def go() -> dict[str, object]:
         client, _, lease = await standing_client(control)
@@ -401,12 +413,11 @@ def test_a_failed_request_learns_why_its_unnoticed_lease_was_revoked(
 
 
 def test_lines_held_back_are_written_when_the_worker_stops(
-        daemon: tuple[Sup, str], monkeypatch: pytest.MonkeyPatch) -> None:
+        lazy: tuple[Sup, str]) -> None:
     """A worker that exits (front-end restart, shutdown) writes what it held back, so
     llmuxd counts the requests of its last ~20 ms (``LlmuxWorker._serve`` calls the
     app's ``flush_held``; see test_worker_flushes_held_lines_after_its_server)."""
-    sup, control = daemon
-    monkeypatch.setattr(lease_client, "LAZY_FLUSH", 3600.0)
+    sup, control = lazy
 
     async def go() -> None:
         client, _, lease = await standing_client(control)
