@@ -157,9 +157,16 @@ class _LeaseConnection(asyncio.Protocol):
     def _notices(self) -> None:
         """The notices held back, into the queue (before anything queued after this)."""
         if self.unnoticed:
-            self.out += [b"N %d %s %.6f\n" % (epoch, lease_id.encode(), at)
-                         for lease_id, (epoch, at) in self.unnoticed.items()]
+            self.out += [_notice_line(lease_id, held)
+                         for lease_id, held in self.unnoticed.items()]
             self.unnoticed.clear()
+
+    def notice_now(self, lease_id: str) -> None:
+        """Queue ``lease_id``'s notice if it is still held back (a line about that lease
+        follows it)."""
+        held = self.unnoticed.pop(lease_id, None)
+        if held is not None:
+            self.out.append(_notice_line(lease_id, held))
 
     def flush(self) -> None:
         self.soon = False
@@ -243,6 +250,11 @@ class _LeaseConnection(asyncio.Protocol):
                     fut.set_exception(DaemonUnavailable(
                         "the daemon closed the lease connection"))
             waiting.clear()
+
+
+def _notice_line(lease_id: str, held: tuple[int, float]) -> bytes:
+    """``N <epoch> <lease id> <when admitted>``."""
+    return b"N %d %s %.6f\n" % (held[0], lease_id.encode(), held[1])
 
 
 _STATUS = {"bad_request": 400, "model_not_found": 404, "queue_full": 429,
@@ -386,10 +398,7 @@ class LeaseClient:
         body = json.dumps(outcome).encode()
         conn = self._conn
         if conn is not None and not conn.lost and conn.loop.is_running():
-            held = conn.unnoticed.pop(lease.lease_id, None)
-            if held is not None:
-                conn.out.append(b"N %d %s %.6f\n" % (held[0], lease.lease_id.encode(),
-                                                     held[1]))
+            conn.notice_now(lease.lease_id)
             self._tags += 1
             tag = b"%d" % self._tags
             fut: asyncio.Future[dict[str, Any]] = conn.loop.create_future()
