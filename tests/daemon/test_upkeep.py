@@ -16,6 +16,13 @@ def _events(d, event, **match):
     return [e for e in d.log_events(event) if all(e.get(k) == v for k, v in match.items())]
 
 
+def _prewarm_done(d, name, note):
+    """The model's status once its prewarm line reads ``note``: the line changes a loop
+    pass after the state does, so waiting on the state alone races it."""
+    return d.wait_for(lambda: (lambda s: s if s["prewarm"] == note else None)(d.status(name)),
+                      30, f"{name}'s prewarm: {note}")
+
+
 def _metrics(port):
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         return r.read().decode()
@@ -30,8 +37,7 @@ def test_prewarm_starts_models_at_boot_asleep_and_first_lease_wakes(make_daemon)
     d.wait_state("b", "sleeping")
     # The progress line says "done" once the prewarm's sleep operation has ended,
     # a loop pass after the state changed.
-    d.wait_for(lambda: d.status("b")["prewarm"] == "done: asleep at level 2", 30,
-               "b's prewarm to be done")
+    _prewarm_done(d, "b", "done: asleep at level 2")
     a, b = d.status("a"), d.status("b")
     assert (a["sleep_level"], b["sleep_level"]) == (1, 2)
     assert a["pid"] is not None and b["pid"] is not None
@@ -165,8 +171,8 @@ def test_reload_adding_a_prewarm_model_prewarms_it(make_daemon):
     d.write_config()
     code, body = d.request("POST", "/v1/reload", {})
     assert code == 200 and body["added"] == ["b"], body
-    b = d.wait_state("b", "sleeping")
-    assert b["sleep_level"] == 2 and b["prewarm"] == "done: asleep at level 2"
+    b = _prewarm_done(d, "b", "done: asleep at level 2")
+    assert b["sleep_level"] == 2 and b["state"] == "sleeping"
     assert d.status("a")["state"] == "stopped"
 
 
@@ -178,16 +184,16 @@ def test_a_prewarm_waiting_for_room_does_not_hold_up_the_next_one(make_daemon):
     d.write_config()
     code, body = d.request("POST", "/v1/reload", {})
     assert code == 200, body
-    b = d.wait_state("b", "sleeping")
-    assert b["prewarm"] == "done: asleep at level 1"
+    b = _prewarm_done(d, "b", "done: asleep at level 1")
+    assert b["state"] == "sleeping"
     a = d.status("a")
     assert a["state"] == "stopped" and a["prewarm"] == "waiting for room: x on its GPUs"
     assert d.status()["upkeep"]["prewarm"]["pending"] == ["a"]
     # Once x leaves GPU 0, a is prewarmed too.
     code, body = d.request("POST", "/v1/models/x/sleep", {"level": 1})
     assert code == 200, body
-    a = d.wait_state("a", "sleeping")
-    assert a["prewarm"] == "done: asleep at level 1"
+    a = _prewarm_done(d, "a", "done: asleep at level 1")
+    assert a["state"] == "sleeping"
 
 
 def test_reload_changing_only_upkeep_keys_keeps_the_child(make_daemon):
