@@ -46,10 +46,11 @@ from typing import Any, NamedTuple
 
 from llmuxd.config import lease_socket_path
 from llmuxd.lineproto import split_lines
+from llmuxd.proxy.logs import lazy_delay
 from llmuxd.proxy.upstream import UpstreamClient, UpstreamError
 
 # How long a line nobody waits for may be held back to share a write with others.
-LAZY_FLUSH = 0.020
+LAZY_FLUSH = lazy_delay()
 
 
 class DaemonUnavailable(Exception):

@@ -87,6 +87,19 @@ class _Stamp:
         return event
 
 
+def lazy_delay(default: float = 0.020) -> float:
+    """How late a line nobody waits for may leave (lease notices and releases, request
+    log lines), to share a write with others. ``LLMUX_LAZY_FLUSH_SECS`` overrides it:
+    tests set an hour, so that only a stopping worker's final flush can deliver what
+    it held back. Anything but a finite number from 0 to 3600 keeps the default."""
+    raw = os.environ.get("LLMUX_LAZY_FLUSH_SECS", "")
+    try:
+        value = float(raw)
+    except ValueError:
+        return default
+    return value if 0.0 <= value <= 3600.0 else default
+
+
 class _StepBuffered:
     """stdout for the per-request lines: written at most ``DELAY`` seconds late, many
     lines per write.
@@ -98,7 +111,7 @@ class _StepBuffered:
     the worker's exit; outside an event loop (tests, tools) each line is written at
     once."""
 
-    DELAY = 0.02
+    DELAY = lazy_delay()
     MAX_LINES = 256
 
     def __init__(self, out: Any = None) -> None:

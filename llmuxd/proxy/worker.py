@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
+from gunicorn.arbiter import Arbiter
+from uvicorn import Server
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
@@ -229,11 +233,34 @@ class LlmuxWorker(UvicornWorker):
         super().__init__(*args, **kwargs)
 
     async def _serve(self) -> None:
-        """uvicorn's server, then the lines the app held back (lease notices and
-        releases, log lines: up to ~20 ms of requests) while the loop still runs."""
+        """uvicorn_worker's ``_serve``, with a server that writes what the app held back.
+
+        Not ``super()._serve()`` followed by a flush: when a signal stopped the server
+        (gunicorn's SIGTERM on every restart and stop), uvicorn re-raises it with the
+        default handler as ``serve()`` returns, and the process ends right there —
+        no ``finally``, no ``atexit``, and up to ~20 ms of lease lines and request
+        log lines were lost (tests/reliability/test_worker_exit_flush.py)."""
+        self.config.app = self.wsgi
+        server = FlushingServer(config=self.config,
+                                flush=getattr(self.wsgi, "flush_held", None))
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
+
+
+class FlushingServer(Server):
+    """uvicorn's server; at the end of its shutdown (connections closed, answers
+    sent, still on the loop and before a captured signal is re-raised), ``flush``
+    writes the lines the app held back: lease notices and releases, log lines."""
+
+    def __init__(self, config: Any, flush: Callable[[], None] | None) -> None:
+        super().__init__(config=config)
+        self.flush = flush
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         try:
-            await super()._serve()
+            await super().shutdown(sockets=sockets)
         finally:
-            flush = getattr(self.wsgi, "flush_held", None)
-            if flush is not None:
-                flush()
+            if self.flush is not None:
+                self.flush()

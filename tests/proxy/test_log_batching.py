@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from llmuxd.proxy.logs import _StepBuffered
+from llmuxd.proxy.logs import _StepBuffered, lazy_delay
 
 
 def recording() -> tuple[io.StringIO, list[str]]:
@@ -122,3 +122,16 @@ def test_the_proxied_line_is_the_generic_line(fields: tuple[object, ...],
     stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"
     assert re.fullmatch(stamp, json.loads(fast)["timestamp"]), fast
     assert fast[cut:].endswith('Z"}\n') and len(fast) == len(generic)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("3600", 3600.0), ("0", 0.0), ("0.5", 0.5),
+    ("", 0.02), ("soon", 0.02), ("nan", 0.02), ("inf", 0.02), ("-1", 0.02), ("3601", 0.02),
+])
+def test_the_lazy_delay_is_overridden_only_by_a_sane_number(
+        monkeypatch: pytest.MonkeyPatch, raw: str, expected: float) -> None:
+    """``LLMUX_LAZY_FLUSH_SECS`` (a test knob: an hour makes a worker's exit flush the
+    only way out for what it holds back) never turns into a negative, endless or
+    not-a-number timer."""
+    monkeypatch.setenv("LLMUX_LAZY_FLUSH_SECS", raw)
+    assert lazy_delay() == expected

@@ -415,8 +415,9 @@ def test_a_failed_request_learns_why_its_unnoticed_lease_was_revoked(
 def test_lines_held_back_are_written_when_the_worker_stops(
         lazy: tuple[Sup, str]) -> None:
     """A worker that exits (front-end restart, shutdown) writes what it held back, so
-    llmuxd counts the requests of its last ~20 ms (``LlmuxWorker._serve`` calls the
-    app's ``flush_held``; see test_worker_flushes_held_lines_after_its_server)."""
+    llmuxd counts the requests of its last ~20 ms (the worker's server calls the
+    app's ``flush_held`` at the end of its shutdown; through a real gunicorn stopped
+    by SIGTERM: tests/reliability/test_worker_exit_flush.py)."""
     sup, control = lazy
 
     async def go() -> None:
@@ -430,28 +431,3 @@ def test_lines_held_back_are_written_when_the_worker_stops(
         client.close()
 
     asyncio.run(go())
-
-
-def test_worker_flushes_held_lines_after_its_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The gunicorn worker class: after uvicorn's server returned (or failed to start),
-    the app's held lines are written, still on the worker's loop."""
-    from uvicorn_worker import UvicornWorker
-
-    from llmuxd.proxy.worker import LlmuxWorker
-
-    order: list[str] = []
-
-    async def serve(self: object) -> None:
-        order.append("served")
-        raise SystemExit(3)  # what uvicorn's worker does when the server did not start
-
-    class App:
-        def flush_held(self) -> None:
-            order.append("flushed")
-
-    monkeypatch.setattr(UvicornWorker, "_serve", serve)
-    worker = object.__new__(LlmuxWorker)
-    worker.wsgi = App()
-    with pytest.raises(SystemExit):
-        asyncio.run(worker._serve())
-    assert order == ["served", "flushed"]
