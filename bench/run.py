@@ -56,10 +56,13 @@ def fast_model() -> dict[str, Any]:
                      extra_args=FAST_ARGS)
 
 
-def stream_model() -> dict[str, Any]:
-    """The `stream` child: one token every 10 ms (P3, P3b, the lone stream)."""
+def stream_model(token_rate: int = 100) -> dict[str, Any]:
+    """The `stream` child: one token every 10 ms (P3, P3b, the lone stream); at
+    ``token_rate`` tokens/s for P3b's steady state."""
+    args = list(STREAM_ARGS)
+    args[args.index("--sim-token-rate") + 1] = str(token_rate)
     return sim_model(model_path="sim/stream-1b", gpu_memory_utilization=0.15,
-                     sleep_level=1, extra_args=STREAM_ARGS)
+                     sleep_level=1, extra_args=args)
 
 
 @dataclass
@@ -320,7 +323,14 @@ def main() -> int:
                          "rounds, one JSON line per round; the doc is not written")
     ap.add_argument("--p3-only", type=int, metavar="ROUNDS", default=0,
                     help="the same for P3's steady state (256 streams open throughout)")
+    ap.add_argument("--p3b-steady-only", type=int, metavar="ROUNDS", default=0,
+                    help="1,024 streams open throughout (25 tokens/s each: P3's aggregate "
+                         "chunk rate), direct, llmux and nginx interleaved, with the CPU "
+                         "of the proxy and of the simulated child per relayed chunk; the "
+                         "doc is not written")
     args = ap.parse_args()
+    if args.p3b_steady_only:
+        return p3b_steady_only(args.p3b_steady_only, args.workers)
     if args.p1_only:
         return p1_only(args.p1_only, args.workers)
     if args.p3b_only:
@@ -518,6 +528,54 @@ def p3b_only(rounds: int, workers: int, steady: bool = False) -> int:
                               # all llmux processes' CPU over the chunks relayed
                               "cpu_us_per_chunk": round(cpu / (x["n"] * 200) * 1e6, 2)
                               if x["n"] else None}), flush=True)
+    return 0
+
+
+def p3b_steady_only(rounds: int, workers: int) -> int:
+    """1,024 streams open throughout, at 25 tokens/s each (25,600 chunks/s in all, as
+    in P3), against direct, llmux and nginx (when installed) in rotating order, one
+    JSON line per target and round: TTFC, chunk rate, and CPU per relayed chunk of the
+    proxy (all llmux processes; nginx's workers) and of the simulated child. On a
+    2-core box the sum of the proxy's, the child's and the load generator's CPU is
+    what sets the child's own latency, so the child's share is printed too."""
+    rate = 25
+    models = {"stream": stream_model(rate)}
+    child_port = models["stream"]["port"]
+    with _bench_daemon(models, workers, "llmux-bench-p3bs-") as (daemon, port):
+        targets = [Target("direct", child_port, "stream"), Target("llmux", port, "stream")]
+        pids = {"direct": lambda: [], "llmux": lambda: llmux_pids(daemon)}
+        nginx = None
+        binary = find_nginx()
+        if binary:
+            n_port = free_port()
+            nginx = Nginx(binary, Path(tempfile.mkdtemp(prefix="llmux-bench-nginx-")),
+                          {n_port: child_port})
+            nginx.start()
+            targets.append(Target("nginx", n_port, "stream"))
+            pids["nginx"] = nginx.pids
+        try:
+            p1_latency(targets, len(targets), 20)  # start the model, warm connections
+            child = [p.pid for p in psutil.Process(daemon.pid).children()
+                     if " serve " in " ".join(p.cmdline())]
+            for r in range(rounds):
+                for t in targets[r % len(targets):] + targets[:r % len(targets)]:
+                    before, child_before = cpu_seconds(pids[t.name]()), cpu_seconds(child)
+                    x = p3_streams([t], 1, 1024, 200, 2, 200 / rate)[t.name]
+                    chunks = x["n"] * 200
+                    print(json.dumps({
+                        "round": r, "target": t.name, "loadavg": round(os.getloadavg()[0], 2),
+                        "ttfc_p50_ms": round(x["ttfc_p50"] * 1e3, 1),
+                        "ttfc_p99_ms": round(x["ttfc_p99"] * 1e3, 1),
+                        "chunks_per_s": round(x["chunk_rate"]), "fail": x["fail"],
+                        "proxy_cpu_us_per_chunk": round(
+                            (cpu_seconds(pids[t.name]()) - before) / chunks * 1e6, 2)
+                        if chunks else None,
+                        "child_cpu_us_per_chunk": round(
+                            (cpu_seconds(child) - child_before) / chunks * 1e6, 2)
+                        if chunks else None}), flush=True)
+        finally:
+            if nginx is not None:
+                nginx.stop()
     return 0
 
 
