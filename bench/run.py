@@ -47,6 +47,10 @@ BEGIN, END = "<!-- BEGIN RESULTS (bench/run.py) -->", "<!-- END RESULTS -->"
 FAST_ARGS = ["--sim-time-scale", "0"]
 STREAM_ARGS = ["--sim-token-rate", "100", "--sim-ttft-s", "0", "--sim-load-s", "0",
                "--sim-warmup-s", "0"]
+# P3b's steady state: 1,024 streams at this many tokens/s each relay as many chunks
+# per second in all as P3's 256 at 100 (a box serving 1,024 streams at once gives
+# each fewer tokens/s; at 100 each, this 2-core box cannot feed even direct).
+P3B_STEADY_RATE = 25
 SWITCH_ARGS = ["--sim-time-scale", "0.05", "--sim-ttft-s", "0", "--sim-token-rate", "0"]
 
 
@@ -349,6 +353,7 @@ def main() -> int:
     models = {
         "fast": fast_model(),
         "stream": stream_model(),
+        "stream-25": stream_model(P3B_STEADY_RATE),
         "sw-a": sim_model(model_path="sim/qwen-7b", gpu_memory_utilization=0.6,
                           sleep_level=1, extra_args=SWITCH_ARGS),
         "sw-b": sim_model(model_path="sim/llama-8b", gpu_memory_utilization=0.6,
@@ -365,7 +370,7 @@ def main() -> int:
                        log_level="warning") as daemon:
         port = load_config(daemon.config_path).port
         wait_http(port, "/health", 60)
-        for m in ("fast", "stream"):
+        for m in ("fast", "stream", "stream-25"):
             res, _ = run_load(port, "/v1/completions", {"model": m, "prompt": "x",
                                                         "max_tokens": 1}, 1, 1, 120.0, 110.0)
             if not res or not res[0].ok:
@@ -375,12 +380,17 @@ def main() -> int:
         fast_targets = [Target("direct", fast_port, "fast"), Target("llmux", port, "fast")]
         stream_targets = [Target("direct", stream_port, "stream"),
                           Target("llmux", port, "stream")]
+        slow_port = models["stream-25"]["port"]
+        slow_targets = [Target("direct", slow_port, "stream-25"),
+                        Target("llmux", port, "stream-25")]
         if nginx_bin:
-            n_fast, n_stream = free_port(), free_port()
-            nginx = Nginx(nginx_bin, tmp / "nginx", {n_fast: fast_port, n_stream: stream_port})
+            n_fast, n_stream, n_slow = free_port(), free_port(), free_port()
+            nginx = Nginx(nginx_bin, tmp / "nginx", {n_fast: fast_port, n_stream: stream_port,
+                                                    n_slow: slow_port})
             nginx.start()
             fast_targets.append(Target("nginx", n_fast, "fast"))
             stream_targets.append(Target("nginx", n_stream, "stream"))
+            slow_targets.append(Target("nginx", n_slow, "stream-25"))
         else:
             print("nginx not found (apt-get install nginx-light): nginx target skipped",
                   file=sys.stderr)
@@ -408,6 +418,11 @@ def main() -> int:
             report["p3b"] = p3_streams(stream_targets, 1, 1024 if not q else 128, n_chunks,
                                        per_client=1, stagger=0.0)
             report["p3b_duration"] = n_chunks * 0.010
+            print("P3b steady ...", file=sys.stderr)
+            slow_duration = n_chunks / P3B_STEADY_RATE
+            report["p3b_steady"] = p3_streams(slow_targets, 1, 1024 if not q else 128,
+                                              n_chunks, per_client=2, stagger=slow_duration)
+            report["p3b_steady_duration"] = slow_duration
             print("A1 ...", file=sys.stderr)
             report["a1"] = a1_stalled(port, "fast", 1000 if not q else 100,
                                       200 if not q else 50, 3 if not q else 1)
@@ -538,7 +553,7 @@ def p3b_steady_only(rounds: int, workers: int) -> int:
     proxy (all llmux processes; nginx's workers) and of the simulated child. On a
     2-core box the sum of the proxy's, the child's and the load generator's CPU is
     what sets the child's own latency, so the child's share is printed too."""
-    rate = 25
+    rate = P3B_STEADY_RATE
     models = {"stream": stream_model(rate)}
     child_port = models["stream"]["port"]
     with _bench_daemon(models, workers, "llmux-bench-p3bs-") as (daemon, port):
@@ -653,6 +668,23 @@ def render(r: dict[str, Any]) -> str:
               f"≤ 5 ms: {ms(add_b)} ms — {verdict(add_b <= 0.005)}; chunk rate ≥ 95 % of "
               f"direct: {rate_b:.0%} — {verdict(rate_b >= 0.95)}; no stream fails: "
               f"{lb['fail']} failed — {verdict(lb['fail'] == 0)}.", ""]
+    steady = r["p3b_steady"]
+    sdur = r["p3b_steady_duration"]
+    ls = steady["llmux"]
+    add_s = ls["ttfc_p50"] - steady["direct"]["ttfc_p50"]
+    rate_s = ls["chunk_rate"] / steady["direct"]["chunk_rate"]
+    clients = ls["n"] // 2
+    lines += [f"Steady state, for comparison: {clients:,} clients each run 2 streams back to "
+              f"back ({P3B_STEADY_RATE} tokens/s each, so {ls['n']:,} streams of {sdur:.0f} s, "
+              f"first starts spread over one stream's duration): {clients:,} streams open "
+              "throughout, relaying as many chunks per second as P3.", ""]
+    lines += _p3_table(steady)
+    lines += ["", f"The same targets: TTFC p99 below one stream's duration "
+              f"({sdur * 1000:.0f} ms): {ms(ls['ttfc_p99'])} ms — "
+              f"{verdict(ls['ttfc_p99'] < sdur)}; added TTFC p50 ≤ 5 ms: {ms(add_s)} ms — "
+              f"{verdict(add_s <= 0.005)}; chunk rate ≥ 95 % of direct: {rate_s:.0%} — "
+              f"{verdict(rate_s >= 0.95)}; no stream fails: {ls['fail']} failed — "
+              f"{verdict(ls['fail'] == 0)}.", ""]
     a1 = r["a1"]
     lines += ["### A1: half-sent requests do not delay others", "",
               f"P1's request through llmux at concurrency 1, alternating rounds without "
