@@ -647,7 +647,7 @@ def render(r: dict[str, Any]) -> str:
     add_ttfc = lx["ttfc_p50"] - p3["direct"]["ttfc_p50"]
     rate = lx["chunk_rate"] / p3["direct"]["chunk_rate"]
     lines += ["", f"Targets: added TTFC p50 ≤ 5 ms: {ms(add_ttfc)} ms — "
-              f"{verdict(add_ttfc <= 0.005)}; chunk rate ≥ 95 % of direct: {rate:.0%} — "
+              f"{verdict(add_ttfc <= 0.005)}; chunk rate ≥ 95 % of direct: {rate:.1%} — "
               f"{verdict(rate >= 0.95)}; no stream fails: {lx['fail']} failed — "
               f"{verdict(lx['fail'] == 0)}.", ""]
     lines += ["Burst, for information: all 256 streams start at the same instant (each "
@@ -666,7 +666,7 @@ def render(r: dict[str, Any]) -> str:
     lines += ["", f"Targets: TTFC p99 below one stream's duration ({dur * 1000:.0f} ms): "
               f"{ms(lb['ttfc_p99'])} ms — {verdict(lb['ttfc_p99'] < dur)}; added TTFC p50 "
               f"≤ 5 ms: {ms(add_b)} ms — {verdict(add_b <= 0.005)}; chunk rate ≥ 95 % of "
-              f"direct: {rate_b:.0%} — {verdict(rate_b >= 0.95)}; no stream fails: "
+              f"direct: {rate_b:.1%} — {verdict(rate_b >= 0.95)}; no stream fails: "
               f"{lb['fail']} failed — {verdict(lb['fail'] == 0)}.", ""]
     steady = r["p3b_steady"]
     sdur = r["p3b_steady_duration"]
@@ -682,7 +682,7 @@ def render(r: dict[str, Any]) -> str:
     lines += ["", f"The same targets: TTFC p99 below one stream's duration "
               f"({sdur * 1000:.0f} ms): {ms(ls['ttfc_p99'])} ms — "
               f"{verdict(ls['ttfc_p99'] < sdur)}; added TTFC p50 ≤ 5 ms: {ms(add_s)} ms — "
-              f"{verdict(add_s <= 0.005)}; chunk rate ≥ 95 % of direct: {rate_s:.0%} — "
+              f"{verdict(add_s <= 0.005)}; chunk rate ≥ 95 % of direct: {rate_s:.1%} — "
               f"{verdict(rate_s >= 0.95)}; no stream fails: {ls['fail']} failed — "
               f"{verdict(ls['fail'] == 0)}.", ""]
     a1 = r["a1"]
