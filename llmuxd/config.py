@@ -96,6 +96,15 @@ class ProxyConfig:
     body_timeout_secs: float = 60.0
     max_connections: int = 4096
     max_concurrent_body_parses: int = 4
+    # How long a stopping worker's requests may still run (a reload restarts the
+    # workers): 0 in the file means "derived", upstream_timeout_secs + 60.
+    graceful_timeout_secs: float = 0.0
+
+    @property
+    def graceful_secs(self) -> float:
+        """``graceful_timeout_secs``, or by default as long as a request may run: its
+        wait for the model (60 s by default) and its whole answer."""
+        return self.graceful_timeout_secs or self.upstream_timeout_secs + 60.0
 
 
 @dataclass(frozen=True)
@@ -550,6 +559,11 @@ def _build_proxy(c: _Checker, raw: dict[str, Any], top_port: int, top_given: boo
     for name in ("max_connections", "max_concurrent_body_parses"):
         values[name] = c.get(raw, key, name, "int", getattr(d, name))
         _positive(c, f"{key}.{name}", values[name])
+    grace = c.get(raw, key, "graceful_timeout_secs", "float", d.graceful_timeout_secs)
+    if grace < 0:
+        c.fail(f"{key}.graceful_timeout_secs", "must be 0 (as long as a request may run) "
+                                               "or more")
+    values["graceful_timeout_secs"] = grace
     keys = c.get(raw, key, "api_keys", "strlist", d.api_keys)
     if any(not k for k in keys):
         c.fail(f"{key}.api_keys", "must not contain an empty key")

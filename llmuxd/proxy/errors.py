@@ -71,6 +71,14 @@ def daemon_unavailable(detail: str) -> OpenAIError:
                        headers={"Retry-After": "1"})
 
 
+def frontend_stopping() -> OpenAIError:
+    """The worker is stopping (a reload, a restart, llmuxd stopping) and ends what is
+    still running: the request may be retried at once (another worker, or the next)."""
+    return OpenAIError(503, "llmux's front end is restarting and ended this request; "
+                       "retry it", "service_unavailable_error", "frontend_stopping",
+                       headers={"Retry-After": "1"})
+
+
 def upstream_failed(detail: str) -> OpenAIError:
     return OpenAIError(502, f"model server failed: {detail}", "upstream_error",
                        "upstream_error")

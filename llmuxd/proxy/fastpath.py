@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from llmuxd.proxy import auth, bodyscan, errors, logs, paths
 from llmuxd.proxy.errors import OpenAIError
 from llmuxd.proxy.lease_client import ClientGone, DaemonError, DaemonUnavailable, Lease
-from llmuxd.proxy.relay import HOP_BY_HOP, Outcome, ProxiedStream, response_headers
+from llmuxd.proxy.relay import HOP_BY_HOP, STOPPING, Outcome, ProxiedStream, response_headers
 from llmuxd.proxy.upstream import (
     Aborted,
     UpstreamDeadline,
@@ -105,7 +105,8 @@ class Exchange:
     """One proxied request, from its scope to the end of its answer."""
 
     __slots__ = ("client", "fp", "lease_ms", "model", "path", "receive", "request_id",
-                 "route", "scope", "send", "started", "switched", "waited_ms")
+                 "responded", "route", "scope", "send", "sse", "started", "switched",
+                 "waited_ms")
 
     def __init__(self, fp: ProxyFastPath, scope: Scope, receive: Receive, send: Send,
                  route: str) -> None:
@@ -124,8 +125,38 @@ class Exchange:
         self.waited_ms: float | None = None
         self.switched: bool | None = None
         self.lease_ms = 0.0
+        self.responded = False  # the answer's head went out
+        self.sse = False
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            # Only uvicorn cancels a request's task: the worker is stopping and its
+            # graceful time is nearly over (worker.shutdown_grace). The request ends
+            # here rather than with the worker: its lease was released and its log
+            # line written on the way out (ProxiedStream.close, _forward); its client
+            # is told. Not re-raised: uvicorn would log it as a crash and answer a
+            # request that has no answer yet with a plain-text 500.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            await self._stopping()
+
+    async def _stopping(self) -> None:
+        if not self.responded:
+            await self._answer_error(errors.frontend_stopping())
+            return
+        cycle = getattr(self.send, "__self__", None)
+        if self.sse and cycle is not None and not cycle.disconnected \
+                and not cycle.transport.is_closing():
+            event = b"data: " + errors.frontend_stopping().body() + b"\n\n"
+            cycle.transport.write(b"%x\r\n%s\r\n" % (len(event), event))
+        # Cut, so that the answer does not read as complete.
+        if self.client is not None:
+            self.client.abort()
+
+    async def _run(self) -> None:
         given = authorization = length = None
         for name, value in self.scope["headers"]:
             # Repeated headers are joined with "," as Falcon does (so a repeated
@@ -147,6 +178,7 @@ class Exchange:
             await self._answer_error(exc)
             return
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        self.responded = True
         cycle = getattr(self.send, "__self__", None)  # uvicorn's RequestResponseCycle
         if cycle is not None and self.client is not None and not _has_length(headers):
             # A streamed answer (SSE): pushed piece by piece, framed as uvicorn frames
@@ -260,6 +292,10 @@ class Exchange:
             # client learns why.
             why = await self._release_why(lease, outcome)
             raise errors.upstream_failed(f"{exc} ({why})" if why else str(exc)) from None
+        except asyncio.CancelledError:
+            self._release(lease, Outcome(status=503, error=STOPPING,
+                                         duration_ms=(time.monotonic() - started) * 1e3))
+            raise
         except BaseException as exc:
             # Whatever went wrong (a bug included), the lease must not outlive it.
             self._release(lease, Outcome(status=500, error=f"{type(exc).__name__}: {exc}"))
@@ -270,7 +306,7 @@ class Exchange:
         for name, value in response_headers(conn.headers):
             if name == b"content-type":
                 typed = True
-                sse = value.startswith(b"text/event-stream")
+                sse = self.sse = value.startswith(b"text/event-stream")
             headers.append((name, value))
         if not typed:
             headers.append((b"content-type", _JSON))  # Falcon's default media type

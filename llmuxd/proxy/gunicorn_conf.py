@@ -16,6 +16,7 @@ llmuxd starts this itself (llmuxd/frontend.py). To run the front end on its own
 
 from __future__ import annotations
 
+import math
 import os
 
 from llmuxd.config import load_config
@@ -32,8 +33,11 @@ workers = _proxy.workers
 keepalive = 75
 # The worker heartbeat (the event loop notifies the master); not a request limit.
 timeout = 60
-# On SIGTERM, in-flight streams get this long before workers are killed.
-graceful_timeout = 30
+# On SIGTERM, and when a reload restarts the workers, what is in flight may run this
+# long: by default as long as any request may (so a reload cuts none short); shortly
+# before it ends the worker ends what still runs itself (llmuxd/proxy/worker.py).
+# llmuxd stopping bounds the whole front end by daemon.stop_timeout_secs anyway.
+graceful_timeout = max(1, math.ceil(_proxy.graceful_secs))  # gunicorn wants an int
 backlog = 2048
 proc_name = "llmux-proxy"
 # gunicorn's own control socket (gunicornc) would land in $HOME, shared by every

@@ -20,6 +20,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import json
 import time
@@ -37,6 +38,8 @@ HOP_BY_HOP = frozenset({
 })
 _DROP_FROM_UPSTREAM = frozenset(
     name.encode() for name in HOP_BY_HOP | {"server", "date", "x-request-id"})
+# The outcome of a request the stopping worker ended itself (fastpath.Exchange.run).
+STOPPING = "front end stopping"
 
 
 @dataclass
@@ -81,6 +84,13 @@ def response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, by
             continue
         out.append((lower, value))
     return out
+
+
+def _cancelled() -> bool:
+    """The task is being cancelled: only uvicorn does that, to a stopping worker's
+    requests (see fastpath.Exchange.run)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class ProxiedStream:
@@ -208,6 +218,6 @@ class ProxiedStream:
         else:
             self.conn.close()
             if not self.complete and not self.failed and self.outcome.error is None:
-                self.outcome.error = "client disconnected"
+                self.outcome.error = STOPPING if _cancelled() else "client disconnected"
         self.outcome.duration_ms = (time.monotonic() - self.started) * 1000.0
         self.on_close(self.outcome)

@@ -20,6 +20,7 @@ callbacks and ``abort``); under falcon.testing there is none, and the app copes.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
 import sys
@@ -209,14 +210,25 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self.logger.exception("connection close callback failed")
 
 
-def configure_protocol() -> int:
-    """Set the guards from the llmux config; returns max_connections."""
+def configure_protocol() -> tuple[int, float]:
+    """Set the guards from the llmux config; returns (max_connections, how long a
+    stopping worker lets its requests run before it ends them itself)."""
     config = load_config(os.environ.get("LLMUX_CONFIG", "/etc/llmux.toml"))
     proxy = config.proxy
     GuardedHttpProtocol.head_timeout = proxy.head_timeout_secs
     GuardedHttpProtocol.body_timeout = proxy.body_timeout_secs
     GuardedHttpProtocol.write_timeout = proxy.client_write_timeout_secs
-    return proxy.max_connections
+    return proxy.max_connections, shutdown_grace(math.ceil(proxy.graceful_secs))
+
+
+def shutdown_grace(graceful_timeout: float) -> float:
+    """How long a stopping worker waits for its requests before it cancels them: a
+    little less than gunicorn's ``graceful_timeout`` (``[proxy]
+    graceful_timeout_secs``), so that the requests still running end here — an SSE
+    error event or a 503 to their clients, their leases released, their log lines
+    written — instead of being killed with the worker (no line, no outcome, a reset
+    connection)."""
+    return max(0.0, graceful_timeout - min(2.0, 0.2 * graceful_timeout))
 
 
 class LlmuxWorker(UvicornWorker):
@@ -228,8 +240,9 @@ class LlmuxWorker(UvicornWorker):
                                      "access_log": False}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        limit = configure_protocol()
-        self.CONFIG_KWARGS = {**self.CONFIG_KWARGS, "limit_concurrency": limit}
+        limit, grace = configure_protocol()
+        self.CONFIG_KWARGS = {**self.CONFIG_KWARGS, "limit_concurrency": limit,
+                              "timeout_graceful_shutdown": grace}
         super().__init__(*args, **kwargs)
 
     async def _serve(self) -> None:
@@ -252,7 +265,14 @@ class LlmuxWorker(UvicornWorker):
 class FlushingServer(Server):
     """uvicorn's server; at the end of its shutdown (connections closed, answers
     sent, still on the loop and before a captured signal is re-raised), ``flush``
-    writes the lines the app held back: lease notices and releases, log lines."""
+    writes the lines the app held back: lease notices and releases, log lines.
+
+    Requests still running at ``timeout_graceful_shutdown`` are cancelled by uvicorn,
+    which does not wait for them to end; they are given up to ``CANCELLED_WAIT`` to
+    answer their clients and release their leases (the app ends a cancelled request
+    cleanly: llmuxd/proxy/fastpath.py) before the flush."""
+
+    CANCELLED_WAIT = 1.0
 
     def __init__(self, config: Any, flush: Callable[[], None] | None) -> None:
         super().__init__(config=config)
@@ -261,6 +281,9 @@ class FlushingServer(Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         try:
             await super().shutdown(sockets=sockets)
+            running = [t for t in self.server_state.tasks if not t.done()]
+            if running:
+                await asyncio.wait(running, timeout=self.CANCELLED_WAIT)
         finally:
             if self.flush is not None:
                 self.flush()

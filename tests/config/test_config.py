@@ -122,3 +122,16 @@ def test_resolved_config_printed_by_check_config_loads_back_the_same(tmp_path: P
     original = load_config(ROOT / "etc" / "llmux.toml")
     again = load_config(write(tmp_path, "resolved.toml", render_toml(original)))
     assert again.to_dict() | {"source": ""} == original.to_dict() | {"source": ""}
+
+
+def test_graceful_timeout_defaults_to_as_long_as_a_request_may_run(tmp_path: Path) -> None:
+    """A reload restarts the front end's workers; by default their requests may finish
+    (the wait for the model plus the whole answer), where gunicorn's own default cut
+    every stream longer than 30 s."""
+    base = 'vllm_command = "vllm"\n[models.m]\nmodel_path = "m"\nport = 8001\n'
+    cfg = load_config(write(tmp_path, "a.toml", base + "[proxy]\nupstream_timeout_secs = 100\n"))
+    assert cfg.proxy.graceful_secs == 160.0
+    cfg = load_config(write(tmp_path, "b.toml", base + "[proxy]\ngraceful_timeout_secs = 5\n"))
+    assert cfg.proxy.graceful_secs == 5.0
+    errors = errors_of(write(tmp_path, "c.toml", base + "[proxy]\ngraceful_timeout_secs = -1\n"))
+    assert any("proxy.graceful_timeout_secs" in e and "0" in e for e in errors), errors

@@ -17,6 +17,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from llmuxd.frontend import FrontEnd
 
@@ -189,3 +190,14 @@ def _listening(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_a_stopping_worker_ends_its_requests_just_before_gunicorn_would_kill_it() -> None:
+    """uvicorn's cancel comes before gunicorn's kill (graceful_timeout), with room for
+    the requests to answer, release and log: 2 s, or a fifth of a short grace."""
+    from llmuxd.proxy.worker import shutdown_grace
+
+    assert shutdown_grace(660) == 658
+    assert shutdown_grace(3) == pytest.approx(2.4)
+    assert shutdown_grace(1) == pytest.approx(0.8)
+    assert shutdown_grace(0) == 0
