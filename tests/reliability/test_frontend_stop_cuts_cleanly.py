@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import threading
-import time
 import tomllib
 from typing import Any
 
@@ -74,13 +73,11 @@ def test_a_stopping_worker_cuts_its_requests_short_cleanly(make_daemon):
         d.status("late")), 30, "the request for late to wait while late loads")
 
     pid = d.status()["daemon"]["frontend_pid"]
-    stopped_at = time.monotonic()
     os.kill(pid, signal.SIGTERM)
 
-    # The stream ends with an error event, well before gunicorn would kill the worker.
+    # The stream ends with the worker's error event (gunicorn's kill would end it with
+    # none, when the grace is over).
     rest = stream.fp.read()  # to the end of the connection
-    took = time.monotonic() - stopped_at
-    assert took < GRACE + 2.0, f"the stream ran on for {took:.1f} s"
     events = [line for line in rest.split(b"\n") if line.startswith(b"data: ")]
     assert events and b"frontend_stopping" in events[-1], rest[-500:]
 
