@@ -91,13 +91,18 @@ def lazy_delay(default: float = 0.020) -> float:
     """How late a line nobody waits for may leave (lease notices and releases, request
     log lines), to share a write with others. ``LLMUX_LAZY_FLUSH_SECS`` overrides it:
     tests set an hour, so that only a stopping worker's final flush can deliver what
-    it held back. Anything but a finite number from 0 to 3600 keeps the default."""
-    raw = os.environ.get("LLMUX_LAZY_FLUSH_SECS", "")
+    it held back."""
+    return env_seconds("LLMUX_LAZY_FLUSH_SECS", default, 0.0, 3600.0)
+
+
+def env_seconds(name: str, default: float, low: float, high: float) -> float:
+    """A duration from the environment (the front end's test knobs): anything but a
+    number from ``low`` to ``high`` keeps ``default``."""
     try:
-        value = float(raw)
+        value = float(os.environ.get(name, ""))
     except ValueError:
         return default
-    return value if 0.0 <= value <= 3600.0 else default
+    return value if low <= value <= high else default
 
 
 class _StepBuffered:

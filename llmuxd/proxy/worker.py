@@ -279,11 +279,28 @@ class FlushingServer(Server):
         self.flush = flush
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        beat = asyncio.get_running_loop().create_task(self._heartbeat())
         try:
             await super().shutdown(sockets=sockets)
             running = [t for t in self.server_state.tasks if not t.done()]
             if running:
                 await asyncio.wait(running, timeout=self.CANCELLED_WAIT)
         finally:
+            beat.cancel()
             if self.flush is not None:
                 self.flush()
+
+    async def _heartbeat(self) -> None:
+        """Tell gunicorn's master we are alive while our requests finish.
+
+        uvicorn notifies it only from its main loop, which ends when the stop begins,
+        and a master that watches its workers meanwhile (gunicorn before 27 after a
+        reload; 27 waits for the old workers without watching) kills a worker silent
+        for its ``timeout`` (60 s): a reload's old workers would be killed a minute in,
+        whatever ``graceful_timeout_secs`` said."""
+        notify = self.config.callback_notify
+        if notify is None:
+            return
+        while True:
+            await asyncio.sleep(self.config.timeout_notify)
+            await notify()

@@ -201,3 +201,37 @@ def test_a_stopping_worker_ends_its_requests_just_before_gunicorn_would_kill_it(
     assert shutdown_grace(3) == pytest.approx(2.4)
     assert shutdown_grace(1) == pytest.approx(0.8)
     assert shutdown_grace(0) == 0
+
+
+def test_a_stopping_worker_keeps_notifying_the_master_while_its_requests_finish() -> None:
+    """uvicorn's server, stopping with a connection that stays open (a long stream):
+    gunicorn's heartbeat callback keeps being called until the graceful time ends."""
+    import asyncio
+
+    from uvicorn import Config
+    from uvicorn.lifespan.off import LifespanOff
+
+    from llmuxd.proxy.worker import FlushingServer
+
+    beats: list[float] = []
+    flushed: list[bool] = []
+
+    async def notify() -> None:
+        beats.append(time.monotonic())
+
+    class OpenConnection:
+        def shutdown(self) -> None:
+            pass  # a stream in progress: it ends with its answer, not now
+
+    async def go() -> None:
+        config = Config(app=None, timeout_notify=0.1, callback_notify=notify,  # type: ignore[arg-type]
+                        timeout_graceful_shutdown=1)
+        server = FlushingServer(config, flush=lambda: flushed.append(True))
+        server.servers = []  # not started: no listening socket to close, no lifespan
+        server.lifespan = LifespanOff(config)
+        server.server_state.connections.add(OpenConnection())  # type: ignore[arg-type]
+        await server.shutdown()
+
+    asyncio.run(go())
+    assert len(beats) >= 5, beats
+    assert flushed == [True]

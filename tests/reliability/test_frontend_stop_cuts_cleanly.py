@@ -100,3 +100,32 @@ def test_a_stopping_worker_cuts_its_requests_short_cleanly(make_daemon):
     assert d.status("slow")["in_flight"] == 0
     # Ended by the app, not crashed: uvicorn logged no exception for them.
     assert "Exception in ASGI application" not in d.output()
+
+
+def test_a_reload_lets_old_workers_run_their_streams_to_the_grace(make_daemon):
+    """A reload through llmuxd restarts the workers; the old one keeps its stream
+    until ``graceful_timeout_secs`` (8 s here, against gunicorn's 30 s before), then
+    ends it with its own error event. gunicorn's heartbeat timeout is 2 s here
+    (``LLMUX_GUNICORN_TIMEOUT``, a test knob) and must not fire: a master that
+    watches draining workers (gunicorn before 27) would kill one silent that long,
+    which the worker's heartbeat while it stops prevents (unit test in
+    tests/proxy/test_gunicorn.py; gunicorn 27, pinned here, waits for a reload's old
+    workers without watching them)."""
+    real_time = ["--sim-time-scale", "1", "--sim-warmup-s", "0", "--sim-load-s", "0"]
+    d = make_daemon(
+        {"slow": sim_model(extra_args=[*real_time, "--sim-token-rate", "10",
+                                       "--sim-ttft-s", "0"])},
+        frontend=True, log_level="info", env={"LLMUX_GUNICORN_TIMEOUT": "2"},
+        config={"proxy": {"workers": 1, "graceful_timeout_secs": 8.0}})
+    port = int(tomllib.loads(d.config_path.read_text())["port"])
+    stream = _post(port, {"model": "slow", "stream": True, "max_tokens": 5000,
+                          "ignore_eos": True, "messages": [{"role": "user", "content": "go"}]})
+    assert stream.status == 200 and stream.fp is not None
+    assert stream.fp.readline()
+    # A reload restarts the workers (gunicorn's master stays, and watches them).
+    code, body = d.request("POST", "/v1/reload", {})
+    assert code == 200, body
+    rest = stream.fp.read()
+    events = [line for line in rest.split(b"\n") if line.startswith(b"data: ")]
+    assert events and b"frontend_stopping" in events[-1], rest[-500:]
+    assert "WORKER TIMEOUT" not in d.output()
