@@ -32,8 +32,7 @@ workers = _proxy.workers
 # Clients (SDKs, routers) keep connections open between requests.
 keepalive = 75
 # The worker heartbeat (the event loop notifies the master); not a request limit.
-# LLMUX_GUNICORN_TIMEOUT: for tests only (a stopping worker's heartbeat).
-timeout = int(logs.env_seconds("LLMUX_GUNICORN_TIMEOUT", 60, 1, 3600))
+timeout = 60
 # On SIGTERM, and when a reload restarts the workers, what is in flight may run this
 # long: by default as long as any request may (so a reload cuts none short); shortly
 # before it ends the worker ends what still runs itself (llmuxd/proxy/worker.py).
