@@ -42,6 +42,12 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
                                  "code": code}}).encode()
 
 
+def sse_event(body: bytes) -> bytes:
+    """An error body as the SSE event that ends a broken stream (the connection is cut
+    after it, so the answer does not read as complete)."""
+    return b"data: " + body + b"\n\n"
+
+
 # The daemon's control-API codes (docs/interfaces.md §5) as the client sees them.
 DAEMON_CODES: dict[str, tuple[int, str]] = {
     "bad_request": (400, "invalid_request_error"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from llmuxd.proxy import auth, bodyscan, errors, logs, paths
@@ -106,7 +107,7 @@ class Exchange:
 
     __slots__ = ("client", "fp", "lease_ms", "model", "path", "receive", "request_id",
                  "responded", "route", "scope", "send", "sse", "started", "switched",
-                 "waited_ms")
+                 "waited_ms", "write")
 
     def __init__(self, fp: ProxyFastPath, scope: Scope, receive: Receive, send: Send,
                  route: str) -> None:
@@ -127,6 +128,7 @@ class Exchange:
         self.lease_ms = 0.0
         self.responded = False  # the answer's head went out
         self.sse = False
+        self.write: Callable[[bytes], None] | None = None  # frames a pushed piece
 
     async def run(self) -> None:
         try:
@@ -147,11 +149,8 @@ class Exchange:
         if not self.responded:
             await self._answer_error(errors.frontend_stopping())
             return
-        cycle = getattr(self.send, "__self__", None)
-        if self.sse and cycle is not None and not cycle.disconnected \
-                and not cycle.transport.is_closing():
-            event = b"data: " + errors.frontend_stopping().body() + b"\n\n"
-            cycle.transport.write(b"%x\r\n%s\r\n" % (len(event), event))
+        if self.sse and self.write is not None:
+            self.write(errors.sse_event(errors.frontend_stopping().body()))
         # Cut, so that the answer does not read as complete.
         if self.client is not None:
             self.client.abort()
@@ -189,6 +188,8 @@ class Exchange:
                 # The client may be gone before its close callback has run.
                 if not cycle.disconnected and not transport.is_closing():
                     transport.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+
+            self.write = write
 
             try:
                 await stream.push(write, cycle.flow)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmuxd.proxy.errors import error_body
+from llmuxd.proxy.errors import error_body, sse_event
 from llmuxd.proxy.upstream import Aborted, Connection, UpstreamClient, UpstreamError
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus those the server or we set ourselves.
@@ -198,8 +198,8 @@ class ProxiedStream:
         # The client connection is cut after this last piece, so the answer reads as
         # broken (no final chunk) rather than complete.
         if self.sse:
-            return b"data: " + error_body("the model server failed while streaming",
-                                          "upstream_error", "upstream_error") + b"\n\n"
+            return sse_event(error_body("the model server failed while streaming",
+                                        "upstream_error", "upstream_error"))
         self._cut_client()
         raise StopAsyncIteration
 
