@@ -91,18 +91,12 @@ def lazy_delay(default: float = 0.020) -> float:
     """How late a line nobody waits for may leave (lease notices and releases, request
     log lines), to share a write with others. ``LLMUX_LAZY_FLUSH_SECS`` overrides it:
     tests set an hour, so that only a stopping worker's final flush can deliver what
-    it held back."""
-    return env_seconds("LLMUX_LAZY_FLUSH_SECS", default, 0.0, 3600.0)
-
-
-def env_seconds(name: str, default: float, low: float, high: float) -> float:
-    """A duration from the environment (the front end's test knobs): anything but a
-    number from ``low`` to ``high`` keeps ``default``."""
+    it held back. Anything but a number from 0 to 3600 keeps the default."""
     try:
-        value = float(os.environ.get(name, ""))
+        value = float(os.environ.get("LLMUX_LAZY_FLUSH_SECS", ""))
     except ValueError:
         return default
-    return value if low <= value <= high else default
+    return value if 0.0 <= value <= 3600.0 else default
 
 
 class _StepBuffered:
