@@ -233,5 +233,7 @@ def test_a_stopping_worker_keeps_notifying_the_master_while_its_requests_finish(
         await server.shutdown()
 
     asyncio.run(go())
-    assert len(beats) >= 5, beats
+    # ~10 at one per 0.1 s over the 1 s grace; none without the heartbeat. Two or more
+    # (not a count that a loaded box could miss) is what "kept notifying" needs.
+    assert len(beats) >= 2, beats
     assert flushed == [True]
